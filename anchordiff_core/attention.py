@@ -1,0 +1,122 @@
+"""Attention maps recomputed from per-head q, k, v, in chunks: no [heads, N, N] tensor is ever built.
+
+Layout follows ComfyUI's attention calls: q, k, v are [B, L, heads * head_dim].  Everything is
+computed in float32 whatever the model's dtype, on the device of the inputs.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_BYTES = 128 * 2**20
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, H*d] -> [B, H, L, d] float32."""
+    b, length, dim = x.shape
+    if dim % heads:
+        raise ValueError(f"feature size {dim} is not divisible by {heads} heads")
+    return x.float().view(b, length, heads, dim // heads).transpose(1, 2)
+
+
+def _rows_per_chunk(heads: int, keys: int, max_chunk_bytes: int) -> int:
+    return max(1, int(max_chunk_bytes) // (heads * keys * 4))
+
+
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """In-place softmax over the last dim (saves one chunk-sized buffer)."""
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True))
+
+
+def image_self_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_II and O_II of the paper (eqs. 3-4) from image-token q, k, v [B, N, H*d].
+
+    A = mean over heads of softmax(q_h k_h^T / sqrt(d)) with the softmax over image keys only
+    -> [B, N, N];  O = A_h v_h per head, heads concatenated -> [B, N, H*d].
+    """
+    qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))
+    b, _, n, d = qh.shape
+    scale = d**-0.5
+    a_mean = torch.empty(b, n, n, dtype=torch.float32, device=q.device)
+    out = torch.empty(b, n, heads * d, dtype=torch.float32, device=q.device)
+    rows = _rows_per_chunk(heads, n, max_chunk_bytes)
+    for i in range(b):
+        keys_t = kh[i].transpose(1, 2)
+        for start in range(0, n, rows):
+            stop = min(start + rows, n)
+            probs = _softmax_(torch.matmul(qh[i, :, start:stop], keys_t).mul_(scale))  # [H, c, N]
+            a_mean[i, start:stop] = probs.mean(dim=0)
+            out[i, start:stop] = torch.matmul(probs, vh[i]).transpose(0, 1).reshape(stop - start, heads * d)
+            del probs
+    return a_mean, out
+
+
+def query_key_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """Head-averaged softmax(q k^T / sqrt(d)) over all given keys: [B, Lq, H*d] x [B, Lk, H*d] -> [B, Lq, Lk].
+
+    For few queries (concept tokens): A_CI of eq. 5 is this with the image keys.
+    """
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * qh.shape[-1] ** -0.5
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """Plain multi-head attention in float32, heads concatenated: [B, Lq, H*d]."""
+    qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qh, kh, vh)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+
+
+def key_column_attention(
+    q: torch.Tensor, k: torch.Tensor, columns: torch.Tensor, heads: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> torch.Tensor:
+    """Head-averaged attention probabilities of every query on selected key columns.
+
+    softmax over ALL keys of k, then only `columns` are kept: [B, Lq, len(columns)].  Chunked
+    over queries (Seg4Diff's image-query -> text-key map).
+    """
+    qh, kh = split_heads(q, heads), split_heads(k, heads)
+    b, _, lq, d = qh.shape
+    columns = columns.to(q.device)
+    out = torch.empty(b, lq, columns.numel(), dtype=torch.float32, device=q.device)
+    rows = _rows_per_chunk(heads, kh.shape[2], max_chunk_bytes)
+    for i in range(b):
+        keys_t = kh[i].transpose(1, 2)
+        for start in range(0, lq, rows):
+            stop = min(start + rows, lq)
+            probs = _softmax_(torch.matmul(qh[i, :, start:stop], keys_t).mul_(d**-0.5))
+            out[i, start:stop] = probs[:, :, columns].mean(dim=0)
+            del probs
+    return out
+
+
+def group_mean(x: torch.Tensor, groups: torch.Tensor, num_groups: int, dim: int) -> torch.Tensor:
+    """Mean of the slices of `x` along `dim` that share a group id (a concept's tokens)."""
+    groups = groups.to(x.device)
+    counts = torch.bincount(groups, minlength=num_groups)
+    if bool((counts == 0).any()):
+        raise ValueError("every concept needs at least one token")
+    moved = x.movedim(dim, 0)
+    sums = torch.zeros((num_groups,) + moved.shape[1:], dtype=x.dtype, device=x.device).index_add_(0, groups, moved)
+    shape = (num_groups,) + (1,) * (moved.dim() - 1)
+    return (sums / counts.view(shape).to(x.dtype)).movedim(0, dim)
+
+
+def mean_over_layers(per_layer: torch.Tensor, layers: Optional[Sequence[int]] = None, dim: int = 0) -> torch.Tensor:
+    """Average of per-layer maps along `dim`, over `layers` (indices into that dim) or all."""
+    if layers is not None:
+        layers = list(layers)
+        if not layers:
+            raise ValueError("no layers selected")
+        count = per_layer.shape[dim]
+        bad = [layer for layer in layers if not 0 <= layer < count]
+        if bad:
+            raise ValueError(f"layer(s) {bad} out of range: {count} layers were recorded (0..{count - 1})")
+        per_layer = per_layer.index_select(dim, torch.tensor(layers, device=per_layer.device))
+    return per_layer.mean(dim=dim)

@@ -1,0 +1,168 @@
+"""The hybrid affinity graph of AnchorDiff (paper eqs. 8-11), built sparse.
+
+W_attn = cos(A_II rows), gate G = 1[W_attn > tau] with tau the `gate_percentile` percentile of
+all N*N entries (numpy's default linear interpolation), W_cos = max(cos(O_II rows), 0),
+W = W_cos * G, W_hat = W / rowsum(W).  Only the gated entries (about 2% at the default) are
+kept, as the transposed transition matrix W_hat^T in CSR form, ready for propagation.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ._checks import as_float_matrix
+
+
+@dataclass(frozen=True)
+class GatedGraph:
+    """Sparse transition graph over N image tokens.
+
+    `transition_t` is W_hat^T (rows = destination token, columns = source token) in CSR form,
+    so one propagation step is a plain sparse-dense product `transition_t @ s`.
+    """
+
+    transition_t: torch.Tensor
+    num_nodes: int
+    tau: float
+    num_edges: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.transition_t.device
+
+    @property
+    def density(self) -> float:
+        return self.num_edges / float(self.num_nodes * self.num_nodes)
+
+
+def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+
+
+@contextlib.contextmanager
+def exact_float32_matmul():
+    """Disable TF32 for the duration: a 10-bit mantissa would flip gate entries near tau."""
+    previous = torch.get_float32_matmul_precision()
+    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(previous)
+        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+
+
+def cosine_similarity_rows(x: torch.Tensor) -> torch.Tensor:
+    """[N, D] -> [N, N] cosine similarity of every pair of rows, in float32."""
+    xn = normalize_rows(x.float())
+    with exact_float32_matmul():
+        return xn @ xn.T
+
+
+def _lerp(a: float, b: float, t: float) -> float:
+    # numpy's percentile interpolation, including its switch of form at t >= 0.5
+    diff = b - a
+    return b - diff * (1.0 - t) if t >= 0.5 else a + diff * t
+
+
+def percentile(values: torch.Tensor, q: float) -> float:
+    """`numpy.percentile(values, q)` (method 'linear') of all entries, as a Python float.
+
+    Uses order statistics from `topk` on the smaller tail, so it works on tensors larger than
+    `torch.quantile` accepts (4096^2 entries) without sorting everything.
+    """
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile must be within [0, 100]; got {q}")
+    flat = values.reshape(-1)
+    m = flat.numel()
+    if m == 0:
+        raise ValueError("percentile of an empty tensor")
+    position = (m - 1) * (q / 100.0)
+    lo = int(math.floor(position))
+    hi = min(lo + 1, m - 1)
+    t = position - lo
+    if lo >= m // 2:
+        # the k largest values, descending: the last is order statistic `lo`
+        top = torch.topk(flat, m - lo, largest=True, sorted=True).values
+        v_lo = top[-1].item()
+        v_hi = top[-2].item() if hi > lo else v_lo
+    else:
+        bottom = torch.topk(flat, hi + 1, largest=False, sorted=True).values
+        v_lo, v_hi = bottom[lo].item(), bottom[hi].item()
+    return _lerp(v_lo, v_hi, t)
+
+
+def _largest_float32_at_most(x: float) -> torch.Tensor:
+    """float32 threshold t32 with (v > t32) == (v > x) for every float32 v."""
+    t32 = torch.tensor(x, dtype=torch.float64).float()
+    if t32.double().item() > x:
+        t32 = torch.nextafter(t32, torch.tensor(-math.inf))
+    return t32
+
+
+def build_gated_graph(a_ii: torch.Tensor, o_ii: torch.Tensor, gate_percentile: Optional[float] = 98.0) -> GatedGraph:
+    """AnchorDiff's gated graph from head/layer-averaged A_II [N, N] and O_II [N, D].
+
+    `gate_percentile=None` drops the gate (the paper's "w/o A_II gate" ablation; dense, slow).
+    Peak memory is about 1.3 N^2 float32 values: one N x N buffer (first W_attn, then reused for
+    W_cos) and the boolean gate.
+    """
+    a_ii = as_float_matrix(a_ii, "a_ii")
+    o_ii = as_float_matrix(o_ii, "o_ii")
+    n = a_ii.shape[0]
+    if a_ii.shape != (n, n):
+        raise ValueError(f"a_ii must be a square [N, N] attention matrix; got shape {tuple(a_ii.shape)}")
+    if o_ii.shape[0] != n:
+        raise ValueError(f"o_ii must have one row per image token ({n}); got shape {tuple(o_ii.shape)}")
+    o_ii = o_ii.to(a_ii.device)
+
+    with exact_float32_matmul():
+        an = normalize_rows(a_ii)
+        buffer = an @ an.T  # W_attn
+        del an
+        if gate_percentile is None:
+            tau = -math.inf
+            gate = torch.ones(n, n, dtype=torch.bool, device=buffer.device)
+        else:
+            tau = percentile(buffer, gate_percentile)
+            gate = buffer > _largest_float32_at_most(tau).to(buffer.device)
+        on = normalize_rows(o_ii)
+        torch.mm(on, on.T, out=buffer)  # W_cos, reusing the W_attn memory
+        del on
+    rows, cols = gate.nonzero(as_tuple=True)  # row-major order
+    values = buffer[gate].clamp_min_(0.0)
+    del buffer, gate
+
+    keep = values > 0  # zero weights carry nothing; dropping them keeps the matrix small
+    rows, cols, values = rows[keep], cols[keep], values[keep]
+    row_sums = torch.zeros(n, dtype=torch.float32, device=values.device).index_add_(0, rows, values)
+    empty = (row_sums == 0).nonzero(as_tuple=True)[0]
+    if empty.numel():
+        # only if a token's own (diagonal) entry failed the gate: keep the seed where it is
+        rows = torch.cat([rows, empty])
+        cols = torch.cat([cols, empty])
+        values = torch.cat([values, torch.ones_like(empty, dtype=values.dtype)])
+        row_sums[empty] = 1.0
+    values = values / row_sums[rows]
+    return GatedGraph(_transposed_csr(rows, cols, values, n), n, tau, int(values.numel()))
+
+
+def _transposed_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """CSR of the transpose of the COO matrix (rows, cols, values)."""
+    order = torch.argsort(cols * n + rows)
+    t_rows, t_cols, t_vals = cols[order], rows[order], values[order]
+    index_dtype = torch.int32 if n * n < 2**31 else torch.int64  # int32 halves index traffic
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=values.device)
+    crow[1:] = torch.bincount(t_rows, minlength=n).cumsum(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(
+            crow.to(index_dtype), t_cols.to(index_dtype), t_vals, (n, n), check_invariants=False
+        )

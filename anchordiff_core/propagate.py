@@ -1,0 +1,40 @@
+"""One-hot anchor propagation over the gated graph (paper eqs. 12-13), batched over concepts."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .anchors import anchor_seeds
+from .graph import GatedGraph
+
+
+def minmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row linearly mapped to [0, 1]; a constant row becomes all zeros (not NaN)."""
+    lo = x.min(dim=1, keepdim=True).values
+    span = x.max(dim=1, keepdim=True).values - lo
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(x))
+
+
+def propagate(
+    graph: GatedGraph,
+    anchors: torch.Tensor,
+    steps: int = 160,
+    callback: Optional[Callable[[int, int], None]] = None,
+    callback_every: int = 16,
+) -> torch.Tensor:
+    """s <- W_hat^T s for `steps` steps from one-hot seeds; returns [K, N] min-max normalised.
+
+    All K concepts travel together as the columns of one [N, K] matrix, so a step is a single
+    sparse-dense product.  `callback(done, total)` runs every `callback_every` steps (progress
+    bars, interruption checks) and may raise to stop.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0; got {steps}")
+    seeds = anchor_seeds(anchors, graph.num_nodes, device=graph.device)
+    state = seeds.T.contiguous()
+    for step in range(steps):
+        state = graph.transition_t @ state
+        if callback is not None and ((step + 1) % callback_every == 0 or step + 1 == steps):
+            callback(step + 1, steps)
+    return minmax_rows(state.T)

@@ -1,0 +1,64 @@
+"""A literal, dense, float64 numpy transcription of AnchorDiff eqs. 8-13, for tests only.
+
+Written without looking at the sparse implementation's tricks: full N x N matrices, numpy's own
+percentile, a plain loop of matrix-vector products.
+"""
+import numpy as np
+
+
+def cosine_rows(x):
+    x = np.asarray(x, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    xn = x / np.maximum(norms, 1e-12)
+    return xn @ xn.T
+
+
+def gated_transition(a_ii, o_ii, gate_percentile=98.0):
+    w_attn = cosine_rows(a_ii)                      # eq. 8
+    if gate_percentile is None:                     # the "w/o gate" ablation
+        tau, gate = -np.inf, np.ones_like(w_attn)
+    else:
+        tau = np.percentile(w_attn, gate_percentile)  # eq. 9, 98th percentile of all entries
+        gate = (w_attn > tau).astype(np.float64)
+    w_cos = np.maximum(cosine_rows(o_ii), 0.0)      # eq. 10, negatives clamped
+    w = w_cos * gate                                # eq. 11
+    sums = w.sum(axis=1, keepdims=True)
+    for i in np.where(sums[:, 0] == 0)[0]:          # documented guard: empty row keeps a self-loop
+        w[i, i], sums[i, 0] = 1.0, 1.0
+    return w / sums, tau, w_attn
+
+
+def propagate(w_hat, seeds, steps=160):
+    s = np.asarray(seeds, dtype=np.float64).T       # [N, K]
+    for _ in range(steps):                          # eq. 12
+        s = w_hat.T @ s
+    s = s.T
+    lo = s.min(axis=1, keepdims=True)
+    hi = s.max(axis=1, keepdims=True)
+    span = hi - lo
+    return np.where(span > 0, (s - lo) / np.where(span > 0, span, 1.0), 0.0)  # eq. 13
+
+
+def one_hot(anchors, n):
+    seeds = np.zeros((len(anchors), n))
+    seeds[np.arange(len(anchors)), anchors] = 1.0
+    return seeds
+
+
+def head_averaged_attention(q, k, v, heads):
+    """Naive per-head attention over image keys: returns (A [B,N,N], O [B,N,H*d])."""
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    b, n, dim = q.shape
+    d = dim // heads
+    a = np.zeros((b, n, n))
+    o = np.zeros((b, n, dim))
+    for i in range(b):
+        for h in range(heads):
+            sl = slice(h * d, (h + 1) * d)
+            logits = q[i, :, sl] @ k[i, :, sl].T / np.sqrt(d)
+            logits -= logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            p /= p.sum(axis=1, keepdims=True)
+            a[i] += p / heads
+            o[i, :, sl] = p @ v[i, :, sl]
+    return a, o

@@ -1,0 +1,82 @@
+"""Chunked attention helpers against naive per-head computations."""
+import numpy as np
+import pytest
+import torch
+
+import anchordiff_core as ad
+from tests import reference_numpy as ref
+
+
+def qkv(b, n, heads, d, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, heads * d, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3 * 37 * 4 * 5, 1 << 30])
+def test_chunked_image_attention_equals_naive(chunk_bytes):
+    q, k, v = qkv(2, 37, 3, 8)
+    a, o = ad.image_self_attention(q, k, v, heads=3, max_chunk_bytes=chunk_bytes)
+    a_ref, o_ref = ref.head_averaged_attention(q.numpy(), k.numpy(), v.numpy(), 3)
+    assert a.shape == (2, 37, 37) and o.shape == (2, 37, 24) and a.dtype == torch.float32
+    np.testing.assert_allclose(a.numpy(), a_ref, atol=1e-6)
+    np.testing.assert_allclose(o.numpy(), o_ref, atol=1e-5)
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 37))
+
+
+def test_image_attention_from_half_precision_inputs():
+    q, k, v = qkv(1, 20, 2, 8, dtype=torch.bfloat16)
+    a, o = ad.image_self_attention(q, k, v, heads=2)
+    a_ref, o_ref = ref.head_averaged_attention(q.float().numpy(), k.float().numpy(), v.float().numpy(), 2)
+    assert a.dtype == torch.float32
+    np.testing.assert_allclose(a.numpy(), a_ref, atol=1e-6)
+    np.testing.assert_allclose(o.numpy(), o_ref, atol=1e-5)
+
+
+def test_query_key_attention_is_head_mean_of_softmax():
+    q, _, _ = qkv(2, 5, 4, 8, seed=1)
+    _, k, _ = qkv(2, 30, 4, 8, seed=2)
+    got = ad.query_key_attention(q, k, heads=4)
+    qh = q.view(2, 5, 4, 8).transpose(1, 2)
+    kh = k.view(2, 30, 4, 8).transpose(1, 2)
+    expected = torch.softmax(qh @ kh.transpose(-1, -2) / 8**0.5, -1).mean(1)
+    torch.testing.assert_close(got, expected)
+
+
+def test_key_column_attention_reads_columns_of_the_full_softmax():
+    q, _, _ = qkv(1, 33, 2, 8, seed=3)
+    _, k, _ = qkv(1, 45, 2, 8, seed=4)
+    cols = torch.tensor([40, 2, 44])
+    got = ad.key_column_attention(q, k, cols, heads=2, max_chunk_bytes=2 * 45 * 4 * 4)
+    full = ad.query_key_attention(q, k, heads=2)
+    torch.testing.assert_close(got, full[:, :, cols])
+
+
+def test_attention_output_matches_manual():
+    q, k, v = qkv(1, 6, 2, 4, seed=5)
+    got = ad.attention(q[:, :3], k, v, heads=2)
+    p = torch.softmax(q[:, :3].view(1, 3, 2, 4).transpose(1, 2) @ k.view(1, 6, 2, 4).permute(0, 2, 3, 1) / 2.0, -1)
+    expected = (p @ v.view(1, 6, 2, 4).transpose(1, 2)).transpose(1, 2).reshape(1, 3, 8)
+    torch.testing.assert_close(got, expected)
+
+
+def test_group_mean_averages_a_concepts_tokens():
+    x = torch.tensor([[1.0, 10.0], [3.0, 20.0], [5.0, 30.0]])
+    out = ad.group_mean(x, torch.tensor([0, 1, 0]), 2, dim=0)
+    torch.testing.assert_close(out, torch.tensor([[3.0, 20.0], [3.0, 20.0]]))
+    with pytest.raises(ValueError, match="at least one token"):
+        ad.group_mean(x, torch.tensor([0, 0, 0]), 2, dim=0)
+
+
+def test_mean_over_layers_selection_and_errors():
+    per_layer = torch.arange(12.0).view(3, 4)
+    torch.testing.assert_close(ad.mean_over_layers(per_layer), per_layer.mean(0))
+    torch.testing.assert_close(ad.mean_over_layers(per_layer, [0, 2]), (per_layer[0] + per_layer[2]) / 2)
+    with pytest.raises(ValueError, match="out of range: 3 layers"):
+        ad.mean_over_layers(per_layer, [3])
+    with pytest.raises(ValueError, match="no layers"):
+        ad.mean_over_layers(per_layer, [])
+
+
+def test_split_heads_rejects_indivisible_width():
+    with pytest.raises(ValueError, match="divisible"):
+        ad.image_self_attention(*qkv(1, 4, 1, 10), heads=3)
