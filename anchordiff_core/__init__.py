@@ -1,0 +1,1 @@
+"""AnchorDiff core: pure-torch algorithm, baselines and evaluation metrics (no ComfyUI imports)."""
