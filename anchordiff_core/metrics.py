@@ -264,8 +264,6 @@ class MultiConceptMeter:
         Returns the per-pair values (None for a skipped pair with an empty target mask).
         """
         h, m = _pair(heats, masks, 3, "MultiConceptMeter.update")
-        if h.shape[0] == 0:
-            raise ValueError("MultiConceptMeter.update: no concepts (K = 0)")
         self.n_images += 1
         out = []
         for k in range(h.shape[0]):
