@@ -1,6 +1,11 @@
 """Tests for anchordiff_core.metrics on hand-computed cases and brute-force references."""
 
+import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -355,3 +360,73 @@ def test_errors():
     mm.update(np.ones((2, 3, 3)), np.zeros((2, 3, 3)))  # every target empty: all skipped
     with pytest.raises(ValueError, match="no image-concept pairs"):
         mm.compute()
+
+
+# ----------------------------------------------------------------------------- command-line harness
+
+def write_dataset(tmp_path):
+    heats, masks = two_concept_case()
+    np.savez(tmp_path / "a.npz", heat=HEAT_4x4, gt=GT_4x4)  # [H, W] -> K = 1
+    np.savez(tmp_path / "b.npz", heat=heats.astype(np.float32), gt=masks, concepts=np.array(["cat", "dog"]))
+    (tmp_path / "notes.txt").write_text("ignored")
+
+
+def test_evaluate_json(tmp_path, capsys):
+    from anchordiff_core.evaluate import main
+
+    write_dataset(tmp_path)
+    assert main([str(tmp_path), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_files"] == 2
+    # Binary table scores 3 maps: the 4x4 image and each of b.npz's concepts over its whole image.
+    ref = BinarySegmentationMeter()
+    heats, masks = two_concept_case()
+    for h, g in [(HEAT_4x4, GT_4x4), (heats[0], masks[0]), (heats[1], masks[1])]:
+        ref.update(h, g)
+    assert res["binary"]["n_images"] == 3
+    for k, v in ref.compute().items():
+        assert res["binary"][k] == pytest.approx(v), k
+    # Multi-concept only from b.npz: the two hand-computed pairs.
+    mc = res["multi_concept"]
+    assert (mc["n_images"], mc["n_pairs"]) == (1, 2)
+    for k in ("miou_fg", "map_fg", "acc_fg", "nar"):
+        assert mc[k] == pytest.approx((PAIR_A[k] + PAIR_B[k]) / 2), k
+
+
+def test_evaluate_table_and_module_entry_point(tmp_path):
+    write_dataset(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "anchordiff_core.evaluate", str(tmp_path)],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]).stdout
+    assert "mIoU(ConceptAttention protocol = Acc/(2-Acc))" in out
+    assert "mIoU_fg  mAP_fg  Acc_fg     NAR" in out
+    nar = 100 * (5 / 19 + 1 / 14) / 2  # 16.73
+    assert f"{nar:6.2f}" in out.splitlines()[-1]
+
+
+def test_evaluate_single_concept_only_has_no_multi_table(tmp_path, capsys):
+    from anchordiff_core.evaluate import main
+
+    np.savez(tmp_path / "a.npz", heat=HEAT_4x4, gt=GT_4x4)
+    np.savez(tmp_path / "z.npz", heat=HEAT_4x4, gt=np.zeros((4, 4), bool))  # no foreground
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Multi-concept" not in out
+    assert "mAP over 1; 1 without foreground skipped" in out
+    assert main([str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["multi_concept"] is None
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({}, "no .npz files"),
+    ({"heat": np.zeros((4, 4))}, "missing array"),
+    ({"heat": np.zeros((2, 4, 4)), "gt": np.zeros((2, 4, 5))}, "must both be"),
+    ({"heat": np.zeros((2, 4, 4)), "gt": np.zeros((2, 4, 4)), "concepts": np.array(["x"])}, "1 concept names for K = 2"),
+    ({"heat": np.zeros((4, 4)), "gt": np.full((4, 4), 3)}, "bad.npz: .*binary"),
+])
+def test_evaluate_errors(tmp_path, capsys, arrays, message):
+    from anchordiff_core.evaluate import main
+
+    if arrays:
+        np.savez(tmp_path / "bad.npz", **arrays)
+    assert main([str(tmp_path)]) == 2
+    assert re.search(message, capsys.readouterr().err)
