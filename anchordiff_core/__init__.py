@@ -20,12 +20,16 @@ from .baselines import concept_attention_heat, concept_attention_scores, cross_a
 from .graph import GatedGraph, build_gated_graph, cosine_similarity_rows, percentile
 from .maps import AttentionMaps
 from .masks import otsu_thresholds, soft_map, to_mask
+from .metrics import BinarySegmentationMeter, MultiConceptMeter, average_precision
 from .propagate import minmax_rows, propagate
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AttentionMaps",
+    "BinarySegmentationMeter",
+    "MultiConceptMeter",
+    "average_precision",
     "GatedGraph",
     "anchor_seeds",
     "attention",
