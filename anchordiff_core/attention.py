@@ -32,18 +32,28 @@ def _softmax_(scores: torch.Tensor) -> torch.Tensor:
 
 
 def image_self_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    out_a: Optional[torch.Tensor] = None,
+    out_o: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A_II and O_II of the paper (eqs. 3-4) from image-token q, k, v [B, N, H*d].
 
     A = mean over heads of softmax(q_h k_h^T / sqrt(d)) with the softmax over image keys only
     -> [B, N, N];  O = A_h v_h per head, heads concatenated -> [B, N, H*d].
+    `out_a` / `out_o` (float32, any device) receive the results chunk by chunk, so a result held
+    elsewhere (CPU) never exists twice.
     """
     qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))
     b, _, n, d = qh.shape
     scale = d**-0.5
-    a_mean = torch.empty(b, n, n, dtype=torch.float32, device=q.device)
-    out = torch.empty(b, n, heads * d, dtype=torch.float32, device=q.device)
+    a_mean = torch.empty(b, n, n, dtype=torch.float32, device=q.device) if out_a is None else out_a
+    out = torch.empty(b, n, heads * d, dtype=torch.float32, device=q.device) if out_o is None else out_o
+    if a_mean.shape != (b, n, n) or out.shape != (b, n, heads * d):
+        raise ValueError("out_a / out_o have the wrong shape")
     rows = _rows_per_chunk(heads, n, max_chunk_bytes)
     for i in range(b):
         keys_t = kh[i].transpose(1, 2)

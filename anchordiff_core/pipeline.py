@@ -1,0 +1,184 @@
+"""The AnchorDiff chain over a batch of recorded images: the values that flow between the nodes.
+
+    anchors = pick_anchors(maps)                 # Anchors   (per image [K, M] token indices)
+    graphs  = build_graphs(maps)                 # Graphs    (per image sparse W_hat^T)
+    heat    = propagate_anchors(graphs, anchors) # Heat      [B, K, N]
+    masks   = heat_masks(heat)                   # [B, K, H, W]
+
+Each value remembers which recording it came from, so values of different recordings are never
+mixed silently.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .anchors import PIXELS_PER_TOKEN, point_to_token, select_anchors
+from .attention import mean_over_layers
+from .baselines import concept_attention_heat, cross_attention_heat, seg4diff_heat
+from .graph import GatedGraph, build_gated_graph
+from .maps import AttentionMaps
+from .masks import Threshold, soft_map, to_mask
+from .propagate import minmax_rows, propagate
+
+Progress = Optional[Callable[[int, int], None]]
+
+
+def recording_id(maps: AttentionMaps) -> str:
+    return str(maps.meta.get("id", id(maps)))
+
+
+@dataclass(frozen=True)
+class Anchors:
+    maps: AttentionMaps
+    indices: tuple[torch.Tensor, ...]  # per image: LongTensor [K, M], -1 padded
+    manual: tuple[bool, ...]  # per concept: placed by hand
+
+
+@dataclass(frozen=True)
+class Graphs:
+    maps: AttentionMaps
+    graphs: tuple[GatedGraph, ...]
+    layers: tuple[int, ...]
+    gate_percentile: Optional[float]
+
+
+@dataclass(frozen=True)
+class Heat:
+    values: torch.Tensor  # [B, K, N] in [0, 1]
+    grid: tuple[int, int]
+    image_size: tuple[int, int]
+    concepts: tuple[str, ...]
+    method: str
+    source: str
+    anchors: Optional[tuple[torch.Tensor, ...]] = None
+
+
+def anchor_map(maps: AttentionMaps, exclude_last_block: bool = False) -> torch.Tensor:
+    """A_CI averaged over all joint blocks (paper), optionally without the pre_only last block."""
+    layers = list(range(maps.num_blocks - 1)) if exclude_last_block else None
+    return mean_over_layers(maps.a_ci, layers, dim=1)  # [B, K, N]
+
+
+def anchor_heat(maps: AttentionMaps, exclude_last_block: bool = False) -> "Heat":
+    """What anchor selection looks at: A_CI over the blocks, min-max per concept."""
+    values = minmax_rows(anchor_map(maps, exclude_last_block).flatten(0, 1)).view(maps.batch_size, len(maps.concepts), -1)
+    return Heat(values.cpu(), maps.grid, maps.image_size, maps.concepts, "a_ci", recording_id(maps))
+
+
+def parse_manual_points(text: str, concepts: Sequence[str]) -> dict[int, list[tuple[float, float]]]:
+    """'cat: 512, 300' or '2: 100, 80', one point per line (or ';'): concept name or 1-based index."""
+    points: dict[int, list[tuple[float, float]]] = {}
+    for raw in (text or "").replace(";", "\n").splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if ":" not in line:
+            raise ValueError(f"manual anchor '{line}' must look like 'concept: x, y' (pixels), e.g. 'cat: 512, 300'")
+        who, where = (part.strip() for part in line.rsplit(":", 1))
+        if who.isdigit():
+            concept = int(who) - 1
+            if not 0 <= concept < len(concepts):
+                raise ValueError(f"manual anchor '{line}': concept number {who} is not between 1 and {len(concepts)}")
+        elif who in concepts:
+            concept = list(concepts).index(who)
+        else:
+            raise ValueError(f"manual anchor '{line}': unknown concept '{who}'; the concepts are {', '.join(concepts)}")
+        try:
+            x, y = (float(v) for v in where.split(","))
+        except ValueError:
+            raise ValueError(f"manual anchor '{line}': the point must be two numbers 'x, y'") from None
+        points.setdefault(concept, []).append((x, y))
+    return points
+
+
+def pick_anchors(
+    maps: AttentionMaps,
+    max_anchors: int = 1,
+    min_distance: float = 8.0,
+    min_relative_score: float = 0.5,
+    manual_points: str = "",
+    exclude_last_block: bool = False,
+) -> Anchors:
+    """Automatic anchors (paper argmax, or several peaks), with manual points overriding concepts."""
+    a_ci = anchor_map(maps, exclude_last_block)
+    manual = parse_manual_points(manual_points, maps.concepts)
+    tokens = {
+        c: [point_to_token(x, y, maps.image_size, maps.grid) for x, y in pts] for c, pts in manual.items()
+    }
+    width = max([max_anchors] + [len(t) for t in tokens.values()])
+    per_image = []
+    for b in range(maps.batch_size):
+        auto = select_anchors(a_ci[b], max_anchors, min_distance, min_relative_score, maps.grid).view(len(maps.concepts), -1)
+        chosen = torch.full((len(maps.concepts), width), -1, dtype=torch.long)
+        chosen[:, : auto.shape[1]] = auto.cpu()
+        for c, idx in tokens.items():
+            chosen[c] = -1
+            chosen[c, : len(idx)] = torch.tensor(idx)
+        per_image.append(chosen)
+    return Anchors(maps, tuple(per_image), tuple(c in tokens for c in range(len(maps.concepts))))
+
+
+def build_graphs(
+    maps: AttentionMaps,
+    gate_percentile: Optional[float] = 98.0,
+    layers: Sequence[int] = (),
+    device=None,
+    progress: Progress = None,
+) -> Graphs:
+    """One gated graph per image, from A_II / O_II averaged over `layers` (default: all recorded),
+    built on `device` (default: where the maps are; the graph is fastest on the accelerator)."""
+    chosen = tuple(layers) if layers else maps.graph_layers
+    device = maps.a_ii.device if device is None else torch.device(device)
+    graphs = []
+    for b in range(maps.batch_size):
+        a_ii, o_ii = maps.graph_inputs(b, chosen)
+        graphs.append(build_gated_graph(a_ii.to(device), o_ii.to(device), gate_percentile))
+        if progress is not None:
+            progress(b + 1, maps.batch_size)
+    return Graphs(maps, tuple(graphs), chosen, gate_percentile)
+
+
+def propagate_anchors(graphs: Graphs, anchors: Anchors, steps: int = 160, progress: Progress = None) -> Heat:
+    """Propagate every image's anchors over its graph; all concepts of an image in one batch."""
+    if recording_id(graphs.maps) != recording_id(anchors.maps):
+        raise ValueError("The graph and the anchors come from different recordings; connect both to the same maps.")
+    maps = graphs.maps
+    total = maps.batch_size * max(steps, 1)
+    out = []
+    for b, graph in enumerate(graphs.graphs):
+        def step_progress(done, _total, b=b):
+            if progress is not None:
+                progress(b * max(steps, 1) + done, total)
+
+        out.append(propagate(graph, anchors.indices[b].to(graph.device), steps, callback=step_progress).cpu())
+    return Heat(torch.stack(out), maps.grid, maps.image_size, maps.concepts, "anchordiff", recording_id(maps), anchors.indices)
+
+
+def baseline_heat(maps: AttentionMaps, method: str, layers: Sequence[int] = (), softmax: bool = True) -> Heat:
+    """Heat of a published baseline: "cross_attention", "conceptattention" or "seg4diff"."""
+    chosen = list(layers) if layers else None
+    if method == "cross_attention":
+        values = [cross_attention_heat(maps.a_ci[b], chosen) for b in range(maps.batch_size)]
+    elif method == "conceptattention":
+        values = [concept_attention_heat(maps.ca_scores[b], chosen, softmax) for b in range(maps.batch_size)]
+    elif method == "seg4diff":
+        if maps.seg4diff is None:
+            raise ValueError("This recording has no Seg4Diff map: set the recorder's Seg4Diff layer.")
+        values = [seg4diff_heat(maps.seg4diff[b]) for b in range(maps.batch_size)]
+    else:
+        raise ValueError(f"unknown baseline '{method}'")
+    return Heat(torch.stack(values).cpu(), maps.grid, maps.image_size, maps.concepts, method, recording_id(maps))
+
+
+def heat_masks(heat: Heat, threshold: Threshold = "mean", soft: bool = False) -> torch.Tensor:
+    """[B, K, H, W] float32 at image resolution (the token grid's padding cropped away)."""
+    h, w = heat.grid
+    padded = (h * PIXELS_PER_TOKEN, w * PIXELS_PER_TOKEN)
+    convert = (lambda v: soft_map(v, heat.grid, padded, heat.image_size)) if soft else (
+        lambda v: to_mask(v, heat.grid, padded, threshold, heat.image_size)
+    )
+    return torch.stack([convert(v) for v in heat.values])
+

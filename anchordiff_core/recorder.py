@@ -1,0 +1,143 @@
+"""What to compute at each joint block of the recorded step, independent of the model's code.
+
+The model-specific side (ComfyUI's MMDiT patch, the diffusers hook) hands each block's image
+q/k/v, the image attention output, the prompt keys and the concept q/k/v to
+`StepRecorder.record_block`; it returns the concept attention output the concept stream needs
+next.  Per-layer results move to `store_device` at once, so the accelerator holds at most one
+block's temporaries.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .attention import DEFAULT_CHUNK_BYTES, attention, group_mean, image_self_attention, key_column_attention, query_key_attention
+from .baselines import concept_attention_scores
+from .maps import AttentionMaps
+
+
+@dataclass(frozen=True)
+class RecordSpec:
+    """What a recording keeps. Block indices are 0-based joint-block indices."""
+
+    concepts: tuple[str, ...]
+    token_concept: torch.Tensor  # [T] concept index of each concept-stream token
+    num_blocks: int
+    graph_layers: tuple[int, ...]
+    seg4diff_layer: Optional[int] = None
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+
+    def __post_init__(self):
+        bad = [layer for layer in self.graph_layers if not 0 <= layer < self.num_blocks]
+        if self.seg4diff_layer is not None and not 0 <= self.seg4diff_layer < self.num_blocks:
+            bad.append(self.seg4diff_layer)
+        if bad:
+            raise ValueError(f"layer index {bad} out of range: this model has {self.num_blocks} joint blocks (0..{self.num_blocks - 1})")
+        if not self.graph_layers:
+            raise ValueError("at least one graph layer is needed")
+        if len(self.concepts) == 0:
+            raise ValueError("no concepts to record")
+
+
+class StepRecorder:
+    """Collects one denoising step's maps for the rows being recorded, block by block."""
+
+    def __init__(self, spec: RecordSpec, heads: int, store_device=None):
+        self.spec = spec
+        self.heads = heads
+        self.store_device = store_device
+        self.a_ci: list[Optional[torch.Tensor]] = [None] * spec.num_blocks
+        self.ca_scores: list[Optional[torch.Tensor]] = [None] * spec.num_blocks
+        self.a_ii: Optional[torch.Tensor] = None  # [B, G, N, N], allocated at the first graph layer
+        self.o_ii: Optional[torch.Tensor] = None
+        self.graph_done: set[int] = set()
+        self.seg4diff: Optional[torch.Tensor] = None
+
+    def _store(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.store_device) if self.store_device is not None else x
+
+    def record_block(
+        self,
+        block: int,
+        q_img: torch.Tensor,
+        k_img: torch.Tensor,
+        v_img: torch.Tensor,
+        img_out: torch.Tensor,
+        k_txt: torch.Tensor,
+        q_c: torch.Tensor,
+        k_c: torch.Tensor,
+        v_c: torch.Tensor,
+    ) -> torch.Tensor:
+        """Record block `block`; all inputs [B, L, heads*d]. Returns the concept output o_c (float32).
+
+        img_out is the model's own attention output for the image queries (ConceptAttention's o_x).
+        """
+        spec, heads, k = self.spec, self.heads, len(self.spec.concepts)
+        groups = spec.token_concept
+        # eq. 5: concept queries, softmax over image keys only; a concept's tokens averaged
+        self.a_ci[block] = self._store(group_mean(query_key_attention(q_c, k_img, heads), groups, k, dim=1))
+        # ConceptAttention's one-directional attention: concepts see image and concept keys
+        o_c = attention(q_c, torch.cat([k_img, k_c], 1), torch.cat([v_img, v_c], 1), heads)
+        self.ca_scores[block] = self._store(concept_attention_scores(img_out, o_c, groups, k))
+        if block in spec.graph_layers:
+            b, n, width = q_img.shape
+            if self.a_ii is None:
+                device = self.store_device if self.store_device is not None else q_img.device
+                self.a_ii = torch.empty(b, len(spec.graph_layers), n, n, dtype=torch.float32, device=device)
+                self.o_ii = torch.empty(b, len(spec.graph_layers), n, width, dtype=torch.float32, device=device)
+            slot = spec.graph_layers.index(block)
+            if self.a_ii.device == q_img.device:
+                image_self_attention(q_img, k_img, v_img, heads, spec.max_chunk_bytes, self.a_ii[:, slot], self.o_ii[:, slot])
+            else:
+                a, o = image_self_attention(q_img, k_img, v_img, heads, spec.max_chunk_bytes)
+                self.a_ii[:, slot].copy_(a)
+                self.o_ii[:, slot].copy_(o)
+                del a, o
+            self.graph_done.add(block)
+        if block == spec.seg4diff_layer:
+            # image queries over the joint keys with the concept tokens appended to the prompt
+            keys = torch.cat([k_txt, k_img, k_c], 1)
+            first = k_txt.shape[1] + k_img.shape[1]
+            columns = torch.arange(first, first + k_c.shape[1], device=keys.device)
+            per_token = key_column_attention(q_img, keys, columns, heads, spec.max_chunk_bytes)  # [B, N, T]
+            self.seg4diff = self._store(group_mean(per_token, groups, k, dim=2).transpose(1, 2).contiguous())
+        return o_c
+
+    def missing_blocks(self) -> list[int]:
+        return [i for i, a in enumerate(self.a_ci) if a is None]
+
+    def finish(
+        self,
+        row_image: torch.Tensor,
+        num_images: int,
+        grid: tuple[int, int],
+        image_size: tuple[int, int],
+        **info,
+    ) -> AttentionMaps:
+        """Assemble the maps per image. `row_image[r]` is the image index of recorded row r; rows of
+        the same image (several positive conditionings in one call) are averaged."""
+        missing = self.missing_blocks() + sorted(set(self.spec.graph_layers) - self.graph_done)
+        if missing:
+            raise RuntimeError(f"joint blocks {missing} were not recorded; the model's forward skipped them")
+        in_order = row_image.numel() == num_images and bool((row_image.cpu() == torch.arange(num_images)).all())
+
+        def per_image(x: torch.Tensor) -> torch.Tensor:
+            return x if in_order else group_mean(x, row_image.to(x.device), num_images, dim=0)
+
+        layers = self.spec.graph_layers
+        return AttentionMaps(
+            concepts=self.spec.concepts,
+            grid=grid,
+            image_size=image_size,
+            a_ci=per_image(torch.stack(self.a_ci, dim=1)),
+            ca_scores=per_image(torch.stack(self.ca_scores, dim=1)),
+            a_ii=per_image(self.a_ii),
+            o_ii=per_image(self.o_ii),
+            graph_layers=tuple(layers),
+            seg4diff=None if self.seg4diff is None else per_image(self.seg4diff),
+            seg4diff_layer=self.spec.seg4diff_layer,
+            num_blocks=self.spec.num_blocks,
+            **info,
+        )

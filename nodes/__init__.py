@@ -1,0 +1,29 @@
+"""ComfyUI glue for AnchorDiff (V3 node schema). The algorithm lives in anchordiff_core."""
+from comfy_api.latest import ComfyExtension, io
+
+from .baselines import AnchorDiffConceptAttentionHeat, AnchorDiffCrossAttentionHeat, AnchorDiffSeg4DiffHeat
+from .record import AnchorDiffConcepts, AnchorDiffLookAtImage, AnchorDiffReadMaps, AnchorDiffRecordAttention
+from .steps import AnchorDiffAnchorSelect, AnchorDiffBuildGatedGraph, AnchorDiffMask, AnchorDiffPropagate
+
+NODES = [
+    AnchorDiffConcepts,
+    AnchorDiffRecordAttention,
+    AnchorDiffReadMaps,
+    AnchorDiffLookAtImage,
+    AnchorDiffAnchorSelect,
+    AnchorDiffBuildGatedGraph,
+    AnchorDiffPropagate,
+    AnchorDiffMask,
+    AnchorDiffCrossAttentionHeat,
+    AnchorDiffConceptAttentionHeat,
+    AnchorDiffSeg4DiffHeat,
+]
+
+
+class AnchorDiffExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> AnchorDiffExtension:
+    return AnchorDiffExtension()

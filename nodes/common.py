@@ -1,0 +1,76 @@
+"""Shared bits of the node classes: socket types, progress, previews, layer lists."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+from comfy_api.latest import io, ui
+
+from ..anchordiff_core.maps import AttentionMaps
+from . import preview
+from .sd3_patch import AnchorDiffError
+
+CATEGORY = "AnchorDiff"
+BASELINE_CATEGORY = "AnchorDiff/baselines"
+
+Concepts = io.Custom("ANCHORDIFF_CONCEPTS")
+Recorder = io.Custom("ANCHORDIFF_RECORDER")
+Maps = io.Custom("ANCHORDIFF_MAPS")
+Anchors = io.Custom("ANCHORDIFF_ANCHORS")
+Graph = io.Custom("ANCHORDIFF_GRAPH")
+Heat = io.Custom("ANCHORDIFF_HEAT")
+
+
+def progress_callback(total: int):
+    """(done, total) callback that moves a ComfyUI progress bar and honours interruption."""
+    bar = comfy.utils.ProgressBar(total)
+
+    def callback(done: int, _total: int) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bar.update_absolute(done, total)
+
+    return callback
+
+
+def parse_block_list(text: str, maps: Optional[AttentionMaps] = None, what: str = "layers") -> tuple[int, ...]:
+    """'9, 18' -> (9, 18); '' -> () meaning the default."""
+    text = (text or "").strip()
+    if not text:
+        return ()
+    try:
+        layers = tuple(sorted({int(p) for p in text.replace(";", ",").split(",") if p.strip()}))
+    except ValueError:
+        raise AnchorDiffError(f"{what} must be comma-separated block indices like '9, 18'; got '{text}'.") from None
+    if maps is not None:
+        bad = [layer for layer in layers if not 0 <= layer < maps.num_blocks]
+        if bad:
+            raise AnchorDiffError(f"{what} {bad} out of range: the recorded model has {maps.num_blocks} joint blocks (0..{maps.num_blocks - 1}).")
+    return layers
+
+
+def check_image(image: Optional[torch.Tensor], batch: int, image_size: tuple[int, int]) -> Optional[torch.Tensor]:
+    """The optional preview IMAGE, if it fits the recorded batch (any size: it is only a backdrop)."""
+    if image is None:
+        return None
+    if image.dim() != 4 or image.shape[0] not in (1, batch):
+        raise AnchorDiffError(f"The preview image batch ({image.shape[0]}) does not match the {batch} recorded image(s).")
+    return image
+
+
+def preview_ui(cls, images: list[torch.Tensor], info: dict) -> dict:
+    """ui dict: the preview images plus layout info for the web extension."""
+    saved = ui.PreviewImage(torch.cat(images, dim=0), cls=cls).as_dict()
+    saved["anchordiff"] = [info]
+    return saved
+
+
+def heat_preview(cls, soft: torch.Tensor, names, image_size, image=None, points=None, manual=None) -> dict:
+    """Preview of [B, K, H, W] soft maps: one row of concept panels per image."""
+    pictures = []
+    for b in range(soft.shape[0]):
+        backdrop = None if image is None else image[min(b, image.shape[0] - 1)]
+        pictures.append(preview.heat_panels(soft[b], names, backdrop, points[b] if points else None, manual))
+    return preview_ui(cls, pictures, preview.layout(names, image_size, len(names), manual or ()))

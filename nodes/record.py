@@ -1,0 +1,171 @@
+"""Nodes that encode concepts and record attention maps (while sampling, or from an existing image)."""
+from __future__ import annotations
+
+import torch
+
+import comfy.sample
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..anchordiff_core.recorder import RecordSpec
+from . import sd3_patch
+from .common import CATEGORY, Concepts, Maps, Recorder
+from .sd3_patch import AnchorDiffError, AttentionRecorder, RecordSettings
+from .text import encode_concepts
+
+GRAPH_LAYERS_TIP = (
+    "Joint blocks whose image self-attention builds the graph (comma-separated, 0-based). Empty = the paper's "
+    "defaults: SD3 Medium 9, 18; SD3.5 Large 23, 31; SD3.5 Medium 14, 19 (our choice, see docs/DESIGN.md)."
+)
+SEG4DIFF_TIP = "Joint block for the Seg4Diff baseline map; -1 = block 9 on SD3 Medium (Seg4Diff's expert layer), same relative depth elsewhere."
+
+
+class AnchorDiffConcepts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AnchorDiffConcepts",
+            display_name="AnchorDiff Concepts",
+            category=CATEGORY,
+            description="Encode the concepts to find (e.g. 'cat, dog' or one per line) with SD3's own text encoders.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="SD3 / SD3.5 text encoders: TripleCLIPLoader or the CLIP of an SD3 checkpoint."),
+                io.String.Input(
+                    "concepts", multiline=True, default="cat, dog",
+                    tooltip="Concepts to mask, separated by commas or new lines. Several words per concept are fine ('red car').",
+                ),
+            ],
+            outputs=[Concepts.Output("encoded", display_name="concepts", tooltip="Encoded concepts for the recording nodes.")],
+        )
+
+    @classmethod
+    def execute(cls, clip, concepts) -> io.NodeOutput:
+        return io.NodeOutput(encode_concepts(clip, concepts))
+
+
+def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int):
+    dm = sd3_patch.sd3_diffusion_model(model)
+    if concepts is None:
+        raise AnchorDiffError("No concepts connected: add an 'AnchorDiff Concepts' node.")
+    width = dm.context_embedder.in_features if hasattr(dm.context_embedder, "in_features") else concepts.embeddings.shape[1]
+    if concepts.embeddings.shape[1] != width:
+        raise AnchorDiffError(f"The concepts were encoded with width {concepts.embeddings.shape[1]}, but this model expects {width}: use SD3's text encoders.")
+    layers = sd3_patch.parse_layers(graph_layers, dm, "graph_layers") or sd3_patch.default_graph_layers(dm)
+    depth = len(dm.joint_blocks)
+    if seg4diff_layer >= depth:
+        raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {sd3_patch.model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")
+    seg = sd3_patch.default_seg4diff_layer(dm) if seg4diff_layer < 0 else seg4diff_layer
+    spec = RecordSpec(concepts.names, concepts.token_concept, depth, layers, seg)
+    return spec, sd3_patch.model_variant(dm)
+
+
+def _common_inputs():
+    return [
+        io.String.Input("graph_layers", default="", tooltip=GRAPH_LAYERS_TIP),
+        io.Int.Input("seg4diff_layer", default=-1, min=-1, max=63, tooltip=SEG4DIFF_TIP),
+    ]
+
+
+class AnchorDiffRecordAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AnchorDiffRecordAttention",
+            display_name="AnchorDiff Record Attention",
+            category=CATEGORY,
+            description=(
+                "Patch an SD3 / SD3.5 model so the sampler records AnchorDiff's attention maps at one denoising step. "
+                "Connect MODEL to your sampler, then the sampler's LATENT and 'recorder' to 'AnchorDiff Read Maps'. "
+                "The generated image is unchanged."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 model (Medium, Large, Large Turbo)."),
+                Concepts.Input("concepts", tooltip="From 'AnchorDiff Concepts'."),
+                io.Float.Input(
+                    "record_at", default=0.5, min=0.01, max=0.99, step=0.01,
+                    tooltip="Where in the trajectory to record, as a fraction of the noise schedule (0.5 = the paper's midpoint). "
+                    "The first sampled step at or below that noise level is recorded.",
+                ),
+                io.Int.Input("record_step", default=-1, min=-1, max=10000, tooltip="-1: use record_at. Otherwise record this sampled step index (0-based)."),
+                *_common_inputs(),
+                io.Int.Input("keep_runs", default=2, min=1, max=16, tooltip="How many sampling runs' maps to keep in memory."),
+            ],
+            outputs=[
+                io.Model.Output("patched_model", display_name="model", tooltip="The patched model: connect it to the sampler."),
+                Recorder.Output("recorder", tooltip="Connect to 'AnchorDiff Read Maps' together with the sampler's LATENT."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs) -> io.NodeOutput:
+        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer)
+        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), variant)
+        return io.NodeOutput(recorder.attach(model), recorder)
+
+
+class AnchorDiffReadMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AnchorDiffReadMaps",
+            display_name="AnchorDiff Read Maps",
+            category=CATEGORY,
+            description="The attention maps recorded while the sampler produced this LATENT (never those of another run).",
+            inputs=[
+                Recorder.Input("recorder", tooltip="From 'AnchorDiff Record Attention'."),
+                io.Latent.Input("latent", tooltip="The LATENT output of the sampler that used the recording MODEL."),
+            ],
+            outputs=[Maps.Output("maps", tooltip="Recorded maps for Anchor Select, Build Gated Graph and the baselines.")],
+        )
+
+    @classmethod
+    def execute(cls, recorder, latent) -> io.NodeOutput:
+        if not isinstance(recorder, AttentionRecorder):
+            raise AnchorDiffError("'recorder' must come from 'AnchorDiff Record Attention'.")
+        return io.NodeOutput(recorder.maps_for(latent["samples"]))
+
+
+class AnchorDiffLookAtImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AnchorDiffLookAtImage",
+            display_name="AnchorDiff Look At Image",
+            category=CATEGORY,
+            description=(
+                "Record AnchorDiff's maps for an existing image: its latent (VAE Encode) is noised to the trajectory's "
+                "midpoint with the given seed and the model looks at it once with the given conditioning."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 model."),
+                Concepts.Input("concepts", tooltip="From 'AnchorDiff Concepts'."),
+                io.Conditioning.Input("positive", tooltip="A prompt describing the image (CLIP Text Encode)."),
+                io.Latent.Input("latent", tooltip="The image's latent, from VAE Encode."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the added noise."),
+                io.Float.Input(
+                    "record_at", default=0.5, min=0.01, max=0.99, step=0.01,
+                    tooltip="Noise level as a fraction of the trajectory (0.5 = the paper's midpoint).",
+                ),
+                *_common_inputs(),
+            ],
+            outputs=[Maps.Output("maps", tooltip="Recorded maps for Anchor Select, Build Gated Graph and the baselines.")],
+        )
+
+    @classmethod
+    def execute(cls, model, concepts, positive, latent, seed, record_at, graph_layers, seg4diff_layer) -> io.NodeOutput:
+        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer)
+        if not positive:
+            raise AnchorDiffError("'positive' conditioning is empty: connect a CLIP Text Encode describing the image.")
+        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at=record_at, keep_runs=1), variant)
+        patched = recorder.attach(model)
+        samples = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
+        sigma = float(patched.get_model_object("model_sampling").percent_to_sigma(record_at))
+        sigmas = torch.tensor([sigma, 0.0])
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        # one Euler step from sigma to 0 = exactly one model evaluation at sigma, cond only (cfg 1)
+        comfy.sample.sample_custom(
+            patched, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas, positive, positive, samples,
+            noise_mask=latent.get("noise_mask"), seed=seed,
+        )
+        maps = recorder.last_run_maps()
+        return io.NodeOutput(maps)

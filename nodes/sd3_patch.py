@@ -1,0 +1,395 @@
+"""Everything specific to ComfyUI's SD3 / SD3.5 MMDiT: model checks, default layers, and the patch
+that records attention maps during one denoising step.
+
+How a recording works
+- `AttentionRecorder.attach(model)` returns a clone of the MODEL with two wrappers:
+  OUTER_SAMPLE (one per sampling run: picks the recording step from the run's sigmas, and at the
+  end files the maps under a fingerprint of each output latent) and APPLY_MODEL (per model call:
+  a sigma comparison; only the recording call goes further).
+- On the recording call only, per-block `double_block` replace patches are added to that call's
+  transformer_options.  Each runs the original block with an `optimized_attention_override` that
+  sees the joint attention's q, k, v (text first, then image) and its output, then advances the
+  concept stream through the block's prompt-stream weights and records the maps for the positive
+  rows.  The image and prompt streams are untouched: the original block computes them.
+- Consumers get maps by the LATENT the sampler returned, so ComfyUI's output cache can never
+  serve maps of another run.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import math
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management
+import comfy.patcher_extension
+from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
+
+from ..anchordiff_core.concepts import ConceptSet
+from ..anchordiff_core.maps import AttentionMaps
+from ..anchordiff_core.recorder import RecordSpec, StepRecorder
+
+log = logging.getLogger("anchordiff")
+
+WRAPPER_KEY = "anchordiff_recorder"
+CALL_KEY = "anchordiff_call"
+PIXELS_PER_LATENT = 8
+
+
+class AnchorDiffError(ValueError):
+    """A problem the user can fix; the message says how."""
+
+
+# ------------------------------------------------------------------------------ model checks
+def sd3_diffusion_model(model) -> MMDiT:
+    """The MMDiT inside an SD3 / SD3.5 MODEL, or a clear error naming what was connected."""
+    base = getattr(model, "model", None)
+    diffusion_model = getattr(base, "diffusion_model", None)
+    if not isinstance(diffusion_model, MMDiT):
+        what = type(base).__name__ if base is not None else type(model).__name__
+        inner = f" ({type(diffusion_model).__name__})" if diffusion_model is not None else ""
+        raise AnchorDiffError(
+            f"AnchorDiff needs an SD3 / SD3.5 model (MMDiT), but the connected MODEL is {what}{inner}. "
+            "Load SD3 Medium or SD3.5 Large / Medium / Large Turbo with 'Load Checkpoint' or 'Load Diffusion Model'."
+        )
+    if not hasattr(comfy_attention, "wrap_attn"):
+        raise AnchorDiffError("AnchorDiff needs ComfyUI 0.3.60 or newer (optimized_attention_override).")
+    return diffusion_model
+
+
+def model_variant(dm: MMDiT) -> str:
+    depth = len(dm.joint_blocks)
+    qk_norm = not isinstance(dm.joint_blocks[0].x_block.attn.ln_q, torch.nn.Identity)
+    mmditx = bool(dm.x_block_self_attn_layers)
+    if depth == 24 and mmditx:
+        return "SD3.5 Medium"
+    if depth == 24 and not qk_norm:
+        return "SD3 Medium"
+    if depth == 38:
+        return "SD3.5 Large"
+    return f"SD3-architecture model with {depth} blocks"
+
+
+def default_graph_layers(dm: MMDiT) -> tuple[int, ...]:
+    """The paper's pairs; see docs/DESIGN.md for SD3.5 Medium and other depths."""
+    variant, last = model_variant(dm), len(dm.joint_blocks) - 1
+    if variant == "SD3 Medium":
+        return (9, 18)
+    if variant == "SD3.5 Large":
+        return (23, 31)  # Tables 5 and 7; the implementation paragraph's {10, 23} contradicts them
+    if variant == "SD3.5 Medium":
+        return (14, 19)  # depth-relative position of SD3.5 Large's pair; not validated on data
+    return tuple(sorted({round(9 / 23 * last), round(18 / 23 * last)}))
+
+
+def default_seg4diff_layer(dm: MMDiT) -> int:
+    """Seg4Diff's SD3 Medium expert layer 9, placed at the same relative depth elsewhere."""
+    return round(9 / 23 * (len(dm.joint_blocks) - 1))
+
+
+def parse_layers(text: str, dm: MMDiT, what: str) -> tuple[int, ...]:
+    """'9, 18' -> (9, 18); empty -> None (caller uses the default). Out of range is a clear error."""
+    text = (text or "").strip()
+    if not text:
+        return ()
+    try:
+        layers = tuple(sorted({int(part) for part in text.replace(";", ",").split(",") if part.strip()}))
+    except ValueError:
+        raise AnchorDiffError(f"{what} must be comma-separated block indices like '9, 18'; got '{text}'.") from None
+    depth = len(dm.joint_blocks)
+    bad = [layer for layer in layers if not 0 <= layer < depth]
+    if bad:
+        raise AnchorDiffError(f"{what} {bad} out of range: this {model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")
+    return layers
+
+
+# ------------------------------------------------------------------------------ recording
+@dataclass(frozen=True)
+class RecordSettings:
+    record_at: float = 0.5  # fraction of the trajectory (noise level, as ComfyUI's start/end percent)
+    record_step: int = -1  # >= 0: this sampled step index instead
+    keep_runs: int = 2
+
+
+@dataclass
+class _Run:
+    run_id: int
+    sigmas: list[float]
+    latent_hw: tuple[int, int]
+    batch: int
+    target_step: Optional[int] = None
+    target_sigma: float = math.nan
+    reason: str = ""  # why nothing was (or will be) recorded
+    maps: Optional[AttentionMaps] = None
+
+
+@dataclass
+class _Outcome:
+    run_id: int
+    maps: Optional[AttentionMaps]
+    reason: str
+    images: dict = field(default_factory=dict)  # fingerprint -> image index
+
+
+def latent_fingerprint(image_latent: torch.Tensor) -> str:
+    data = image_latent.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class AttentionRecorder:
+    """Records AnchorDiff's maps during sampling with a patched MODEL; one per "Record" node output.
+
+    Shared by every clone of the patched MODEL (ComfyUI deep-copies model options on clone).
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, concepts: ConceptSet, spec: RecordSpec, settings: RecordSettings, variant: str):
+        self.concepts = concepts
+        self.spec = spec
+        self.settings = settings
+        self.variant = variant
+        self.recorder_id = next(self._ids)
+        self._runs = itertools.count(1)
+        self._active: Optional[_Run] = None
+        self._outcomes: "OrderedDict[int, _Outcome]" = OrderedDict()
+        self._by_fingerprint: dict[str, int] = {}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def attach(self, model):
+        """A patched clone of `model` (the input MODEL stays untouched)."""
+        patched = model.clone()
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, self._outer_sample)
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY, self._apply_model)
+        return patched
+
+    # ---------------------------------------------------------------- one sampling run
+    def _outer_sample(self, executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+        guider = executor.class_obj
+        run = _Run(next(self._runs), [float(s) for s in sigmas.detach().cpu()], tuple(noise.shape[-2:]), int(noise.shape[0]))
+        self._choose_step(run, guider.model_patcher.get_model_object("model_sampling"))
+        self._active = run
+        try:
+            output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        finally:
+            self._active = None  # an interrupted run leaves nothing behind
+        self._file(run, output)
+        return output
+
+    def _choose_step(self, run: _Run, model_sampling) -> None:
+        steps = len(run.sigmas) - 1
+        if self.settings.record_step >= 0:
+            if self.settings.record_step >= steps:
+                run.reason = (
+                    f"the recording step {self.settings.record_step} never ran: the sampler ran {steps} step(s) "
+                    f"(0..{steps - 1}). Lower 'record_step' or set it to -1 to use 'record_at'."
+                )
+                return
+            run.target_step = self.settings.record_step
+        else:
+            # the first sampled step at or below the target noise level, if the run started above it
+            target = float(model_sampling.percent_to_sigma(self.settings.record_at))
+            tolerance = 1e-5 * max(1.0, target)
+            if steps == 0 or run.sigmas[0] < target - tolerance:
+                run.reason = (
+                    f"the recording point (record_at={self.settings.record_at:g}, sigma {target:.3f}) was never reached: "
+                    f"sampling started at sigma {run.sigmas[0]:.3f}. Raise denoise, or lower record_at / use record_step."
+                )
+                return
+            below = [i for i in range(steps) if run.sigmas[i] <= target + tolerance]
+            if not below:
+                run.reason = (
+                    f"the recording point (record_at={self.settings.record_at:g}, sigma {target:.3f}) was never reached: "
+                    f"the {steps} sampled step(s) end at sigma {run.sigmas[steps - 1]:.3f}. Use more steps, or record_step."
+                )
+                return
+            run.target_step = below[0]
+        run.target_sigma = run.sigmas[run.target_step]
+        run.reason = f"the sampler never evaluated the model at the recording step {run.target_step} (sigma {run.target_sigma:.4f})"
+
+    def _file(self, run: _Run, output: torch.Tensor) -> None:
+        outcome = _Outcome(run.run_id, run.maps, "" if run.maps is not None else run.reason)
+        for index in range(output.shape[0]):
+            fingerprint = latent_fingerprint(output[index])
+            outcome.images[fingerprint] = index
+            self._by_fingerprint[fingerprint] = run.run_id
+        self._outcomes[run.run_id] = outcome
+        while len(self._outcomes) > max(1, self.settings.keep_runs):
+            _, dropped = self._outcomes.popitem(last=False)
+            for fingerprint in dropped.images:
+                if self._by_fingerprint.get(fingerprint) == dropped.run_id:
+                    del self._by_fingerprint[fingerprint]
+
+    # ---------------------------------------------------------------- one model call
+    def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        run = self._active
+        if run is None or run.maps is not None or run.target_step is None:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        sigma = float(t.reshape(-1)[0])
+        if abs(sigma - run.target_sigma) > 1e-5 * max(1.0, run.target_sigma) or tuple(x.shape[-2:]) != run.latent_hw:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        rows, row_image = self._positive_rows(x.shape[0], transformer_options.get("cond_or_uncond"))
+        if rows is None:
+            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+        diffusion_model = executor.class_obj.diffusion_model
+        call = _Call(self, diffusion_model, rows.to(x.device), comfy.model_management.intermediate_device())
+        options = dict(transformer_options)
+        patches = dict(options.get("patches_replace", {}))
+        dit = dict(patches.get("dit", {}))
+        for index in range(len(diffusion_model.joint_blocks)):
+            call.previous[index] = dit.get(("double_block", index))
+            dit[("double_block", index)] = call.block_patch(index)
+        patches["dit"] = dit
+        options["patches_replace"] = patches
+        options[CALL_KEY] = call
+        output = executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
+        if call.problem:
+            log.warning("AnchorDiff: not recording this model call: %s", call.problem)
+            run.reason = call.problem
+            return output
+        h_lat, w_lat = run.latent_hw
+        run.maps = call.step.finish(
+            row_image,
+            run.batch,
+            grid=(math.ceil(h_lat / 2), math.ceil(w_lat / 2)),
+            image_size=(h_lat * PIXELS_PER_LATENT, w_lat * PIXELS_PER_LATENT),
+            sigma=run.target_sigma,
+            step=run.target_step,
+            meta={"id": uuid.uuid4().hex, "recorder": self.recorder_id, "run": run.run_id, "model": self.variant},
+        )
+        return output
+
+    def _positive_rows(self, rows_in_call: int, cond_or_uncond) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Rows of the positive (conditional) chunks and the image each belongs to."""
+        if not cond_or_uncond:
+            return None, None
+        chunk = rows_in_call // len(cond_or_uncond)
+        positive = [i for i, kind in enumerate(cond_or_uncond) if kind == 0]
+        if not positive or chunk == 0:
+            return None, None
+        rows = torch.tensor([c * chunk + j for c in positive for j in range(chunk)], dtype=torch.long)
+        return rows, torch.arange(chunk).repeat(len(positive))
+
+    # ---------------------------------------------------------------- consumers
+    def maps_for(self, samples: torch.Tensor) -> AttentionMaps:
+        """The maps recorded while the sampler produced `samples` (a LATENT's "samples")."""
+        if samples.dim() != 4:
+            raise AnchorDiffError(f"expected a LATENT batch [B, C, H, W]; got shape {tuple(samples.shape)}")
+        found = []
+        for index in range(samples.shape[0]):
+            run_id = self._by_fingerprint.get(latent_fingerprint(samples[index]))
+            if run_id is None:
+                if not self._outcomes:
+                    raise AnchorDiffError(
+                        "No sampling run has used this recorder's MODEL yet. Connect the MODEL output of "
+                        "'AnchorDiff Record Attention' to the sampler, and this node's 'latent' to that sampler's LATENT output."
+                    )
+                raise AnchorDiffError(
+                    "This LATENT was not produced by a sampler using this recorder's MODEL (or its maps were dropped: "
+                    f"only the last {self.settings.keep_runs} run(s) are kept). Connect the LATENT output of the sampler "
+                    "that used the recording MODEL, unmodified."
+                )
+            found.append((run_id, self._outcomes[run_id]))
+        runs = {run_id for run_id, _ in found}
+        if len(runs) > 1:
+            raise AnchorDiffError("The LATENT batch mixes images from different sampling runs; read their maps separately.")
+        outcome = found[0][1]
+        if outcome.maps is None:
+            raise AnchorDiffError(f"No maps were recorded in that sampling run: {outcome.reason}.")
+        indices = [outcome.images[latent_fingerprint(samples[i])] for i in range(samples.shape[0])]
+        if indices == list(range(outcome.maps.batch_size)):
+            return outcome.maps
+        return outcome.maps.select(indices)
+
+    def last_run_maps(self) -> AttentionMaps:
+        """Maps of the most recent finished run (used by the one-pass image node)."""
+        if not self._outcomes:
+            raise AnchorDiffError("the model was never run")
+        outcome = next(reversed(self._outcomes.values()))
+        if outcome.maps is None:
+            raise AnchorDiffError(f"No maps were recorded: {outcome.reason}.")
+        return outcome.maps
+
+
+class _Call:
+    """State of the one recording model call: the concept stream and the per-block recorder."""
+
+    def __init__(self, recorder: AttentionRecorder, diffusion_model: MMDiT, rows: torch.Tensor, store_device):
+        self.recorder = recorder
+        self.dm = diffusion_model
+        self.rows = rows
+        heads = diffusion_model.joint_blocks[0].x_block.attn.num_heads
+        self.step = StepRecorder(recorder.spec, heads, store_device)
+        self.previous: dict[int, Optional[callable]] = {}
+        self.concept_state: Optional[torch.Tensor] = None
+        self.problem = ""
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def block_patch(self, index: int):
+        def patch(args, extra):
+            original = extra["original_block"]
+            options = args["transformer_options"]
+            previous_override = options.get("optimized_attention_override")
+            captured = []
+
+            def capture(func, *a, **kw):
+                out = previous_override(func, *a, **kw) if previous_override is not None else func(*a, **kw)
+                if not captured:  # the block's first attention call is the joint one (MMDiT-X's attn2 follows)
+                    captured.append((a[0], a[1], a[2], out))
+                return out
+
+            inner = dict(args)
+            inner["transformer_options"] = {**options, "optimized_attention_override": capture}
+            previous = self.previous.get(index)
+            result = previous(inner, extra) if previous is not None else original(inner)
+            if not self.problem:
+                self._record(index, args, captured)
+            return result
+
+        return patch
+
+    def _record(self, index: int, args: dict, captured: list) -> None:
+        img, txt, vec = args["img"], args["txt"], args["vec"]
+        if not captured:
+            self.problem = f"joint block {index} ran no attention (another patch replaced or skipped it)"
+            return
+        q, k, v, out = (t.reshape(t.shape[0], t.shape[1], -1) for t in captured[0])  # mmdit keeps v as [B, L, H, d]
+        text_len, n = (txt.shape[1] if txt is not None else 0), img.shape[1]
+        if q.shape[1] != text_len + n:
+            self.problem = f"unexpected joint attention length {q.shape[1]} at block {index} (text {text_len} + image {n})"
+            return
+        rows = self.rows
+        block = self.dm.joint_blocks[index].context_block
+        if self.concept_state is None:
+            self.concept_state = self._initial_concepts(img.dtype, img.device, rows.numel())
+        (q_c, k_c, v_c), intermediates = block.pre_attention(self.concept_state, vec[rows])
+        v_c = v_c.reshape(v_c.shape[0], v_c.shape[1], -1)
+        o_c = self.step.record_block(
+            index,
+            q[rows, text_len:], k[rows, text_len:], v[rows, text_len:],
+            out[rows, text_len:], k[rows, :text_len],
+            q_c, k_c, v_c,
+        )
+        if not block.pre_only:
+            self.concept_state = block.post_attention(o_c.to(img.dtype), *intermediates)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def _initial_concepts(self, dtype, device, batch: int) -> torch.Tensor:
+        """Concept tokens through the model's context embedding, like the prompt's tokens."""
+        context = self.recorder.concepts.embeddings.to(device=device, dtype=dtype)[None]
+        if self.dm.context_processor is not None:
+            context = self.dm.context_processor(context)
+        context = self.dm.context_embedder(context)
+        return context.expand(batch, -1, -1).contiguous()

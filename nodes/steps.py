@@ -1,0 +1,175 @@
+"""The four named AnchorDiff steps: Anchor Select, Build Gated Graph, Propagate, Mask."""
+from __future__ import annotations
+
+import comfy.model_management
+from comfy_api.latest import io
+
+from ..anchordiff_core import pipeline
+from ..anchordiff_core.anchors import PIXELS_PER_TOKEN
+from . import preview
+from .common import CATEGORY, Anchors, Graph, Heat, Maps, check_image, heat_preview, parse_block_list, preview_ui, progress_callback
+from .sd3_patch import AnchorDiffError
+
+MANUAL_TIP = (
+    "Manual anchors, one per line: 'concept: x, y' in image pixels (concept name or number), e.g. 'cat: 512, 300'. "
+    "Click the preview to place one. Concepts not listed stay automatic. Clear to go back to automatic."
+)
+
+
+def _user_errors(call, *args, **kwargs):
+    """Core ValueErrors are already worded for users: re-raise them as AnchorDiff errors."""
+    try:
+        return call(*args, **kwargs)
+    except AnchorDiffError:
+        raise
+    except ValueError as error:
+        raise AnchorDiffError(str(error)) from None
+
+
+def _anchor_points(anchors: pipeline.Anchors):
+    """Per image, per concept: anchor centres in image pixels (for the preview markers)."""
+    _, w = anchors.maps.grid
+    size, half = PIXELS_PER_TOKEN, PIXELS_PER_TOKEN / 2
+    out = []
+    for indices in anchors.indices:
+        out.append([[((t % w) * size + half, (t // w) * size + half) for t in row.tolist() if t >= 0] for row in indices])
+    return out
+
+
+class AnchorDiffAnchorSelect(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AnchorDiffAnchorSelect",
+            display_name="Anchor Select",
+            category=CATEGORY,
+            description=(
+                "Pick each concept's anchor: the peak of its concept-to-image attention (the paper), several separated "
+                "peaks (multi-anchor), or points you place by clicking the preview."
+            ),
+            inputs=[
+                Maps.Input("maps", tooltip="From 'AnchorDiff Read Maps' or 'AnchorDiff Look At Image'."),
+                io.Int.Input("max_anchors", default=1, min=1, max=16, tooltip="1 = the paper's single argmax. More = several separated peaks per concept (several instances)."),
+                io.Float.Input("min_distance", default=8.0, min=0.0, max=256.0, step=0.5, tooltip="Multi-anchor: minimum distance between anchors, in tokens (16 px each)."),
+                io.Float.Input("min_relative_score", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Multi-anchor: a further anchor must score at least this fraction of the concept's peak."),
+                io.String.Input("manual_anchors", default="", multiline=True, tooltip=MANUAL_TIP),
+                io.Boolean.Input("exclude_last_block", default=False, tooltip="Average concept attention without the last (pre_only) block, whose text queries are never trained."),
+                io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview."),
+            ],
+            outputs=[Anchors.Output("anchors", tooltip="Anchors for 'Propagate'.")],
+        )
+
+    @classmethod
+    def execute(cls, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block, image=None) -> io.NodeOutput:
+        anchors = _user_errors(pipeline.pick_anchors, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block)
+        soft = pipeline.heat_masks(pipeline.anchor_heat(maps, exclude_last_block), soft=True)
+        image = check_image(image, maps.batch_size, maps.image_size)
+        ui = heat_preview(cls, soft, maps.concepts, maps.image_size, image, _anchor_points(anchors), anchors.manual)
+        return io.NodeOutput(anchors, ui=ui)
+
+
+class AnchorDiffBuildGatedGraph(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AnchorDiffBuildGatedGraph",
+            display_name="Build Gated Graph",
+            category=CATEGORY,
+            description="Build the sparse affinity graph: output-space similarity, gated by row-wise attention similarity (top 2%).",
+            inputs=[
+                Maps.Input("maps", tooltip="From 'AnchorDiff Read Maps' or 'AnchorDiff Look At Image'."),
+                io.Float.Input("gate_percentile", default=98.0, min=0.0, max=100.0, step=0.1, tooltip="Keep pairs whose attention-row similarity is above this percentile (98 = the paper's top 2%)."),
+                io.String.Input("layers", default="", tooltip="Recorded graph layers to average (e.g. '9' for one); empty = all recorded."),
+                io.Boolean.Input("gate", default=True, tooltip="Off = the paper's 'w/o gate' ablation (dense, leaks onto look-alikes; slow)."),
+            ],
+            outputs=[Graph.Output("graph", tooltip="Graph for 'Propagate'.")],
+        )
+
+    @classmethod
+    def execute(cls, maps, gate_percentile, layers, gate) -> io.NodeOutput:
+        chosen = parse_block_list(layers, maps, "layers")
+        graphs = _user_errors(
+            pipeline.build_graphs, maps, gate_percentile if gate else None, chosen,
+            comfy.model_management.get_torch_device(), progress_callback(maps.batch_size),
+        )
+        return io.NodeOutput(graphs)
+
+
+class AnchorDiffPropagate(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AnchorDiffPropagate",
+            display_name="Propagate",
+            category=CATEGORY,
+            description="Spread each anchor over the gated graph (all concepts at once) into a heat map per concept.",
+            inputs=[
+                Graph.Input("graph", tooltip="From 'Build Gated Graph'."),
+                Anchors.Input("anchors", tooltip="From 'Anchor Select' (same maps as the graph)."),
+                io.Int.Input("steps", default=160, min=0, max=10000, tooltip="Propagation steps (paper: 160; more spreads further and leaks more)."),
+            ],
+            outputs=[Heat.Output("heat", tooltip="Heat maps for 'Mask'.")],
+        )
+
+    @classmethod
+    def execute(cls, graph, anchors, steps) -> io.NodeOutput:
+        total = graph.maps.batch_size * max(steps, 1)
+        heat = _user_errors(pipeline.propagate_anchors, graph, anchors, steps, progress_callback(total))
+        soft = pipeline.heat_masks(heat, soft=True)
+        ui = heat_preview(cls, soft, heat.concepts, heat.image_size, None, _anchor_points(anchors), anchors.manual)
+        return io.NodeOutput(heat, ui=ui)
+
+
+class AnchorDiffMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AnchorDiffMask",
+            display_name="Mask",
+            category=CATEGORY,
+            description="Turn heat maps (AnchorDiff or a baseline) into ComfyUI MASKs at image resolution.",
+            inputs=[
+                Heat.Input("heat", tooltip="From 'Propagate' or a baseline node."),
+                io.String.Input("concept", default="", tooltip="Which concept: its name or number (1-based). Empty = all, as a batch (image-major: image 1's concepts, then image 2's...)."),
+                io.Combo.Input("threshold", options=["mean", "otsu", "fixed"], default="mean", tooltip="mean = the paper (above the map's mean); otsu = automatic two-class split; fixed = the value below."),
+                io.Float.Input("fixed_threshold", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Threshold for 'fixed' (heat is in 0..1)."),
+                io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview."),
+            ],
+            outputs=[
+                io.Mask.Output("mask", tooltip="Binary MASK [B, H, W], 1 = the concept."),
+                io.Mask.Output("soft_mask", tooltip="The heat map resized to the image, 0..1, for feathered edits."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, heat, concept, threshold, fixed_threshold, image=None) -> io.NodeOutput:
+        picked = _pick_concepts(heat, concept)
+        rule = fixed_threshold if threshold == "fixed" else threshold
+        masks = _user_errors(pipeline.heat_masks, heat, rule)  # [B, K, H, W]
+        soft = pipeline.heat_masks(heat, soft=True)
+        image = check_image(image, heat.values.shape[0], heat.image_size)
+        pictures = [
+            preview.mask_overlay(masks[b], heat.concepts, None if image is None else image[min(b, image.shape[0] - 1)])
+            for b in range(masks.shape[0])
+        ]
+        ui = preview_ui(cls, pictures, preview.layout(heat.concepts, heat.image_size, 1))
+        height, width = masks.shape[-2:]
+        return io.NodeOutput(
+            masks[:, picked].reshape(-1, height, width).contiguous(),
+            soft[:, picked].reshape(-1, height, width).contiguous(),
+            ui=ui,
+        )
+
+
+def _pick_concepts(heat: pipeline.Heat, concept: str) -> list[int]:
+    text = (concept or "").strip()
+    if not text:
+        return list(range(len(heat.concepts)))
+    if text.isdigit():
+        index = int(text) - 1
+        if not 0 <= index < len(heat.concepts):
+            raise AnchorDiffError(f"concept {text} does not exist: there are {len(heat.concepts)} concepts ({', '.join(heat.concepts)}).")
+        return [index]
+    if text not in heat.concepts:
+        raise AnchorDiffError(f"Unknown concept '{text}'; the recorded concepts are: {', '.join(heat.concepts)}.")
+    return [heat.concepts.index(text)]
