@@ -75,8 +75,8 @@ def _lerp(a: float, b: float, t: float) -> float:
 def percentile(values: torch.Tensor, q: float) -> float:
     """`numpy.percentile(values, q)` (method 'linear') of all entries, as a Python float.
 
-    Uses order statistics from `topk` on the smaller tail, so it works on tensors larger than
-    `torch.quantile` accepts (4096^2 entries) without sorting everything.
+    Exact order statistics without sorting or copying everything (4096^2 entries exceed
+    `torch.quantile`'s limit, and `topk` copies its input on the CPU): see `order_statistics`.
     """
     if not 0.0 <= q <= 100.0:
         raise ValueError(f"percentile must be within [0, 100]; got {q}")
@@ -87,16 +87,39 @@ def percentile(values: torch.Tensor, q: float) -> float:
     position = (m - 1) * (q / 100.0)
     lo = int(math.floor(position))
     hi = min(lo + 1, m - 1)
-    t = position - lo
-    if lo >= m // 2:
-        # the k largest values, descending: the last is order statistic `lo`
-        top = torch.topk(flat, m - lo, largest=True, sorted=True).values
-        v_lo = top[-1].item()
-        v_hi = top[-2].item() if hi > lo else v_lo
-    else:
-        bottom = torch.topk(flat, hi + 1, largest=False, sorted=True).values
-        v_lo, v_hi = bottom[lo].item(), bottom[hi].item()
-    return _lerp(v_lo, v_hi, t)
+    v_lo, v_hi = order_statistics(flat, lo, hi)
+    return _lerp(v_lo, v_hi, position - lo)
+
+
+def order_statistics(flat: torch.Tensor, lo: int, hi: int, max_candidates: int = 1 << 20) -> tuple[float, float]:
+    """Values of ascending ranks `lo` <= `hi` (0-based; hi <= lo + 1) of a 1-D tensor.
+
+    Narrows a value interval known to hold both ranks with histograms until few candidates are
+    left, then sorts only those.  Counts come from exact comparisons, never from the histogram's
+    own binning, so rounding at bin edges cannot shift a rank.  Memory: a few boolean masks.
+    """
+    low, high = flat.min().item(), flat.max().item()
+    below = 0  # entries strictly below `low`
+    bins = 4096
+    while True:
+        in_range = (flat >= low) & (flat <= high)
+        count = int(in_range.sum())
+        if count <= max_candidates or low == high:
+            candidates = flat[in_range].sort().values
+            return candidates[lo - below].item(), candidates[hi - below].item()
+        hist = torch.histc(flat, bins=bins, min=low, max=high)
+        cumulative = hist.cumsum(0)
+        first = int(torch.searchsorted(cumulative, torch.tensor(lo - below + 1, dtype=cumulative.dtype, device=cumulative.device)))
+        last = int(torch.searchsorted(cumulative, torch.tensor(hi - below + 1, dtype=cumulative.dtype, device=cumulative.device)))
+        width = (high - low) / bins
+        new_low = low + max(first - 1, 0) * width  # one bin of slack on each side for rounding
+        new_high = min(high, low + (min(last, bins - 1) + 2) * width)
+        new_below = below + int((flat[in_range] < new_low).sum()) if new_low > low else below
+        inside = int(((flat >= new_low) & (flat <= new_high)).sum())
+        if not (new_below <= lo and hi < new_below + inside) or (new_low, new_high) == (low, high):
+            candidates = flat[in_range].sort().values  # narrowing failed (heavy ties): sort the interval
+            return candidates[lo - below].item(), candidates[hi - below].item()
+        low, high, below = new_low, new_high, new_below
 
 
 def _largest_float32_at_most(x: float) -> torch.Tensor:
@@ -124,9 +147,10 @@ def build_gated_graph(a_ii: torch.Tensor, o_ii: torch.Tensor, gate_percentile: O
     o_ii = o_ii.to(a_ii.device)
 
     with exact_float32_matmul():
-        an = normalize_rows(a_ii)
-        buffer = an @ an.T  # W_attn
-        del an
+        # W_attn = (A A^T) / (|a_i| |a_j|), scaled in place: no normalised copy of A is made
+        buffer = a_ii @ a_ii.T
+        norms = a_ii.norm(dim=1).clamp_min(1e-12)
+        buffer.div_(norms[:, None]).div_(norms[None, :])
         if gate_percentile is None:
             tau = -math.inf
             gate = torch.ones(n, n, dtype=torch.bool, device=buffer.device)

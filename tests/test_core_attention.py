@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import anchordiff_core as ad
-from tests import reference_numpy as ref
+import reference_numpy as ref
 
 
 def qkv(b, n, heads, d, seed=0, dtype=torch.float32):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import anchordiff_core as ad
-from tests import reference_numpy as ref
+import reference_numpy as ref
 
 
 def random_inputs(n, d, seed, sharpness=3.0):

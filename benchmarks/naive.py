@@ -1,0 +1,28 @@
+"""Naive dense AnchorDiff (eqs. 8-13) in torch: the baseline the benchmarks compare against.
+
+Every matrix is a dense N x N float32 tensor, as a direct transcription would write it.
+"""
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def dense_transition(a_ii, o_ii, gate_percentile=98.0):
+    an = F.normalize(a_ii.float(), dim=1)
+    w_attn = an @ an.T
+    # torch.quantile refuses more than 16M entries (4096^2 is 16.8M): go through numpy
+    tau = float(np.percentile(w_attn.cpu().numpy(), gate_percentile))
+    gate = w_attn > tau
+    on = F.normalize(o_ii.float(), dim=1)
+    w = (on @ on.T).clamp_min(0) * gate
+    return w / w.sum(dim=1, keepdim=True)
+
+
+def dense_propagate(w_hat, anchors, steps=160):
+    s = torch.zeros(w_hat.shape[0], len(anchors), device=w_hat.device)
+    s[anchors, torch.arange(len(anchors))] = 1.0
+    for _ in range(steps):
+        s = w_hat.T @ s
+    s = s.T
+    lo, hi = s.min(1, keepdim=True).values, s.max(1, keepdim=True).values
+    return (s - lo) / (hi - lo)
