@@ -1,4 +1,12 @@
+import sys
+from pathlib import Path
+
 import pytest
+
+# Test helpers are imported as `fixtures.*` whether or not tests/ is a package.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
 
 
 @pytest.fixture(scope="session")
@@ -10,8 +18,8 @@ def comfy():
 
 @pytest.fixture(scope="session")
 def comfy_models_dir(tmp_path_factory, comfy):
-    """Session tmp models dir holding the tiny SD3 variants and the taesd3 fixture VAE,
-    registered first in ComfyUI's model folder lists."""
+    """Session tmp models dir holding the tiny SD3 variants (fixtures.tiny_sd3.VARIANTS)
+    and the taesd3 fixture VAE, registered first in ComfyUI's model folder lists."""
     from fixtures.comfy_base import populate_models_dir
     from fixtures.comfy_env import set_models_dir
     d = populate_models_dir(tmp_path_factory.mktemp("comfy_models"))
