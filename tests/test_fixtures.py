@@ -53,6 +53,9 @@ def test_tiny_model_loads_as_sd3(comfy_models_dir, name):
     assert info["is_sd3"] and info["model_class"] == "SD3"
     assert {k: info[k] for k in EXPECTED[name]} == EXPECTED[name]
     assert info["pos_embed_max_size"] == 96 and info["dtype"] == torch.float32
+    tiny_sd3.load_with_comfy(path, expect=VARIANTS[name])
+    with pytest.raises(AssertionError):
+        tiny_sd3.load_with_comfy(path, expect=tiny_sd3.TinySD3Config(depth=4))
 
     # The loader is strict=False: prove every tensor of the live model came from the file.
     from safetensors.torch import load_file
