@@ -94,30 +94,34 @@ def percentile(values: torch.Tensor, q: float) -> float:
 def order_statistics(flat: torch.Tensor, lo: int, hi: int, max_candidates: int = 1 << 20) -> tuple[float, float]:
     """Values of ascending ranks `lo` <= `hi` (0-based; hi <= lo + 1) of a 1-D tensor.
 
-    Narrows a value interval known to hold both ranks with histograms until few candidates are
-    left, then sorts only those.  Counts come from exact comparisons, never from the histogram's
-    own binning, so rounding at bin edges cannot shift a rank.  Memory: a few boolean masks.
+    Narrows a value interval [low, high] known to hold both ranks with histograms until few
+    candidates are left, then sorts only those.  Counts come from exact comparisons, never from
+    the histogram's own binning, so rounding at bin edges cannot shift a rank.  Extra memory: a
+    few boolean masks (a quarter of the input each).
     """
     low, high = flat.min().item(), flat.max().item()
-    below = 0  # entries strictly below `low`
+    below = 0  # number of entries strictly below `low`
     bins = 4096
+
+    def between(a: float, b: float) -> torch.Tensor:
+        return (flat >= a).logical_and_(flat <= b)
+
     while True:
-        in_range = (flat >= low) & (flat <= high)
-        count = int(in_range.sum())
-        if count <= max_candidates or low == high:
+        in_range = between(low, high)
+        if int(torch.count_nonzero(in_range)) <= max_candidates or low == high:
             candidates = flat[in_range].sort().values
             return candidates[lo - below].item(), candidates[hi - below].item()
-        hist = torch.histc(flat, bins=bins, min=low, max=high)
-        cumulative = hist.cumsum(0)
-        first = int(torch.searchsorted(cumulative, torch.tensor(lo - below + 1, dtype=cumulative.dtype, device=cumulative.device)))
-        last = int(torch.searchsorted(cumulative, torch.tensor(hi - below + 1, dtype=cumulative.dtype, device=cumulative.device)))
+        del in_range
+        cumulative = torch.histc(flat, bins=bins, min=low, max=high).cumsum(0)
+        ranks = torch.tensor([lo - below + 1, hi - below + 1], dtype=cumulative.dtype, device=cumulative.device)
+        first, last = (int(i) for i in torch.searchsorted(cumulative, ranks))
         width = (high - low) / bins
         new_low = low + max(first - 1, 0) * width  # one bin of slack on each side for rounding
         new_high = min(high, low + (min(last, bins - 1) + 2) * width)
-        new_below = below + int((flat[in_range] < new_low).sum()) if new_low > low else below
-        inside = int(((flat >= new_low) & (flat <= new_high)).sum())
+        new_below = int(torch.count_nonzero(flat < new_low))
+        inside = int(torch.count_nonzero(between(new_low, new_high)))
         if not (new_below <= lo and hi < new_below + inside) or (new_low, new_high) == (low, high):
-            candidates = flat[in_range].sort().values  # narrowing failed (heavy ties): sort the interval
+            candidates = flat[between(low, high)].sort().values  # heavy ties: sort the interval
             return candidates[lo - below].item(), candidates[hi - below].item()
         low, high, below = new_low, new_high, new_below
 
@@ -151,6 +155,7 @@ def build_gated_graph(a_ii: torch.Tensor, o_ii: torch.Tensor, gate_percentile: O
         buffer = a_ii @ a_ii.T
         norms = a_ii.norm(dim=1).clamp_min(1e-12)
         buffer.div_(norms[:, None]).div_(norms[None, :])
+        _symmetrize_(buffer)
         if gate_percentile is None:
             tau = -math.inf
             gate = torch.ones(n, n, dtype=torch.bool, device=buffer.device)
@@ -176,6 +181,21 @@ def build_gated_graph(a_ii: torch.Tensor, o_ii: torch.Tensor, gate_percentile: O
         row_sums[empty] = 1.0
     values = values / row_sums[rows]
     return GatedGraph(_transposed_csr(rows, cols, values, n), n, tau, int(values.numel()))
+
+
+def _symmetrize_(w: torch.Tensor, block: int = 1024) -> None:
+    """Make w exactly symmetric, in place, block by block.
+
+    W_attn is symmetric by definition, so its order statistics come in equal pairs and the 98th
+    percentile often falls exactly on one: strict `>` must then drop both copies.  Rounding in the
+    matmul can leave the copies an ulp apart; averaging them restores the exact symmetry.
+    """
+    n = w.shape[0]
+    for r in range(0, n, block):
+        for c in range(r, n, block):
+            mean = (w[r : r + block, c : c + block] + w[c : c + block, r : r + block].T) * 0.5
+            w[r : r + block, c : c + block] = mean
+            w[c : c + block, r : r + block] = mean.T
 
 
 def _transposed_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:

@@ -33,13 +33,16 @@ def propagate(
     if steps < 0:
         raise ValueError(f"steps must be >= 0; got {steps}")
     seeds = anchor_seeds(anchors, graph.num_nodes, device=graph.device)
-    state = seeds.T.contiguous()
+    single = seeds.shape[0] == 1
+    # one concept: a sparse matrix-vector product (its own, 2-3x faster kernel); else [N, K]
+    state = seeds[0].clone() if single else seeds.T.contiguous()
+    step_once = (lambda s: torch.mv(graph.transition_t, s)) if single else (lambda s: graph.transition_t @ s)
     with _flush_denormals(graph.device):
         for step in range(steps):
-            state = graph.transition_t @ state
+            state = step_once(state)
             if callback is not None and ((step + 1) % callback_every == 0 or step + 1 == steps):
                 callback(step + 1, steps)
-    return minmax_rows(state.T)
+    return minmax_rows(state[None] if single else state.T)
 
 
 @contextlib.contextmanager

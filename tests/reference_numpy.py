@@ -15,6 +15,7 @@ def cosine_rows(x):
 
 def gated_transition(a_ii, o_ii, gate_percentile=98.0):
     w_attn = cosine_rows(a_ii)                      # eq. 8
+    w_attn = (w_attn + w_attn.T) / 2                # symmetric by definition: exactly so
     if gate_percentile is None:                     # the "w/o gate" ablation
         tau, gate = -np.inf, np.ones_like(w_attn)
     else:

@@ -221,3 +221,12 @@ def test_minmax_of_constant_rows_is_zero_not_nan():
     out = ad.minmax_rows(torch.tensor([[2.0, 2.0, 2.0], [0.0, 1.0, 3.0]]))
     assert torch.equal(out[0], torch.zeros(3))
     torch.testing.assert_close(out[1], torch.tensor([0.0, 1 / 3, 1.0]))
+
+
+def test_gate_is_symmetric_even_when_tau_falls_on_a_pair():
+    # W_attn is symmetric, so the 98th percentile often equals a pair of entries exactly:
+    # strict '>' must drop both copies, never just one because of rounding.
+    for seed in range(5):
+        a, o = random_inputs(144, 16, seed=seed)
+        pattern = ad.build_gated_graph(a, o).transition_t.to_dense() > 0
+        assert torch.equal(pattern, pattern.T), seed
