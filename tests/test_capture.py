@@ -1,0 +1,345 @@
+"""Attention capture inside a real (vendored) ComfyUI, with tiny SD3 models built at test time.
+
+Checks the recording patch against an independent implementation (diffusers), that it never
+changes the image, the CFG / batch / odd-size layouts, stale-map protection, the errors users
+see, and the whole node chain through ComfyUI's own executor.
+"""
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANT_NAMES = ["tiny_sd3", "tiny_sd35", "tiny_sd35m"]
+
+
+@pytest.fixture(scope="module")
+def env(comfy, comfy_models_dir):
+    from fixtures import comfy_env
+    from fixtures.comfy_base import TEST_NODES_DIR
+
+    nodes = comfy_env.get_nodes(extras=True)
+    assert comfy_env.load_custom_node_pack(REPO), "our pack failed to load in ComfyUI"
+    assert comfy_env.load_custom_node_pack(TEST_NODES_DIR)
+    pack = sys.modules[str(REPO).replace(".", "_x_")]
+    from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
+
+    clip = make_fixture_clip()
+    ns = types.SimpleNamespace(nodes=nodes, pack=pack, clip=clip, models=comfy_models_dir, N=nodes.NODE_CLASS_MAPPINGS)
+    ns.pos = nodes.CLIPTextEncode().encode(clip, "a cat next to a dog")[0]
+    ns.neg = nodes.CLIPTextEncode().encode(clip, "blurry")[0]
+    return ns
+
+
+def load_model(env, name="tiny_sd3"):
+    from fixtures.tiny_sd3 import VARIANTS, load_with_comfy
+
+    return load_with_comfy(env.models / "diffusion_models" / f"{name}.safetensors", expect=VARIANTS[name])
+
+
+def run(env, node_id, *args, **kwargs):
+    """Execute one of our nodes directly; returns its outputs (tuple)."""
+    return env.N[node_id].execute(*args, **kwargs).args
+
+
+def concepts(env, text="cat, dog"):
+    return run(env, "AnchorDiffConcepts", env.clip, text)[0]
+
+
+def record(env, model, concept_set, record_at=0.5, record_step=-1, graph_layers="", seg4diff_layer=-1, keep_runs=2):
+    return run(env, "AnchorDiffRecordAttention", model, concept_set, record_at, record_step, graph_layers, seg4diff_layer, keep_runs)
+
+
+def sample(env, model, seed=0, steps=4, cfg=3.0, size=(32, 32), batch=1, negative=None, denoise=1.0, latent=None, callback=None):
+    import comfy.sample
+    import comfy.samplers
+
+    latent = latent if latent is not None else torch.zeros(batch, 16, *size)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    samples = comfy.sample.sample(
+        model, noise, steps, cfg, "euler", "simple", env.pos, negative if negative is not None else env.neg,
+        latent, denoise=denoise, callback=callback, disable_pbar=True, seed=seed,
+    )
+    return {"samples": samples}
+
+
+def read_maps(env, recorder, latent):
+    return run(env, "AnchorDiffReadMaps", recorder, latent)[0]
+
+
+def assert_maps_close(a, b, atol=1e-4):
+    for name in ("a_ci", "ca_scores", "a_ii", "o_ii", "seg4diff"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.shape == y.shape, name
+        torch.testing.assert_close(x, y, atol=atol, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------ independent cross-check
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_recorded_maps_equal_an_independent_diffusers_capture(env, variant):
+    import comfy.sample
+    from fixtures.tiny_sd3 import VARIANTS, build_diffusers
+
+    sys.path.insert(0, str(REPO))
+    from anchordiff_core.diffusers_sd3 import DiffusersSD3Recorder
+
+    model = load_model(env, variant)
+    cs = concepts(env, "cat, red car")
+    depth = VARIANTS[variant].depth
+    layers = f"0, {depth - 1}"
+    latent = {"samples": torch.randn(1, 16, 16, 24, generator=torch.Generator().manual_seed(1))}
+    maps = run(env, "AnchorDiffLookAtImage", model, cs, env.pos, latent, 7, 0.5, layers, 1)[0]
+    # the same noisy latent, timestep and conditioning, through diffusers' own SD3 implementation
+    sigma = maps.sigma
+    noise = comfy.sample.prepare_noise(latent["samples"], 7)
+    x = sigma * noise + (1 - sigma) * model.model.process_latent_in(latent["samples"])
+    reference = DiffusersSD3Recorder(build_diffusers(VARIANTS[variant]), cs, graph_layers=(0, depth - 1), seg4diff_layer=1)
+    expected = reference.record(x, torch.tensor([sigma * 1000.0]), env.pos[0][0], env.pos[0][1]["pooled_output"])
+    assert maps.a_ci.shape == (1, depth, 2, 8 * 12) and maps.a_ii.shape == (1, 2, 96, 96)
+    assert_maps_close(maps, expected, atol=1e-4)
+    # not trivially equal: the two concepts and two layers differ
+    assert (maps.a_ci[0, :, 0] - maps.a_ci[0, :, 1]).abs().max() > 1e-3
+    assert (maps.a_ii[0, 0] - maps.a_ii[0, 1]).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------ the image is unchanged
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_patched_model_denoises_exactly_like_the_original(env, variant):
+    model = load_model(env, variant)
+    patched, recorder = record(env, model, concepts(env), record_step=2)
+    seen = {"patched": [], "plain": []}
+
+    def keep(where):
+        return lambda step, x0, x, total: seen[where].append(x0.clone())
+
+    out_p = sample(env, patched, seed=3, steps=4, callback=keep("patched"))
+    out_u = sample(env, model, seed=3, steps=4, callback=keep("plain"))
+    assert len(seen["patched"]) == 4
+    for step, (a, b) in enumerate(zip(seen["patched"], seen["plain"])):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=f"denoised output differs at step {step}")
+    torch.testing.assert_close(out_p["samples"], out_u["samples"], atol=1e-6, rtol=0)
+    maps = read_maps(env, recorder, out_p)
+    assert maps.step == 2  # the recording step ran, and still nothing changed
+
+
+def test_input_model_stays_untouched(env):
+    model = load_model(env)
+    patched, _ = record(env, model, concepts(env))
+    assert patched is not model
+    assert not model.wrappers, "the input MODEL must not carry our wrappers"
+
+
+# ------------------------------------------------------------------ CFG, batch, sizes
+def test_cfg_layouts_record_the_same_positive_maps(env):
+    model = load_model(env)
+    cs = concepts(env)
+    # step 0 sees the same noisy latent whatever the guidance, so maps are comparable
+    long_negative = env.nodes.CLIPTextEncode().encode(env.clip, ", ".join(["ugly blurry"] * 40))[0]
+    assert long_negative[0][0].shape[1] != env.pos[0][0].shape[1]  # forces separate cond/uncond calls
+    results = {}
+    for name, cfg, negative in (("batched", 3.0, env.neg), ("separate", 3.0, long_negative), ("cfg1", 1.0, env.neg)):
+        patched, recorder = record(env, model, cs, record_step=0)
+        results[name] = read_maps(env, recorder, sample(env, patched, seed=5, steps=3, cfg=cfg, negative=negative))
+    assert_maps_close(results["batched"], results["separate"], atol=1e-5)
+    assert_maps_close(results["batched"], results["cfg1"], atol=1e-5)
+
+
+def test_batch_of_two_records_one_set_of_maps_per_image(env):
+    import comfy.sample
+
+    model = load_model(env)
+    cs = concepts(env)
+    patched, recorder = record(env, model, cs, record_step=1)
+    both = sample(env, patched, seed=11, batch=2)
+    maps = read_maps(env, recorder, both)
+    assert maps.batch_size == 2
+    assert (maps.a_ii[0] - maps.a_ii[1]).abs().max() > 1e-4  # different images, different maps
+    # the second image alone (its own noise) records the same maps as in the batch
+    noise = comfy.sample.prepare_noise(torch.zeros(2, 16, 32, 32), 11)[1:]
+    alone = comfy.sample.sample(patched, noise, 4, 3.0, "euler", "simple", env.pos, env.neg, torch.zeros(1, 16, 32, 32), disable_pbar=True)
+    single = read_maps(env, recorder, {"samples": alone})
+    assert_maps_close(single, maps.select([1]), atol=1e-5)
+    # a LATENT holding only image 2 of the batch (LatentFromBatch) reads image 2's maps
+    second = env.nodes.LatentFromBatch().frombatch(both, 1, 1)[0]
+    assert_maps_close(read_maps(env, recorder, second), maps.select([1]), atol=0)
+
+
+def test_odd_latent_and_non_square_image(env):
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env))
+    latent = sample(env, patched, size=(33, 25))  # 264 x 200 px: padded to 34 x 26 latent
+    maps = read_maps(env, recorder, latent)
+    assert maps.grid == (17, 13) and maps.image_size == (264, 200)
+    anchors = run(env, "AnchorDiffAnchorSelect", maps, 1, 8.0, 0.5, "dog: 199, 263", False)[0]
+    assert anchors.indices[0][1, 0].item() == 16 * 13 + 12  # bottom-right token
+    graph = run(env, "AnchorDiffBuildGatedGraph", maps, 98.0, "", True)[0]
+    heat = run(env, "AnchorDiffPropagate", graph, anchors, 40)[0]
+    mask, soft = run(env, "AnchorDiffMask", heat, "", "mean", 0.5)
+    assert mask.shape == (2, 264, 200) and soft.shape == (2, 264, 200)
+
+
+# ------------------------------------------------------------------ stale maps, step selection
+def test_maps_always_belong_to_the_latent_they_are_read_with(env):
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env), keep_runs=2)
+    first = sample(env, patched, seed=1)
+    maps_first = read_maps(env, recorder, first)
+    second = sample(env, patched, seed=2)
+    maps_second = read_maps(env, recorder, second)
+    assert (maps_first.a_ii - maps_second.a_ii).abs().max() > 1e-4
+    assert read_maps(env, recorder, first) is maps_first  # still held, and still its own
+    sample(env, patched, seed=3)  # a third run pushes the first out (keep_runs=2)
+    with pytest.raises(ValueError, match="only the last 2 run"):
+        read_maps(env, recorder, first)
+    with pytest.raises(ValueError, match="not produced by a sampler using this recorder"):
+        read_maps(env, recorder, {"samples": torch.zeros(1, 16, 32, 32)})
+    _, fresh = record(env, model, concepts(env))
+    with pytest.raises(ValueError, match="No sampling run has used"):
+        read_maps(env, fresh, second)
+
+
+def test_recording_step_that_never_ran_is_reported(env):
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env), record_step=10)
+    latent = sample(env, patched, steps=4)
+    with pytest.raises(ValueError, match="recording step 10 never ran: the sampler ran 4 step"):
+        read_maps(env, recorder, latent)
+    patched, recorder = record(env, model, concepts(env), record_at=0.5)
+    latent = sample(env, patched, steps=4, denoise=0.3, latent=torch.randn(1, 16, 32, 32))
+    with pytest.raises(ValueError, match="never reached: sampling started at sigma"):
+        read_maps(env, recorder, latent)
+    patched, recorder = record(env, model, concepts(env), record_at=0.5)
+    with pytest.raises(ValueError, match="never reached"):
+        read_maps(env, recorder, sample(env, patched, steps=1))
+
+
+def test_default_recording_step_is_the_middle_of_the_trajectory(env):
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env))
+    maps = read_maps(env, recorder, sample(env, patched, steps=8))
+    assert maps.step == 4 and maps.sigma == pytest.approx(0.75, abs=1e-4)  # SD3 shift 3: t=0.5 -> 0.75
+
+
+def test_interrupted_run_leaves_no_maps_and_the_next_run_works(env):
+    import comfy.model_management
+
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env), record_step=1)
+
+    def interrupt(step, x0, x, total):
+        if step == 2:
+            raise comfy.model_management.InterruptProcessingException()
+
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        sample(env, patched, seed=4, callback=interrupt)
+    assert recorder._active is None and not recorder._outcomes
+    maps = read_maps(env, recorder, sample(env, patched, seed=4))
+    assert maps.step == 1
+
+
+# ------------------------------------------------------------------ errors users see
+def test_clear_errors(env):
+    model = load_model(env)
+    cs = concepts(env)
+    not_sd3 = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
+    with pytest.raises(ValueError, match="needs an SD3 / SD3.5 model .* is SimpleNamespace \\(Linear\\)"):
+        record(env, not_sd3, cs)
+    with pytest.raises(ValueError, match="No concepts given"):
+        concepts(env, " , \n ")
+    with pytest.raises(ValueError, match="'<\\|endoftext\\|>' tokenises to nothing"):
+        concepts(env, "cat, <|endoftext|>")
+    with pytest.raises(ValueError, match="at most 32"):
+        concepts(env, ", ".join(f"thing{i}" for i in range(33)))
+    with pytest.raises(ValueError, match="too long for one CLIP window"):
+        concepts(env, ", ".join(f"a very long winded concept number {i}" for i in range(12)))
+    with pytest.raises(ValueError, match="listed twice"):
+        concepts(env, "cat, dog, cat")
+    with pytest.raises(ValueError, match="out of range: this .* has 2 joint blocks"):
+        record(env, model, cs, graph_layers="0, 5")
+    with pytest.raises(ValueError, match="seg4diff_layer 9 out of range"):
+        record(env, model, cs, seg4diff_layer=9)
+    with pytest.raises(ValueError, match="not SD3's"):
+        run(env, "AnchorDiffConcepts", types.SimpleNamespace(tokenize=lambda text: {"l": [[(1, 1.0)]]}), "cat")
+
+    patched, recorder = record(env, model, cs)
+    maps = read_maps(env, recorder, sample(env, patched))
+    other = read_maps(env, recorder, sample(env, patched, seed=9))
+    anchors = run(env, "AnchorDiffAnchorSelect", maps, 1, 8.0, 0.5, "", False)[0]
+    graph = run(env, "AnchorDiffBuildGatedGraph", other, 98.0, "", True)[0]
+    with pytest.raises(ValueError, match="different recordings"):
+        run(env, "AnchorDiffPropagate", graph, anchors, 10)
+    with pytest.raises(ValueError, match="layers \\[5\\] out of range: the recorded model has 2 joint blocks"):
+        run(env, "AnchorDiffBuildGatedGraph", maps, 98.0, "0, 1, 5", True)
+    deeper, deeper_recorder = record(env, load_model(env, "tiny_sd35m"), cs)  # 3 blocks, records 1 and 2
+    deeper_maps = read_maps(env, deeper_recorder, sample(env, deeper))
+    with pytest.raises(ValueError, match="graph layer\\(s\\) \\[0\\] were not recorded; the recording has \\[1, 2\\]"):
+        run(env, "AnchorDiffBuildGatedGraph", deeper_maps, 98.0, "0", True)
+    with pytest.raises(ValueError, match="unknown concept 'bird'"):
+        run(env, "AnchorDiffAnchorSelect", maps, 1, 8.0, 0.5, "bird: 3, 4", False)
+    with pytest.raises(ValueError, match="outside the 256x256 image"):
+        run(env, "AnchorDiffAnchorSelect", maps, 1, 8.0, 0.5, "cat: 300, 4", False)
+    heat = run(env, "AnchorDiffPropagate", run(env, "AnchorDiffBuildGatedGraph", maps, 98.0, "", True)[0], anchors, 10)[0]
+    with pytest.raises(ValueError, match="Unknown concept 'bird'"):
+        run(env, "AnchorDiffMask", heat, "bird", "mean", 0.5)
+    with pytest.raises(ValueError, match="does not match the 1 recorded image"):
+        run(env, "AnchorDiffMask", heat, "", "mean", 0.5, torch.zeros(3, 64, 64, 3))
+    with pytest.raises(ValueError, match="mixes images from different sampling runs"):
+        mixed = torch.cat([sample(env, patched, seed=21)["samples"], sample(env, patched, seed=22)["samples"]])
+        read_maps(env, recorder, {"samples": mixed})
+
+
+# ------------------------------------------------------------------ the chain, executed by ComfyUI
+class _Server:
+    client_id = None
+    last_node_id = None
+
+    def __init__(self):
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+def chain_prompt(seed, concepts_text="cat, dog"):
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "AnchorDiffTestCLIP", "inputs": {"t5": False}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a cat next to a dog"}},
+        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": ""}},
+        "5": {"class_type": "AnchorDiffConcepts", "inputs": {"clip": ["2", 0], "concepts": concepts_text}},
+        "6": {"class_type": "AnchorDiffRecordAttention", "inputs": {
+            "model": ["1", 0], "concepts": ["5", 0], "record_at": 0.5, "record_step": -1,
+            "graph_layers": "", "seg4diff_layer": -1, "keep_runs": 2}},
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "seed": seed, "steps": 4, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["7", 0], "denoise": 1.0}},
+        "9": {"class_type": "AnchorDiffReadMaps", "inputs": {"recorder": ["6", 1], "latent": ["8", 0]}},
+        "10": {"class_type": "AnchorDiffAnchorSelect", "inputs": {
+            "maps": ["9", 0], "max_anchors": 1, "min_distance": 8.0, "min_relative_score": 0.5,
+            "manual_anchors": "", "exclude_last_block": False}},
+        "11": {"class_type": "AnchorDiffBuildGatedGraph", "inputs": {"maps": ["9", 0], "gate_percentile": 98.0, "layers": "", "gate": True}},
+        "12": {"class_type": "AnchorDiffPropagate", "inputs": {"graph": ["11", 0], "anchors": ["10", 0], "steps": 160}},
+        "13": {"class_type": "AnchorDiffMask", "inputs": {"heat": ["12", 0], "concept": "", "threshold": "mean", "fixed_threshold": 0.5}},
+    }
+
+
+def test_whole_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
+    import execution
+
+    executor = execution.PromptExecutor(_Server(), cache_args={"ram": 16.0, "lru": 0})
+
+    def masks(seed):
+        executor.execute(chain_prompt(seed), f"p{seed}", {}, ["13"])
+        assert executor.success, executor.status_messages
+        return executor.caches.outputs.get("13").outputs[0][0]
+
+    first = masks(1)
+    assert first.shape == (2, 256, 256) and first.dtype == torch.float32
+    assert set(first.unique().tolist()) <= {0.0, 1.0} and 0 < first.mean() < 1
+    assert not torch.equal(first[0], first[1])  # one mask per concept
+    second = masks(2)  # ComfyUI re-runs the sampler; the cached recorder must serve the new run
+    assert not torch.equal(first, second)
+    assert torch.equal(masks(1), first)  # and the first seed again gives the first masks
