@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_BYTES = 128 * 2**20
+DEFAULT_CHUNK_BYTES = 64 * 2**20  # per chunk of attention probabilities; bounds the recording's extra memory
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -39,31 +39,51 @@ def image_self_attention(
     max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     out_a: Optional[torch.Tensor] = None,
     out_o: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    extra_keys: Optional[torch.Tensor] = None,
+    extra_columns: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """A_II and O_II of the paper (eqs. 3-4) from image-token q, k, v [B, N, H*d].
 
     A = mean over heads of softmax(q_h k_h^T / sqrt(d)) with the softmax over image keys only
     -> [B, N, N];  O = A_h v_h per head, heads concatenated -> [B, N, H*d].
     `out_a` / `out_o` (float32, any device) receive the results chunk by chunk, so a result held
     elsewhere (CPU) never exists twice.
+
+    With `extra_keys` [B, M, H*d] it also returns, per image query, the head-averaged probability
+    on `extra_columns` (indices into the extra keys) of a softmax over [image keys; extra keys]
+    -> [B, N, len(extra_columns)]: Seg4Diff's map, read from the same image scores.
     """
     qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))
     b, _, n, d = qh.shape
-    scale = d**-0.5
+    qh = qh * d**-0.5  # scale the small queries, not the big scores
     a_mean = torch.empty(b, n, n, dtype=torch.float32, device=q.device) if out_a is None else out_a
     out = torch.empty(b, n, heads * d, dtype=torch.float32, device=q.device) if out_o is None else out_o
     if a_mean.shape != (b, n, n) or out.shape != (b, n, heads * d):
         raise ValueError("out_a / out_o have the wrong shape")
+    extra = None
+    if extra_keys is not None:
+        eh = split_heads(extra_keys, heads)
+        columns = extra_columns.to(q.device)
+        extra = torch.empty(b, n, columns.numel(), dtype=torch.float32, device=q.device)
     rows = _rows_per_chunk(heads, n, max_chunk_bytes)
     for i in range(b):
         keys_t = kh[i].transpose(1, 2)
         for start in range(0, n, rows):
             stop = min(start + rows, n)
-            probs = _softmax_(torch.matmul(qh[i, :, start:stop], keys_t).mul_(scale))  # [H, c, N]
-            a_mean[i, start:stop] = probs.mean(dim=0)
-            out[i, start:stop] = torch.matmul(probs, vh[i]).transpose(0, 1).reshape(stop - start, heads * d)
-            del probs
-    return a_mean, out
+            scores = torch.matmul(qh[i, :, start:stop], keys_t)  # [H, c, N]
+            peak = scores.amax(dim=-1, keepdim=True)
+            weights = scores.sub_(peak).exp_()  # unnormalised probabilities, in place
+            total = weights.sum(dim=-1, keepdim=True)  # [H, c, 1]
+            # normalise the small results, not the [H, c, N] weights
+            a_mean[i, start:stop] = torch.einsum("hc,hcn->cn", (1.0 / (heads * total))[..., 0], weights)
+            out[i, start:stop] = (torch.matmul(weights, vh[i]) / total).transpose(0, 1).reshape(stop - start, heads * d)
+            if extra is not None:
+                extra_scores = torch.matmul(qh[i, :, start:stop], eh[i].transpose(1, 2))  # [H, c, M]
+                shift = torch.maximum(peak, extra_scores.amax(dim=-1, keepdim=True))
+                joint_total = total * torch.exp(peak - shift) + torch.exp(extra_scores - shift).sum(dim=-1, keepdim=True)
+                extra[i, start:stop] = (torch.exp(extra_scores[..., columns] - shift) / joint_total).mean(dim=0)
+            del scores, weights
+    return a_mean, out, extra
 
 
 def query_key_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:

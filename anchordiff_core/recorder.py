@@ -81,6 +81,11 @@ class StepRecorder:
         # ConceptAttention's one-directional attention: concepts see image and concept keys
         o_c = attention(q_c, torch.cat([k_img, k_c], 1), torch.cat([v_img, v_c], 1), heads)
         self.ca_scores[block] = self._store(concept_attention_scores(img_out, o_c, groups, k))
+        seg_here = block == spec.seg4diff_layer
+        if seg_here:
+            # image queries over the joint keys with the concept tokens appended to the prompt
+            extra_keys = torch.cat([k_txt, k_c], 1)
+            columns = torch.arange(k_txt.shape[1], extra_keys.shape[1], device=extra_keys.device)
         if block in spec.graph_layers:
             b, n, width = q_img.shape
             if self.a_ii is None:
@@ -88,20 +93,21 @@ class StepRecorder:
                 self.a_ii = torch.empty(b, len(spec.graph_layers), n, n, dtype=torch.float32, device=device)
                 self.o_ii = torch.empty(b, len(spec.graph_layers), n, width, dtype=torch.float32, device=device)
             slot = spec.graph_layers.index(block)
+            seg_args = (extra_keys, columns) if seg_here else (None, None)
             if self.a_ii.device == q_img.device:
-                image_self_attention(q_img, k_img, v_img, heads, spec.max_chunk_bytes, self.a_ii[:, slot], self.o_ii[:, slot])
+                _, _, per_token = image_self_attention(
+                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, self.a_ii[:, slot], self.o_ii[:, slot], *seg_args
+                )
             else:
-                a, o = image_self_attention(q_img, k_img, v_img, heads, spec.max_chunk_bytes)
+                a, o, per_token = image_self_attention(q_img, k_img, v_img, heads, spec.max_chunk_bytes, None, None, *seg_args)
                 self.a_ii[:, slot].copy_(a)
                 self.o_ii[:, slot].copy_(o)
                 del a, o
             self.graph_done.add(block)
-        if block == spec.seg4diff_layer:
-            # image queries over the joint keys with the concept tokens appended to the prompt
-            keys = torch.cat([k_txt, k_img, k_c], 1)
-            first = k_txt.shape[1] + k_img.shape[1]
-            columns = torch.arange(first, first + k_c.shape[1], device=keys.device)
-            per_token = key_column_attention(q_img, keys, columns, heads, spec.max_chunk_bytes)  # [B, N, T]
+        elif seg_here:
+            keys = torch.cat([k_img, extra_keys], 1)
+            per_token = key_column_attention(q_img, keys, columns + k_img.shape[1], heads, spec.max_chunk_bytes)
+        if seg_here:  # per_token [B, N, T] -> per concept [B, K, N]
             self.seg4diff = self._store(group_mean(per_token, groups, k, dim=2).transpose(1, 2).contiguous())
         return o_c
 

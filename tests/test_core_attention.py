@@ -15,7 +15,8 @@ def qkv(b, n, heads, d, seed=0, dtype=torch.float32):
 @pytest.mark.parametrize("chunk_bytes", [1, 3 * 37 * 4 * 5, 1 << 30])
 def test_chunked_image_attention_equals_naive(chunk_bytes):
     q, k, v = qkv(2, 37, 3, 8)
-    a, o = ad.image_self_attention(q, k, v, heads=3, max_chunk_bytes=chunk_bytes)
+    a, o, extra = ad.image_self_attention(q, k, v, heads=3, max_chunk_bytes=chunk_bytes)
+    assert extra is None
     a_ref, o_ref = ref.head_averaged_attention(q.numpy(), k.numpy(), v.numpy(), 3)
     assert a.shape == (2, 37, 37) and o.shape == (2, 37, 24) and a.dtype == torch.float32
     np.testing.assert_allclose(a.numpy(), a_ref, atol=1e-6)
@@ -25,11 +26,23 @@ def test_chunked_image_attention_equals_naive(chunk_bytes):
 
 def test_image_attention_from_half_precision_inputs():
     q, k, v = qkv(1, 20, 2, 8, dtype=torch.bfloat16)
-    a, o = ad.image_self_attention(q, k, v, heads=2)
+    a, o, _ = ad.image_self_attention(q, k, v, heads=2)
     a_ref, o_ref = ref.head_averaged_attention(q.float().numpy(), k.float().numpy(), v.float().numpy(), 2)
     assert a.dtype == torch.float32
     np.testing.assert_allclose(a.numpy(), a_ref, atol=1e-6)
     np.testing.assert_allclose(o.numpy(), o_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_bytes", [3 * 37 * 4 * 5, 1 << 30])
+def test_extra_key_columns_read_from_the_same_scores(chunk_bytes):
+    q, k, v = qkv(2, 37, 3, 8, seed=6)
+    extra = qkv(2, 9, 3, 8, seed=7)[1] * 4  # larger logits than the image keys: exercises the shift
+    columns = torch.tensor([6, 7, 8])
+    a, o, got = ad.image_self_attention(q, k, v, 3, chunk_bytes, extra_keys=extra, extra_columns=columns)
+    expected = ad.key_column_attention(q, torch.cat([k, extra], 1), columns + 37, heads=3)
+    torch.testing.assert_close(got, expected)
+    a_ref, _ = ref.head_averaged_attention(q.numpy(), k.numpy(), v.numpy(), 3)
+    np.testing.assert_allclose(a.numpy(), a_ref, atol=1e-6)
 
 
 def test_query_key_attention_is_head_mean_of_softmax():
