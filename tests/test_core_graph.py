@@ -5,6 +5,7 @@ import torch
 
 import anchordiff_core as ad
 import reference_numpy as ref
+from synthetic import look_alike_scene
 
 
 def random_inputs(n, d, seed, sharpness=3.0):
@@ -104,30 +105,6 @@ def test_gate_uses_strict_inequality_at_tau():
 
 
 # ---------------------------------------------------------------- synthetic look-alike scene
-def look_alike_scene(h=16, w=16, d=32, seed=0):
-    """Two look-alike objects A and B on a background.
-
-    O_II: A and B share one feature direction (raw output similarity links them); background has
-    another.  A_II: each token attends to nearby tokens of its OWN region only, so rows of A and
-    rows of B have disjoint supports (row-wise attention does not link them).
-    """
-    g = torch.Generator().manual_seed(seed)
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-    region = torch.zeros(h, w, dtype=torch.long)
-    region[2:7, 2:7] = 1  # A
-    region[9:14, 9:14] = 2  # B (same size and look)
-    region = region.flatten()
-    pos = torch.stack([ys.flatten(), xs.flatten()], 1).float()
-    dist2 = torch.cdist(pos, pos) ** 2
-    same = region[:, None] == region[None, :]
-    logits = -dist2 / 4.0 + torch.randn(h * w, h * w, generator=g) * 0.1
-    logits = logits.masked_fill(~same, -1e4)
-    a_ii = torch.softmax(logits, dim=1)
-    obj, bg = torch.randn(d, generator=g), torch.randn(d, generator=g)
-    o_ii = torch.where((region > 0)[:, None], obj, bg) + 0.3 * torch.randn(h * w, d, generator=g)
-    return a_ii, o_ii, region
-
-
 def test_gate_confines_propagation_to_the_anchored_object():
     a_ii, o_ii, region = look_alike_scene()
     is_a, is_b = region == 1, region == 2
