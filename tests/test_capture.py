@@ -343,3 +343,25 @@ def test_whole_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
     second = masks(2)  # ComfyUI re-runs the sampler; the cached recorder must serve the new run
     assert not torch.equal(first, second)
     assert torch.equal(masks(1), first)  # and the first seed again gives the first masks
+
+
+# ------------------------------------------------------------------ half-precision models
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_records_float32_maps_and_keeps_the_image(env, dtype):
+    import comfy.sd
+
+    path = env.models / "diffusion_models" / "tiny_sd3.safetensors"
+    half = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": dtype})
+    half.model.manual_cast_dtype = None  # compute in `dtype` as a GPU would (CPU otherwise upcasts)
+    reference = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": dtype})  # same weights, fp32 math
+    cs = concepts(env)
+    maps = {}
+    for name, model in (("half", half), ("fp32", reference)):
+        patched, recorder = record(env, model, cs, record_step=0)
+        out_p = sample(env, patched, seed=8, steps=2)
+        torch.testing.assert_close(out_p["samples"], sample(env, model, seed=8, steps=2)["samples"], atol=0, rtol=0)
+        maps[name] = read_maps(env, recorder, out_p)
+    for field in ("a_ci", "a_ii", "o_ii", "ca_scores", "seg4diff"):
+        got, want = getattr(maps["half"], field), getattr(maps["fp32"], field)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), field
+        assert (got - want).norm() / want.norm() < 0.05, field  # half-precision activations, same maps
