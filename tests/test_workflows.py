@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -163,6 +164,10 @@ def test_template_browser_lists_our_workflows(server):
     assert sorted(listing[PACK_NAME]) == NAMES
     for ui in UI_FILES:
         assert get_json(f"{server}/api/workflow_templates/{PACK_NAME}/{ui.name}") == load(ui)
+        # the card picture the frontend asks for (scripts/make_thumbnails.py)
+        with urllib.request.urlopen(f"{server}/api/workflow_templates/{PACK_NAME}/{ui.stem}.jpg") as r:
+            assert r.headers["Content-Type"] == "image/jpeg"
+            assert Image.open(io.BytesIO(r.read())).size == (512, 512)
 
 
 # --- the real frontend ---------------------------------------------------------------------------
