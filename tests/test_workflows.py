@@ -1,0 +1,275 @@
+"""The example workflows (workflows/*.json UI, workflows/api/*.json API) against a real ComfyUI
+server with this pack installed: format and naming, UI<->API sync, node types, the template
+browser, the frontend's own export, and a real run of each with fixture models
+(tests/fixtures/substitute.py) that must save binary masks of the image's size."""
+from __future__ import annotations
+
+import io
+import json
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixtures.comfy_base import PACK_NAME, link_anchordiff_pack, populate_base_dir
+from fixtures.comfy_server import get_json, run_prompt, start_server, view_bytes
+from fixtures.substitute import DEFAULT_MODELS, SubstitutionError, substituted
+from fixtures.workflow_format import VIRTUAL_NODES, api_path_for, is_api_format, is_ui_format, ui_to_api
+
+ROOT = Path(__file__).resolve().parents[1]
+UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
+NAMES = [p.stem for p in UI_FILES]
+NAME_RE = re.compile(r"^anchordiff-\d\d-[a-z0-9]+(-[a-z0-9]+)*$")
+W, H = 320, 256  # test image size: non-square catches height/width mix-ups
+INPUT_IMAGE = "anchordiff_test_photo.png"
+STITCH_SPACING = 16
+
+# Per workflow, each saved mask: SaveImage filename_prefix -> (Mask node's concept, node type of its heat).
+MASKS = {
+    "anchordiff-01-generate-mask-inpaint": {
+        "anchordiff/01_generate_mask_inpaint/mask_cat": ("cat", "AnchorDiffPropagate")},
+    "anchordiff-02-image-mask-inpaint": {
+        "anchordiff/02_image_mask_inpaint/mask_dog": ("dog", "AnchorDiffPropagate")},
+    "anchordiff-03-two-dogs-regional-recolour": {
+        "anchordiff/03_two_dogs_recolour/mask_left_dog": ("left dog", "AnchorDiffPropagate"),
+        "anchordiff/03_two_dogs_recolour/mask_right_dog": ("right dog", "AnchorDiffPropagate")},
+    "anchordiff-04-compare-baselines": {
+        "anchordiff/04_compare_baselines/cat_anchordiff": ("cat", "AnchorDiffPropagate"),
+        "anchordiff/04_compare_baselines/cat_cross_attention": ("cat", "AnchorDiffCrossAttentionHeat"),
+        "anchordiff/04_compare_baselines/cat_conceptattention": ("cat", "AnchorDiffConceptAttentionHeat"),
+        "anchordiff/04_compare_baselines/cat_seg4diff": ("cat", "AnchorDiffSeg4DiffHeat")},
+}
+# Every other saved image: prefix -> (height, width) at the test size.
+IMAGES = {
+    "anchordiff-01-generate-mask-inpaint": {"anchordiff/01_generate_mask_inpaint/generated": (H, W),
+                                            "anchordiff/01_generate_mask_inpaint/inpainted": (H, W)},
+    "anchordiff-02-image-mask-inpaint": {"anchordiff/02_image_mask_inpaint/inpainted": (H, W)},
+    "anchordiff-03-two-dogs-regional-recolour": {"anchordiff/03_two_dogs_recolour/generated": (H, W),
+                                                 "anchordiff/03_two_dogs_recolour/recoloured": (H, W)},
+    "anchordiff-04-compare-baselines": {"anchordiff/04_compare_baselines/generated": (H, W),
+                                        "anchordiff/04_compare_baselines/cat_side_by_side": (H, 5 * W + 4 * STITCH_SPACING)},
+}
+
+
+def load(path: Path):
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = populate_base_dir(tmp_path_factory.mktemp("comfy_base"))
+    link_anchordiff_pack(base)
+    make_test_photo(base / "input" / INPUT_IMAGE)
+    proc, url = start_server(base)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return get_json(server + "/object_info")
+
+
+def make_test_photo(path: Path) -> None:
+    """A W x H picture with two blobs on a gradient (content barely matters to random weights)."""
+    y, x = np.mgrid[0:H, 0:W]
+    img = np.stack([x / W, y / H, np.full((H, W), 0.4)], -1)
+    for cx, colour in ((W * 0.3, (0.9, 0.6, 0.2)), (W * 0.7, (0.3, 0.3, 0.8))):
+        img[(x - cx) ** 2 + (y - H / 2) ** 2 < (H / 4) ** 2] = colour
+    Image.fromarray((img * 255).astype(np.uint8)).save(path)
+
+
+def saved_by_prefix(prompt: dict) -> dict[str, str]:
+    return {n["inputs"]["filename_prefix"]: node_id for node_id, n in prompt.items() if n["class_type"] == "SaveImage"}
+
+
+def upstream(prompt: dict, node_id: str, name: str) -> str:
+    """Id of the node linked to input `name` of node `node_id`."""
+    source = prompt[node_id]["inputs"][name]
+    assert isinstance(source, list), f"node {node_id}.{name} is not linked"
+    return source[0]
+
+
+# --- files -------------------------------------------------------------------------------------
+
+def test_workflow_files_are_named_and_paired():
+    assert len(NAMES) >= 4
+    for name in NAMES:
+        assert NAME_RE.match(name), name
+    api_names = sorted(p.stem for p in (ROOT / "workflows" / "api").glob("*.json"))
+    assert api_names == NAMES  # one API prompt per UI workflow, no orphans
+    assert set(MASKS) == set(NAMES) == set(IMAGES)  # every workflow has its expectations below
+    for ui in UI_FILES:
+        assert is_ui_format(load(ui)) and not is_api_format(load(ui))
+        assert is_api_format(load(api_path_for(ui)))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_file_is_derived_from_ui_file(name, object_info):
+    """workflows/api/<name>.json is exactly what scripts/sync_workflows.py makes of the UI file."""
+    ui = load(ROOT / "workflows" / f"{name}.json")
+    assert ui_to_api(ui, object_info) == load(ROOT / "workflows" / "api" / f"{name}.json")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_node_types_are_core_or_ours(name, object_info):
+    """Every node exists on a real server and comes from ComfyUI itself or this pack, so a user
+    needs nothing else installed."""
+    ui = load(ROOT / "workflows" / f"{name}.json")
+    for node in ui["nodes"]:
+        if node["type"] in VIRTUAL_NODES:
+            continue
+        assert node["type"] in object_info, node["type"]
+        module = object_info[node["type"]]["python_module"]
+        assert module == "nodes" or module.startswith("comfy_extras.") or module == f"custom_nodes.{PACK_NAME}", (node["type"], module)
+    assert any(n["type"] == "MarkdownNote" for n in ui["nodes"]), "explain the workflow in a note"
+    assert ui["groups"], "group the workflow's stages"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_saved_mask_is_the_named_concept(name):
+    """SaveImage(prefix) <- MaskToImage <- Mask(concept) <- the heat of the named method; and
+    every Mask node's binary mask is saved for API clients."""
+    prompt = load(ROOT / "workflows" / "api" / f"{name}.json")
+    saved = saved_by_prefix(prompt)
+    mask_saves, saved_mask_nodes = {}, set()
+    for prefix, save_id in saved.items():
+        image_id = upstream(prompt, save_id, "images")
+        if prompt[image_id]["class_type"] != "MaskToImage":
+            continue
+        mask_id = upstream(prompt, image_id, "mask")
+        assert prompt[mask_id]["class_type"] == "AnchorDiffMask"
+        assert prompt[image_id]["inputs"]["mask"][1] == 0  # the binary mask, not the soft one
+        heat_id = upstream(prompt, mask_id, "heat")
+        mask_saves[prefix] = (prompt[mask_id]["inputs"]["concept"], prompt[heat_id]["class_type"])
+        saved_mask_nodes.add(mask_id)
+    assert saved_mask_nodes == {k for k, v in prompt.items() if v["class_type"] == "AnchorDiffMask"}
+    assert mask_saves == MASKS[name]
+    assert set(saved) == set(MASKS[name]) | set(IMAGES[name])
+    for prefix in saved:
+        assert prefix.startswith("anchordiff/" + name[len("anchordiff-"):len("anchordiff-") + 2] + "_")
+
+
+# --- template browser ----------------------------------------------------------------------------
+
+def test_template_browser_lists_our_workflows(server):
+    """ComfyUI lists <pack>/workflows/*.json under the pack's folder name (not the API files in
+    workflows/api/) and serves each file to the frontend."""
+    listing = get_json(server + "/workflow_templates")
+    assert sorted(listing) == [PACK_NAME]
+    assert sorted(listing[PACK_NAME]) == NAMES
+    for ui in UI_FILES:
+        assert get_json(f"{server}/api/workflow_templates/{PACK_NAME}/{ui.name}") == load(ui)
+        # the card picture the frontend asks for (scripts/make_thumbnails.py)
+        with urllib.request.urlopen(f"{server}/api/workflow_templates/{PACK_NAME}/{ui.stem}.jpg") as r:
+            assert r.headers["Content-Type"] == "image/jpeg"
+            assert Image.open(io.BytesIO(r.read())).size == (512, 512)
+
+
+# --- the real frontend ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def frontend(server):
+    from fixtures.frontend import Frontend, chromium_path
+    if chromium_path() is None:
+        pytest.skip("no Chromium (Debian package 'chromium') to run the frontend")
+    with Frontend(server) as fe:
+        yield fe
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_frontend_loads_workflow_and_exports_our_api_file(name, frontend):
+    """Loaded into ComfyUI's frontend (the template browser does the same), the workflow keeps
+    its nodes, links and widget values, and the frontend's own API export equals our API file."""
+    ui = load(ROOT / "workflows" / f"{name}.json")
+    out = json.loads(frontend.evaluate(
+        f"(async () => {{ await app.loadGraphData({json.dumps(ui)}, true, true, {json.dumps(name)});"
+        " const p = await app.graphToPrompt();"
+        " return JSON.stringify({api: p.output, ui: app.graph.serialize()}); })()"))
+    assert out["api"] == load(ROOT / "workflows" / "api" / f"{name}.json")
+    widgets = lambda wf: {n["id"]: (n["type"], n.get("widgets_values") or []) for n in wf["nodes"]}  # noqa: E731
+    assert widgets(out["ui"]) == widgets(ui)
+    assert sorted(map(tuple, out["ui"]["links"])) == sorted(map(tuple, ui["links"]))
+
+
+# --- substitution --------------------------------------------------------------------------------
+
+def test_substitution_table():
+    prompt = load(ROOT / "workflows" / "api" / "anchordiff-02-image-mask-inpaint.json")
+    before = json.dumps(prompt)
+    sub = substituted(prompt, size=(W, H), max_steps=3, input_image=INPUT_IMAGE)
+    assert json.dumps(prompt) == before  # the workflow itself is untouched
+    assert set(sub) == set(prompt)
+    changed = {k for k in prompt if sub[k] != prompt[k]}
+    kinds = {prompt[k]["class_type"] for k in changed}
+    assert kinds == {"CheckpointLoaderSimple", "TripleCLIPLoader", "ImageScaleToTotalPixels", "KSampler", "LoadImage"}
+    ckpt = next(sub[k] for k in changed if prompt[k]["class_type"] == "CheckpointLoaderSimple")
+    assert ckpt == {"class_type": "AnchorDiffTestCheckpoint", "_meta": prompt["1"]["_meta"],
+                    "inputs": {"unet_name": "tiny_sd35m.safetensors", "text_encoders": "none", "vae_name": "taesd3"}}
+    clip = next(sub[k] for k in changed if prompt[k]["class_type"] == "TripleCLIPLoader")
+    assert clip["class_type"] == "AnchorDiffTestCLIP" and clip["inputs"] == {"t5": True}
+    assert all(sub[k]["inputs"]["steps"] == 3 for k in sub if sub[k]["class_type"] == "KSampler")
+    # links are never rewritten: every [id, slot] input is the same
+    for k in sub:
+        links = {n: v for n, v in prompt[k]["inputs"].items() if isinstance(v, list)}
+        assert {n: sub[k]["inputs"][n] for n in links} == links
+
+    sd3 = substituted(load(ROOT / "workflows" / "api" / "anchordiff-01-generate-mask-inpaint.json"), size=(W, H))
+    assert sd3["1"]["inputs"]["text_encoders"] == "clip_l_g_t5"
+    assert sd3["5"]["inputs"]["width"] == W and sd3["5"]["inputs"]["height"] == H
+    with pytest.raises(SubstitutionError, match="no fixture for model file"):
+        substituted({"1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "flux1-dev.safetensors"}}})
+    with pytest.raises(SubstitutionError, match="LoraLoader"):
+        substituted({"1": {"class_type": "LoraLoader", "inputs": {}}})
+    assert "sd3.5_medium.safetensors" in DEFAULT_MODELS
+
+
+def test_sd35_checkpoint_has_no_clip_like_the_real_file(server):
+    """The fixture mirrors a real SD3.5 checkpoint: its CLIP output is None, so a workflow that
+    wrongly takes the text encoders from it fails in tests as it would for users."""
+    prompt = substituted({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd3.5_medium.safetensors"}},
+        "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a cat"}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 0]}},
+    })
+    with pytest.raises(RuntimeError, match="clip input is invalid: None"):
+        run_prompt(server, prompt, timeout=120)
+
+
+# --- real runs -----------------------------------------------------------------------------------
+
+def read_png(server: str, image: dict) -> np.ndarray:
+    return np.array(Image.open(io.BytesIO(view_bytes(server, image))))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_and_saves_masks(name, server):
+    prompt = substituted(load(ROOT / "workflows" / "api" / f"{name}.json"), size=(W, H), max_steps=3,
+                         input_image=INPUT_IMAGE)
+    entry = run_prompt(server, prompt, timeout=300)
+    saved = saved_by_prefix(prompt)
+    masks = {}
+    for prefix, node_id in saved.items():
+        images = entry["outputs"][node_id]["images"]
+        assert len(images) == 1 and images[0]["type"] == "output"
+        assert images[0]["subfolder"] == prefix.rsplit("/", 1)[0]
+        pixels = read_png(server, images[0])
+        if prefix in MASKS[name]:
+            assert pixels.shape == (H, W, 3), prefix
+            assert (pixels == pixels[..., :1]).all()  # grey
+            assert set(np.unique(pixels)) <= {0, 255}, prefix
+            mask = pixels[..., 0] == 255
+            assert 0 < mask.mean() < 1, f"{prefix}: empty or full mask"
+            masks[prefix] = mask
+        else:
+            assert pixels.shape[:2] == IMAGES[name][prefix], prefix
+    assert set(masks) == set(MASKS[name])
+    # different concepts (and, in the comparison, different methods) give different masks
+    items = list(masks.items())
+    for i, (a, mask_a) in enumerate(items):
+        for b, mask_b in items[i + 1:]:
+            assert not np.array_equal(mask_a, mask_b), f"{a} and {b} are the same mask"
