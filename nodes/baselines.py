@@ -8,6 +8,7 @@ from .common import BASELINE_CATEGORY, Heat, Maps, check_image, heat_preview, pa
 from .steps import _user_errors
 
 LAYERS_TIP = "Joint blocks to average (comma-separated, 0-based); empty = all blocks."
+MAPS_TIP = "From 'AnchorDiff Read Maps' or 'AnchorDiff Look At Image'."
 
 
 def _heat_output(cls, heat: pipeline.Heat, image) -> io.NodeOutput:
@@ -28,7 +29,7 @@ class AnchorDiffCrossAttentionHeat(io.ComfyNode):
             display_name="Cross-Attention Heat (baseline)",
             category=BASELINE_CATEGORY,
             description="Raw concept-to-image attention, averaged over heads and blocks, as a heat map.",
-            inputs=[Maps.Input("maps"), io.String.Input("layers", default="", tooltip=LAYERS_TIP), _image_input()],
+            inputs=[Maps.Input("maps", tooltip=MAPS_TIP), io.String.Input("layers", default="", tooltip=LAYERS_TIP), _image_input()],
             outputs=[Heat.Output("heat", tooltip="Heat maps for 'Mask'.")],
         )
 
@@ -50,7 +51,7 @@ class AnchorDiffConceptAttentionHeat(io.ComfyNode):
                 "softmax over concepts per block, averaged over blocks. Needs several concepts (e.g. add 'background')."
             ),
             inputs=[
-                Maps.Input("maps"),
+                Maps.Input("maps", tooltip=MAPS_TIP),
                 io.Boolean.Input("softmax", default=True, tooltip="Softmax over concepts (the method). With one concept it is constant: turn off or add concepts."),
                 io.String.Input("layers", default="", tooltip=LAYERS_TIP),
                 _image_input(),
@@ -72,7 +73,7 @@ class AnchorDiffSeg4DiffHeat(io.ComfyNode):
             display_name="Seg4Diff Heat (baseline)",
             category=BASELINE_CATEGORY,
             description="Seg4Diff (Kim et al., 2025): image-to-text attention of the expert block (set on the recorder).",
-            inputs=[Maps.Input("maps"), _image_input()],
+            inputs=[Maps.Input("maps", tooltip=MAPS_TIP), _image_input()],
             outputs=[Heat.Output("heat", tooltip="Heat maps for 'Mask'.")],
         )
 
