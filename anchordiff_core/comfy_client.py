@@ -214,6 +214,7 @@ def set_everywhere(prompt: dict, names, value, what: str, class_type: Optional[s
 class RunResult:
     prompt_id: str
     files: list[Path] = field(default_factory=list)
+    node_files: dict = field(default_factory=dict)  # node id -> its downloaded files, in output order
     outputs: dict = field(default_factory=dict)  # /history outputs: node id -> {"images": [...], ...}
     node_seconds: dict = field(default_factory=dict)  # node id -> wall time between its 'executing' and the next event
     cached: list = field(default_factory=list)
@@ -495,7 +496,9 @@ def run_prompt(prompt: dict, server: str = DEFAULT_SERVER, output_dir="comfy_out
                 continue
             name = Path(image["filename"]).name
             name = "_".join(Path(image.get("subfolder") or "").parts + (name,)) if saved else f"preview-{node_id}-{name}"
-            result.files.append(client.download(image, _unused(out / name)))
+            path = client.download(image, _unused(out / name))
+            result.files.append(path)
+            result.node_files.setdefault(node_id, []).append(path)
     result.seconds = round(time.monotonic() - t0, 3)
     progress.say(f"done in {result.seconds:.1f} s: {len(result.files)} file(s) in {out}")
     return result
