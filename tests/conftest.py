@@ -36,4 +36,4 @@ def pytest_terminal_summary(terminalreporter):
     if RECORDED:
         terminalreporter.section("timings (wall clock)")
         for name, seconds in RECORDED:
-            terminalreporter.write_line(f"{seconds:8.2f} s  {name}")
+            terminalreporter.write_line(f"{seconds:8.3f} s  {name}")
