@@ -92,7 +92,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model", tooltip="The patched model: connect it to the sampler."),
-                Recorder.Output("recorder", tooltip="Connect to 'AnchorDiff Read Maps' together with the sampler's LATENT."),
+                Recorder.Output("recorder", display_name="recorder", tooltip="Connect to 'AnchorDiff Read Maps' together with the sampler's LATENT."),
             ],
         )
 
@@ -115,7 +115,7 @@ class AnchorDiffReadMaps(io.ComfyNode):
                 Recorder.Input("recorder", tooltip="From 'AnchorDiff Record Attention'."),
                 io.Latent.Input("latent", tooltip="The LATENT output of the sampler that used the recording MODEL."),
             ],
-            outputs=[Maps.Output("maps", tooltip="Recorded maps for Anchor Select, Build Gated Graph and the baselines.")],
+            outputs=[Maps.Output("maps", display_name="maps", tooltip="Recorded maps for Anchor Select, Build Gated Graph and the baselines.")],
         )
 
     @classmethod
@@ -148,7 +148,7 @@ class AnchorDiffLookAtImage(io.ComfyNode):
                 ),
                 *_common_inputs(),
             ],
-            outputs=[Maps.Output("maps", tooltip="Recorded maps for Anchor Select, Build Gated Graph and the baselines.")],
+            outputs=[Maps.Output("maps", display_name="maps", tooltip="Recorded maps for Anchor Select, Build Gated Graph and the baselines.")],
         )
 
     @classmethod

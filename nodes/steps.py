@@ -56,7 +56,7 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
                 io.Boolean.Input("exclude_last_block", default=False, tooltip="Average concept attention without the last (pre_only) block, whose text queries are never trained."),
                 io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview."),
             ],
-            outputs=[Anchors.Output("anchors", tooltip="Anchors for 'Propagate'.")],
+            outputs=[Anchors.Output("anchors", display_name="anchors", tooltip="Anchors for 'Propagate'.")],
         )
 
     @classmethod
@@ -82,7 +82,7 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
                 io.String.Input("layers", default="", tooltip="Recorded graph layers to average (e.g. '9' for one); empty = all recorded."),
                 io.Boolean.Input("gate", default=True, tooltip="Off = the paper's 'w/o gate' ablation (dense, leaks onto look-alikes; slow)."),
             ],
-            outputs=[Graph.Output("graph", tooltip="Graph for 'Propagate'.")],
+            outputs=[Graph.Output("graph", display_name="graph", tooltip="Graph for 'Propagate'.")],
         )
 
     @classmethod
@@ -108,7 +108,7 @@ class AnchorDiffPropagate(io.ComfyNode):
                 Anchors.Input("anchors", tooltip="From 'Anchor Select' (same maps as the graph)."),
                 io.Int.Input("steps", default=160, min=0, max=10000, tooltip="Propagation steps (paper: 160; more spreads further and leaks more)."),
             ],
-            outputs=[Heat.Output("heat", tooltip="Heat maps for 'Mask'.")],
+            outputs=[Heat.Output("heat", display_name="heat", tooltip="Heat maps for 'Mask'.")],
         )
 
     @classmethod
@@ -136,8 +136,8 @@ class AnchorDiffMask(io.ComfyNode):
                 io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview."),
             ],
             outputs=[
-                io.Mask.Output("mask", tooltip="Binary MASK [B, H, W], 1 = the concept."),
-                io.Mask.Output("soft_mask", tooltip="The heat map resized to the image, 0..1, for feathered edits."),
+                io.Mask.Output("mask", display_name="mask", tooltip="Binary MASK [B, H, W], 1 = the concept."),
+                io.Mask.Output("soft_mask", display_name="soft_mask", tooltip="The heat map resized to the image, 0..1, for feathered edits."),
             ],
         )
 

@@ -28,3 +28,12 @@ def comfy_models_dir(tmp_path_factory, comfy):
     d = populate_models_dir(tmp_path_factory.mktemp("comfy_models"))
     set_models_dir(d)
     return d
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Timings recorded with fixtures.timings.record (server start-up, prompts), for issue notes."""
+    from fixtures.timings import RECORDED
+    if RECORDED:
+        terminalreporter.section("timings (wall clock)")
+        for name, seconds in RECORDED:
+            terminalreporter.write_line(f"{seconds:8.3f} s  {name}")

@@ -1,0 +1,585 @@
+"""Run a ComfyUI workflow (API format) against a running server, from the command line or Python.
+
+    python -m anchordiff_core.comfy_client workflow_api.json --server http://127.0.0.1:8188 \\
+        --concepts "cat, dog" --seed 7 --set "12.steps=20" --out masks/
+
+Queues the prompt (POST /prompt), follows it on the websocket (/ws), downloads every image it
+produced (SaveImage and previews, via /view) and exits non-zero with ComfyUI's own error text
+when the server rejects the prompt or a node fails. See docs/CLIENT.md.
+
+Standard library only, plus `websocket-client` when installed (extra `anchordiff[client]`) for
+live progress; without it the client polls /history instead. No torch, no ComfyUI imports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mimetypes
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+try:
+    import websocket  # websocket-client
+except ImportError:  # pragma: no cover - exercised only where the extra is missing
+    websocket = None
+
+DEFAULT_SERVER = "http://127.0.0.1:8188"
+SEED_INPUTS = ("seed", "noise_seed")
+
+
+# ------------------------------------------------------------------------------ errors
+class ClientError(Exception):
+    """A problem with the request itself (workflow file, --set, --image). Exit code 2."""
+
+    exit_code = 2
+
+
+class ServerError(ClientError):
+    """The server cannot be reached, answered unexpectedly, or the prompt did not finish in time."""
+
+    exit_code = 4
+
+
+class PromptRejected(ClientError):
+    """POST /prompt answered 400: ComfyUI's validation message and per-node errors."""
+
+    exit_code = 1
+
+    def __init__(self, body: dict, prompt: dict):
+        self.body = body
+        super().__init__(format_rejection(body, prompt))
+
+
+class ExecutionFailed(ClientError):
+    """A node raised while the prompt ran (websocket `execution_error`)."""
+
+    exit_code = 1
+
+    def __init__(self, data: dict, prompt: dict):
+        self.data = data
+        super().__init__(format_execution_error(data, prompt))
+
+
+class ExecutionInterrupted(ClientError):
+    """The prompt was interrupted (POST /interrupt, or Ctrl-C here)."""
+
+    exit_code = 3
+
+    def __init__(self, data: dict, prompt: dict):
+        self.data = data
+        super().__init__(f"ComfyUI interrupted the prompt at {node_label(prompt, data.get('node_id'))}.")
+
+
+def node_label(prompt: dict, node_id) -> str:
+    node = prompt.get(str(node_id)) or {}
+    title = (node.get("_meta") or {}).get("title")
+    label = f"node {node_id} ({node.get('class_type', '?')}"
+    return label + (f' "{title}")' if title and title != node.get("class_type") else ")")
+
+
+def format_rejection(body: dict, prompt: dict) -> str:
+    error = body.get("error") or {}
+    if isinstance(error, str):
+        error = {"message": error}
+    lines = [f"ComfyUI rejected the prompt: {_message(error) or 'invalid prompt'}"]
+    for node_id, info in (body.get("node_errors") or {}).items():
+        for item in info.get("errors", []):
+            lines.append(f"  {node_label(prompt, node_id)}: {_message(item)}")
+    return "\n".join(lines)
+
+
+def format_execution_error(data: dict, prompt: dict) -> str:
+    kind = str(data.get("exception_type", "")).rsplit(".", 1)[-1]
+    message = str(data.get("exception_message", "")).strip()
+    where = node_label(prompt, data.get("node_id"))
+    return f"ComfyUI error in {where}: " + (f"{kind}: {message}" if kind else message)
+
+
+def _message(item: dict) -> str:
+    message, details = item.get("message", ""), item.get("details", "")
+    return f"{message}: {details}" if details and details != message else message
+
+
+# ------------------------------------------------------------------------------ workflow files
+def load_workflow(path) -> dict:
+    """An API-format prompt {id: {class_type, inputs}} from a file (or a {"prompt": ...} wrapper)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ClientError(f"cannot read {path}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ClientError(f"{path} is not JSON: {error}") from None
+    return check_api_prompt(data, str(path))
+
+
+def check_api_prompt(data, name: str = "the workflow") -> dict:
+    if isinstance(data, dict) and isinstance(data.get("prompt"), dict) and "class_type" not in data["prompt"]:
+        data = data["prompt"]
+    if isinstance(data, dict) and "nodes" in data and "links" in data:
+        raise ClientError(
+            f"{name} is a UI workflow (the format ComfyUI's editor saves); this client needs the API format. "
+            "In ComfyUI open it and use Workflow > Export (API), then run that file."
+        )
+    if not isinstance(data, dict) or not data or not all(
+        isinstance(node, dict) and "class_type" in node and isinstance(node.get("inputs", {}), dict) for node in data.values()
+    ):
+        raise ClientError(f"{name} is not an API-format prompt ({{node id: {{class_type, inputs}}}}).")
+    return data
+
+
+def find_node(prompt: dict, ref: str) -> str:
+    """Node id for `ref`: a node id, a title (_meta.title), or a class_type; must be unambiguous."""
+    ref = ref.strip()
+    if ref in prompt:
+        return ref
+    for key in (lambda n: (n.get("_meta") or {}).get("title"), lambda n: n.get("class_type")):
+        found = [node_id for node_id, node in prompt.items() if key(node) == ref]
+        if len(found) == 1:
+            return found[0]
+        if found:
+            raise ClientError(f"'{ref}' matches nodes {', '.join(found)}: use one node id instead.")
+    known = ", ".join(f"{i} {(n.get('_meta') or {}).get('title') or n['class_type']!r}" for i, n in prompt.items())
+    raise ClientError(f"no node '{ref}' in the workflow (nodes: {known}).")
+
+
+def _lookup(prompt: dict, ref: str) -> Optional[str]:
+    try:
+        return find_node(prompt, ref)
+    except ClientError:
+        return None
+
+
+def convert_value(text: str, current, where: str):
+    """`text` as the type of the value it replaces (int, float, bool or string)."""
+    if isinstance(current, list):
+        raise ClientError(f"{where} is connected to node {current[0]}, not a value: it cannot be set.")
+    try:
+        if isinstance(current, bool):
+            if text.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.strip().lower() in ("true", "1", "yes")
+        if isinstance(current, int):  # JSON writes 4.0 as 4: a FLOAT input may hold an int
+            try:
+                return int(text)
+            except ValueError:
+                return float(text)
+        if isinstance(current, float):
+            return float(text)
+    except ValueError:
+        wanted = {bool: "true or false", int: "an integer", float: "a number"}[type(current)]
+        raise ClientError(f"{where} needs {wanted}; got '{text}'.") from None
+    return text
+
+
+def set_input(prompt: dict, assignment: str) -> None:
+    """Apply 'NODE.input=value' (NODE: id, title or class_type) in place."""
+    key, eq, value = assignment.partition("=")
+    ref, dot, name = key.rpartition(".")
+    if not eq or not dot or not ref or not name:
+        raise ClientError(f"--set needs NODE.input=value (e.g. '12.seed=7' or 'AnchorDiff Concepts.concepts=cat, dog'); got '{assignment}'.")
+    node_id = find_node(prompt, ref)
+    inputs = prompt[node_id].setdefault("inputs", {})
+    name = name.strip()
+    if name not in inputs:
+        raise ClientError(f"{node_label(prompt, node_id)} has no input '{name}' (inputs: {', '.join(inputs) or 'none'}).")
+    inputs[name] = convert_value(value, inputs[name], f"{node_label(prompt, node_id)}.{name}")
+
+
+def set_everywhere(prompt: dict, names, value, what: str, class_type: Optional[str] = None) -> list[str]:
+    """Set inputs `names` (that hold values, not links) on every node (of `class_type`); returns node ids."""
+    changed = []
+    for node_id, node in prompt.items():
+        if class_type and node["class_type"] != class_type:
+            continue
+        for name in names:
+            current = node.get("inputs", {}).get(name)
+            if name in node.get("inputs", {}) and not isinstance(current, list):
+                node["inputs"][name] = convert_value(str(value), current, f"{node_label(prompt, node_id)}.{name}")
+                changed.append(node_id)
+    if not changed:
+        raise ClientError(f"{what}: the workflow has no such input to set.")
+    return changed
+
+
+# ------------------------------------------------------------------------------ the server
+@dataclass
+class RunResult:
+    prompt_id: str
+    files: list[Path] = field(default_factory=list)
+    node_files: dict = field(default_factory=dict)  # node id -> its downloaded files, in output order
+    outputs: dict = field(default_factory=dict)  # /history outputs: node id -> {"images": [...], ...}
+    node_seconds: dict = field(default_factory=dict)  # node id -> wall time between its 'executing' and the next event
+    cached: list = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class ComfyClient:
+    """Thin wrapper over ComfyUI's HTTP + websocket API."""
+
+    def __init__(self, server: str = DEFAULT_SERVER, client_id: Optional[str] = None, http_timeout: float = 60.0):
+        self.server = server.rstrip("/")
+        self.client_id = client_id or uuid.uuid4().hex
+        self.http_timeout = http_timeout
+
+    # ---------------------------------------------------------------- HTTP
+    def request(self, path: str, data: Optional[bytes] = None, headers: Optional[dict] = None) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.server + path, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+        try:
+            with urllib.request.urlopen(req, timeout=self.http_timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise ServerError(f"cannot reach ComfyUI at {self.server}: {reason}") from None
+
+    def get_json(self, path: str):
+        status, body = self.request(path)
+        if status != 200:
+            raise ServerError(f"GET {path} answered {status}: {body[:300]!r}")
+        return json.loads(body)
+
+    def post_json(self, path: str, payload) -> tuple[int, bytes]:
+        return self.request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+
+    def queue_prompt(self, prompt: dict) -> str:
+        status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        try:
+            answer = json.loads(body)
+        except json.JSONDecodeError:
+            answer = {"error": body.decode("utf-8", "replace")}
+        if status == 400:
+            raise PromptRejected(answer, prompt)
+        if status != 200 or "prompt_id" not in answer:
+            raise ServerError(f"POST /prompt answered {status}: {body[:500]!r}")
+        return answer["prompt_id"]
+
+    def interrupt(self, prompt_id: Optional[str] = None) -> None:
+        self.post_json("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
+
+    def history(self, prompt_id: str) -> Optional[dict]:
+        return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+
+    def upload_image(self, path) -> str:
+        """POST /upload/image; returns the name to give LoadImage ('subfolder/name' if any)."""
+        path = Path(path)
+        try:
+            content = path.read_bytes()
+        except OSError as error:
+            raise ClientError(f"cannot read image {path}: {error.strerror}") from None
+        boundary = uuid.uuid4().hex
+        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{path.name}"\r\n'
+            f"Content-Type: {mime}\r\n\r\n"
+        ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
+        status, answer = self.request("/upload/image", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        if status != 200:
+            raise ServerError(f"uploading {path} answered {status}: {answer[:300]!r}")
+        info = json.loads(answer)
+        return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
+
+    def download(self, image: dict, dest: Path) -> Path:
+        query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
+        status, content = self.request(f"/view?{query}")
+        if status != 200:
+            raise ServerError(f"downloading {image.get('filename')} answered {status}")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(content)
+        return dest
+
+    # ---------------------------------------------------------------- websocket
+    def connect(self, timeout: float = 10.0):
+        """An open websocket for this client id, or None without websocket-client."""
+        if websocket is None:
+            return None
+        url = urllib.parse.urlsplit(self.server)
+        scheme = "wss" if url.scheme == "https" else "ws"
+        try:
+            return websocket.create_connection(f"{scheme}://{url.netloc}{url.path}/ws?clientId={self.client_id}", timeout=timeout)
+        except (OSError, websocket.WebSocketException) as error:
+            raise ServerError(f"cannot reach ComfyUI at {self.server} (websocket /ws): {error}") from None
+
+
+# ------------------------------------------------------------------------------ following a prompt
+class Progress:
+    """Readable progress lines: one per node started; a live counter on a terminal."""
+
+    def __init__(self, prompt: dict, stream=None, quiet: bool = False):
+        self.prompt, self.stream, self.quiet = prompt, stream or sys.stderr, quiet
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.live = False  # a \r-updated counter is on the terminal's last line
+        self.quarter = -1  # off a terminal: print at 0, 25, 50, 75, 100 %
+
+    def say(self, text: str) -> None:
+        if self.quiet:
+            return
+        self.stream.write(("\n" if self.live else "") + text + "\n")
+        self.stream.flush()
+        self.live, self.quarter = False, -1
+
+    def progress(self, node_id, value: int, maximum: int) -> None:
+        if self.quiet or maximum <= 0:
+            return
+        percent = int(100 * value / maximum)
+        text = f"    {node_label(self.prompt, node_id)}: {value}/{maximum} ({percent}%)"
+        if self.tty:
+            self.stream.write("\r" + text)
+            self.live = True
+        elif percent // 25 != self.quarter:
+            self.stream.write(text + "\n")
+            self.quarter = percent // 25
+        self.stream.flush()
+
+
+def follow(client: ComfyClient, ws, prompt_id: str, prompt: dict, deadline: float, progress: Progress,
+           result: RunResult, on_event: Optional[Callable[[str, dict], None]] = None) -> None:
+    """Read websocket events of `prompt_id` until it ends; raise on error or interruption.
+    Polls /history whenever the socket is silent for 5 s (or is gone), so it cannot miss the end."""
+    started: dict = {}
+
+    def node_done(now: float) -> None:
+        for node_id, t0 in started.items():
+            result.node_seconds[node_id] = round(now - t0, 3)
+        started.clear()
+
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ServerError(f"prompt {prompt_id} did not finish within the time limit")
+        message = None
+        if ws is not None:
+            try:
+                ws.settimeout(min(5.0, remaining))
+                message = ws.recv()
+            except websocket.WebSocketTimeoutException:
+                pass
+            except (OSError, websocket.WebSocketException):
+                progress.say("websocket closed; polling /history")
+                ws = None
+        else:
+            time.sleep(min(1.0, remaining))
+        if isinstance(message, bytes):  # a binary preview frame
+            continue
+        if not message:  # silence or no socket: ask /history
+            entry = client.history(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                node_done(time.monotonic())
+                _raise_for_history(entry, prompt)
+                return
+            continue
+        event = json.loads(message)
+        kind, data = event.get("type"), event.get("data") or {}
+        if data.get("prompt_id") not in (None, prompt_id):
+            continue
+        if on_event is not None:
+            on_event(kind, data)
+        now = time.monotonic()
+        if kind == "execution_start":
+            progress.say(f"prompt {prompt_id}: started")
+        elif kind == "execution_cached" and data.get("nodes"):
+            result.cached = list(data["nodes"])
+            progress.say(f"  cached: {', '.join(map(str, data['nodes']))}")
+        elif kind == "executing" and data.get("prompt_id") == prompt_id:
+            node_done(now)
+            if data.get("node") is None:  # end of the prompt (older servers send only this)
+                return
+            started[data["node"]] = now
+            progress.say(f"  {node_label(prompt, data['node'])}")
+        elif kind == "progress":
+            progress.progress(data.get("node"), int(data.get("value", 0)), int(data.get("max", 0)))
+        elif kind == "executed":
+            node_done(now)
+        elif kind == "execution_success":
+            node_done(now)
+            return
+        elif kind == "execution_error":
+            raise ExecutionFailed(data, prompt)
+        elif kind == "execution_interrupted":
+            raise ExecutionInterrupted(data, prompt)
+
+
+def _raise_for_history(entry: dict, prompt: dict) -> None:
+    status = entry.get("status", {})
+    for kind, data in status.get("messages", []):
+        if kind == "execution_error":
+            raise ExecutionFailed(data, prompt)
+        if kind == "execution_interrupted":
+            raise ExecutionInterrupted(data, prompt)
+    if status.get("status_str") not in (None, "success"):
+        raise ServerError(f"prompt ended with status {status.get('status_str')}")
+
+
+def wait_for_history(client: ComfyClient, prompt_id: str, timeout: float = 60.0) -> dict:
+    """ComfyUI writes history right after execution_success: wait (bounded) until it is there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        entry = client.history(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            return entry
+        if time.monotonic() > deadline:
+            raise ServerError(f"prompt {prompt_id} finished but /history has no entry for it")
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------------------ the whole run
+def prepare_prompt(prompt: dict, sets=(), concepts: Optional[str] = None, seed: Optional[int] = None,
+                   images=(), client: Optional[ComfyClient] = None) -> dict:
+    """A copy of `prompt` with the overrides applied (uploading `images` through `client`)."""
+    prompt = json.loads(json.dumps(prompt))
+    if concepts is not None:
+        set_everywhere(prompt, ("concepts",), concepts, "--concepts (no 'AnchorDiff Concepts' node)", "AnchorDiffConcepts")
+    if seed is not None:
+        set_everywhere(prompt, SEED_INPUTS, seed, "--seed (no seed / noise_seed input)")
+    for spec in images:
+        ref, eq, path = str(spec).partition("=")
+        node_id = _lookup(prompt, ref) if eq else None
+        if node_id is None:
+            path = str(spec)
+            loaders = [i for i, n in prompt.items() if n["class_type"] == "LoadImage"]
+            if len(loaders) != 1:
+                raise ClientError(
+                    f"--image needs exactly one LoadImage node; the workflow has {len(loaders)}"
+                    + (f" ({', '.join(loaders)}): use --image NODE=PATH." if loaders else ".")
+                )
+            node_id = loaders[0]
+        if client is None:
+            raise ClientError("--image needs a server to upload to")
+        prompt[node_id].setdefault("inputs", {})["image"] = client.upload_image(path)
+    for assignment in sets:
+        set_input(prompt, assignment)
+    return prompt
+
+
+def run_prompt(prompt: dict, server: str = DEFAULT_SERVER, output_dir="comfy_output", timeout: float = 3600.0,
+               previews: bool = True, quiet: bool = False, stream=None,
+               on_event: Optional[Callable[[str, dict], None]] = None, client: Optional[ComfyClient] = None) -> RunResult:
+    """Queue an API prompt, follow it to the end, download its images into `output_dir`.
+
+    Raises PromptRejected / ExecutionFailed / ExecutionInterrupted (messages: ComfyUI's own text),
+    ServerError, ClientError. `on_event(type, data)` sees every websocket event of this prompt."""
+    client = client or ComfyClient(server)
+    progress = Progress(prompt, stream, quiet)
+    t0 = time.monotonic()
+    ws = client.connect()
+    if ws is None:
+        progress.say("websocket-client is not installed: no live progress, polling /history")
+    try:
+        prompt_id = client.queue_prompt(prompt)
+        result = RunResult(prompt_id)
+        progress.say(f"queued prompt {prompt_id} on {client.server}")
+        try:
+            follow(client, ws, prompt_id, prompt, t0 + timeout, progress, result, on_event)
+        except KeyboardInterrupt:
+            client.interrupt(prompt_id)
+            client.post_json("/queue", {"delete": [prompt_id]})
+            raise
+    finally:
+        if ws is not None:
+            ws.close()
+    entry = wait_for_history(client, prompt_id)
+    _raise_for_history(entry, prompt)
+    result.outputs = entry.get("outputs", {})
+    out = Path(output_dir)
+    for node_id, output in result.outputs.items():
+        for image in output.get("images", []):
+            saved = image.get("type") == "output"
+            if not saved and not previews:
+                continue
+            name = Path(image["filename"]).name
+            name = "_".join(Path(image.get("subfolder") or "").parts + (name,)) if saved else f"preview-{node_id}-{name}"
+            path = client.download(image, _unused(out / name))
+            result.files.append(path)
+            result.node_files.setdefault(node_id, []).append(path)
+    result.seconds = round(time.monotonic() - t0, 3)
+    progress.say(f"done in {result.seconds:.1f} s: {len(result.files)} file(s) in {out}")
+    return result
+
+
+def _unused(path: Path) -> Path:
+    """`path`, or `name-1.ext`, `name-2.ext`... if it exists (never overwrite earlier downloads)."""
+    candidate = path
+    for n in range(1, 100000):
+        if not candidate.exists():
+            return candidate
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    raise ClientError(f"too many files named like {path} already")
+
+
+def run_workflow(workflow, server: str = DEFAULT_SERVER, sets=(), concepts: Optional[str] = None,
+                 seed: Optional[int] = None, images=(), **kwargs) -> RunResult:
+    """`workflow`: a path to an API-format file or the prompt dict itself; overrides as the CLI's."""
+    prompt = load_workflow(workflow) if isinstance(workflow, (str, Path)) else check_api_prompt(workflow)
+    client = kwargs.pop("client", None) or ComfyClient(server)
+    prompt = prepare_prompt(prompt, sets, concepts, seed, images, client)
+    return run_prompt(prompt, client=client, **kwargs)
+
+
+# ------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m anchordiff_core.comfy_client",
+        description="Run a ComfyUI workflow (API format) on a server, follow its progress, download its images.",
+        epilog="Exit codes: 0 success; 1 ComfyUI rejected the prompt or a node failed; 2 bad arguments or workflow; "
+        "3 interrupted; 4 server unreachable or time limit.",
+    )
+    p.add_argument("workflow", help="workflow file in API format (ComfyUI: Workflow > Export (API))")
+    p.add_argument("--server", default=DEFAULT_SERVER, help=f"ComfyUI URL (default {DEFAULT_SERVER})")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="NODE.INPUT=VALUE",
+                   help="set an input; NODE is a node id, title or class type (repeatable)")
+    p.add_argument("--concepts", help="concepts for every 'AnchorDiff Concepts' node, e.g. 'cat, dog'")
+    p.add_argument("--seed", type=int, help="seed for every seed / noise_seed input")
+    p.add_argument("--image", dest="images", action="append", default=[], metavar="[NODE=]PATH",
+                   help="upload an image and load it in the LoadImage node (repeatable)")
+    p.add_argument("--out", default="comfy_output", help="folder for the downloaded images (default comfy_output)")
+    p.add_argument("--no-previews", action="store_true", help="download only saved images, not node previews")
+    p.add_argument("--timeout", type=float, default=3600.0, help="give up after this many seconds (default 3600)")
+    p.add_argument("--list", action="store_true", help="list the workflow's nodes and their settable inputs, then exit")
+    p.add_argument("--dry-run", action="store_true", help="print the prompt with the overrides applied (images are not uploaded), then exit")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only errors and the downloaded files")
+    return p
+
+
+def list_nodes(prompt: dict) -> str:
+    lines = []
+    for node_id, node in prompt.items():
+        values = {k: v for k, v in node.get("inputs", {}).items() if not isinstance(v, list)}
+        lines.append(f"{node_label(prompt, node_id)}" + "".join(f"\n    {k} = {json.dumps(v)}" for k, v in values.items()))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        prompt = load_workflow(args.workflow)
+        if args.list:
+            print(list_nodes(prompt))
+            return 0
+        client = ComfyClient(args.server)
+        if args.dry_run:
+            print(json.dumps(prepare_prompt(prompt, args.sets, args.concepts, args.seed, (), None), indent=2))
+            return 0
+        result = run_workflow(prompt, sets=args.sets, concepts=args.concepts, seed=args.seed, images=args.images,
+                              client=client, output_dir=args.out, timeout=args.timeout,
+                              previews=not args.no_previews, quiet=args.quiet)
+    except ClientError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: asked ComfyUI to stop the prompt", file=sys.stderr)
+        return 130
+    for path in result.files:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
