@@ -5,51 +5,35 @@
     heat    = propagate(graph, anchors, steps=160)         # [K, N] in [0, 1]
     mask    = to_mask(heat, grid=(h, w), size=(H, W))      # [K, H, W] float32 0/1
 
-No ComfyUI import anywhere in this package.
+No ComfyUI import anywhere in this package.  Names are imported on first use (PEP 562), so
+`python -m anchordiff_core.comfy_client` starts without loading torch.
 """
-from .anchors import anchor_seeds, point_to_token, select_anchors
-from .attention import (
-    attention,
-    group_mean,
-    image_self_attention,
-    key_column_attention,
-    mean_over_layers,
-    query_key_attention,
-)
-from .baselines import concept_attention_heat, concept_attention_scores, cross_attention_heat, seg4diff_heat
-from .graph import GatedGraph, build_gated_graph, cosine_similarity_rows, percentile
-from .maps import AttentionMaps
-from .masks import otsu_thresholds, soft_map, to_mask
-from .metrics import BinarySegmentationMeter, MultiConceptMeter, average_precision
-from .propagate import minmax_rows, propagate
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AttentionMaps",
-    "BinarySegmentationMeter",
-    "MultiConceptMeter",
-    "average_precision",
-    "GatedGraph",
-    "anchor_seeds",
-    "attention",
-    "build_gated_graph",
-    "concept_attention_heat",
-    "concept_attention_scores",
-    "cosine_similarity_rows",
-    "cross_attention_heat",
-    "group_mean",
-    "image_self_attention",
-    "key_column_attention",
-    "mean_over_layers",
-    "minmax_rows",
-    "otsu_thresholds",
-    "percentile",
-    "point_to_token",
-    "propagate",
-    "query_key_attention",
-    "select_anchors",
-    "seg4diff_heat",
-    "soft_map",
-    "to_mask",
-]
+_EXPORTS = {
+    "anchors": ["anchor_seeds", "point_to_token", "select_anchors"],
+    "attention": ["group_mean", "image_self_attention", "key_column_attention", "mean_over_layers", "multihead_attention", "query_key_attention"],
+    "baselines": ["concept_attention_heat", "concept_attention_scores", "cross_attention_heat", "seg4diff_heat"],
+    "graph": ["GatedGraph", "build_gated_graph", "cosine_similarity_rows", "percentile"],
+    "maps": ["AttentionMaps"],
+    "masks": ["otsu_thresholds", "soft_map", "to_mask"],
+    "metrics": ["BinarySegmentationMeter", "MultiConceptMeter", "average_precision"],
+    "propagation": ["minmax_rows", "propagate"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name):
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'anchordiff_core' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # cached: later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -96,7 +96,7 @@ def query_key_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.T
     return scores.softmax(dim=-1).mean(dim=1)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
     """Plain multi-head attention in float32, heads concatenated: [B, Lq, H*d]."""
     qh, kh, vh = (split_heads(t, heads) for t in (q, k, v))
     out = F.scaled_dot_product_attention(qh, kh, vh)

@@ -14,7 +14,7 @@ import torch
 
 from .attention import group_mean, mean_over_layers
 from .graph import normalize_rows
-from .propagate import minmax_rows
+from .propagation import minmax_rows
 
 
 def cross_attention_heat(a_ci_layers: torch.Tensor, layers: Optional[Sequence[int]] = None) -> torch.Tensor:

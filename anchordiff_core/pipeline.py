@@ -21,7 +21,7 @@ from .baselines import concept_attention_heat, cross_attention_heat, seg4diff_he
 from .graph import GatedGraph, build_gated_graph
 from .maps import AttentionMaps
 from .masks import Threshold, soft_map, to_mask
-from .propagate import minmax_rows, propagate
+from .propagation import minmax_rows, propagate
 
 Progress = Optional[Callable[[int, int], None]]
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .attention import DEFAULT_CHUNK_BYTES, attention, group_mean, image_self_attention, key_column_attention, query_key_attention
+from .attention import DEFAULT_CHUNK_BYTES, group_mean, image_self_attention, key_column_attention, multihead_attention, query_key_attention
 from .baselines import concept_attention_scores
 from .maps import AttentionMaps
 
@@ -79,7 +79,7 @@ class StepRecorder:
         # eq. 5: concept queries, softmax over image keys only; a concept's tokens averaged
         self.a_ci[block] = self._store(group_mean(query_key_attention(q_c, k_img, heads), groups, k, dim=1))
         # ConceptAttention's one-directional attention: concepts see image and concept keys
-        o_c = attention(q_c, torch.cat([k_img, k_c], 1), torch.cat([v_img, v_c], 1), heads)
+        o_c = multihead_attention(q_c, torch.cat([k_img, k_c], 1), torch.cat([v_img, v_c], 1), heads)
         self.ca_scores[block] = self._store(concept_attention_scores(img_out, o_c, groups, k))
         seg_here = block == spec.seg4diff_layer
         if seg_here:

@@ -30,7 +30,7 @@ class AnchorDiffCrossAttentionHeat(io.ComfyNode):
             category=BASELINE_CATEGORY,
             description="Raw concept-to-image attention, averaged over heads and blocks, as a heat map.",
             inputs=[Maps.Input("maps", tooltip=MAPS_TIP), io.String.Input("layers", default="", tooltip=LAYERS_TIP), _image_input()],
-            outputs=[Heat.Output("heat", tooltip="Heat maps for 'Mask'.")],
+            outputs=[Heat.Output("heat", display_name="heat", tooltip="Heat maps for 'Mask'.")],
         )
 
     @classmethod
@@ -56,7 +56,7 @@ class AnchorDiffConceptAttentionHeat(io.ComfyNode):
                 io.String.Input("layers", default="", tooltip=LAYERS_TIP),
                 _image_input(),
             ],
-            outputs=[Heat.Output("heat", tooltip="Heat maps for 'Mask'.")],
+            outputs=[Heat.Output("heat", display_name="heat", tooltip="Heat maps for 'Mask'.")],
         )
 
     @classmethod
@@ -74,7 +74,7 @@ class AnchorDiffSeg4DiffHeat(io.ComfyNode):
             category=BASELINE_CATEGORY,
             description="Seg4Diff (Kim et al., 2025): image-to-text attention of the expert block (set on the recorder).",
             inputs=[Maps.Input("maps", tooltip=MAPS_TIP), _image_input()],
-            outputs=[Heat.Output("heat", tooltip="Heat maps for 'Mask'.")],
+            outputs=[Heat.Output("heat", display_name="heat", tooltip="Heat maps for 'Mask'.")],
         )
 
     @classmethod

@@ -141,7 +141,10 @@ class AnchorDiffLookAtImage(io.ComfyNode):
                 Concepts.Input("concepts", tooltip="From 'AnchorDiff Concepts'."),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the image (CLIP Text Encode)."),
                 io.Latent.Input("latent", tooltip="The image's latent, from VAE Encode."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the added noise."),
+                io.Int.Input(
+                    "seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                    tooltip="Seed of the added noise (fixed: the same image gives the same maps).",
+                ),
                 io.Float.Input(
                     "record_at", default=0.5, min=0.01, max=0.99, step=0.01,
                     tooltip="Noise level as a fraction of the trajectory (0.5 = the paper's midpoint).",

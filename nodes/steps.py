@@ -106,7 +106,7 @@ class AnchorDiffPropagate(io.ComfyNode):
             inputs=[
                 Graph.Input("graph", tooltip="From 'Build Gated Graph'."),
                 Anchors.Input("anchors", tooltip="From 'Anchor Select' (same maps as the graph)."),
-                io.Int.Input("steps", default=160, min=0, max=10000, tooltip="Propagation steps (paper: 160; more spreads further and leaks more)."),
+                io.Int.Input("steps", default=160, min=0, max=10000, tooltip="Propagation steps. 160 is the paper's value for 1024 x 1024 images (64 x 64 tokens); smaller images need fewer (the heat spreads over a small grid sooner). More spreads further and leaks more."),
             ],
             outputs=[Heat.Output("heat", display_name="heat", tooltip="Heat maps for 'Mask'.")],
         )

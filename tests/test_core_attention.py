@@ -66,7 +66,7 @@ def test_key_column_attention_reads_columns_of_the_full_softmax():
 
 def test_attention_output_matches_manual():
     q, k, v = qkv(1, 6, 2, 4, seed=5)
-    got = ad.attention(q[:, :3], k, v, heads=2)
+    got = ad.multihead_attention(q[:, :3], k, v, heads=2)
     p = torch.softmax(q[:, :3].view(1, 3, 2, 4).transpose(1, 2) @ k.view(1, 6, 2, 4).permute(0, 2, 3, 1) / 2.0, -1)
     expected = (p @ v.view(1, 6, 2, 4).transpose(1, 2)).transpose(1, 2).reshape(1, 3, 8)
     torch.testing.assert_close(got, expected)

@@ -140,7 +140,7 @@ MAPS_IN = ("maps", "ANCHORDIFF_MAPS", None)
 IMAGE_OPT = ("image" + OPTIONAL, "IMAGE", None)
 # The baselines' output still shows its type as label: relabel 'heat' once main (which changed the
 # neighbouring lines of nodes/baselines.py) is merged.
-BASELINE_OUT = [("ANCHORDIFF_HEAT", "ANCHORDIFF_HEAT")]
+BASELINE_OUT = [("ANCHORDIFF_HEAT", "heat")]
 EXPECTED = {  # node id: (display name, category, [(input, type, default)], [(output type, output name)])
     "AnchorDiffConcepts": ("AnchorDiff Concepts", "AnchorDiff",
                            [("clip", "CLIP", None), ("concepts", "STRING", "cat, dog")],
