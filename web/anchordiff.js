@@ -155,6 +155,8 @@ class Preview {
     overlay.classList.add("anchordiff-overlay");
     overlay.setAttribute("preserveAspectRatio", "xMidYMid meet"); // = the image's object-fit: contain
     img.addEventListener("load", () => {
+      // the row's own height where the frontend sizes widgets by their content (Nodes 2.0)
+      row.style.aspectRatio = `${img.naturalWidth} / ${img.naturalHeight}`;
       overlay.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
       this.drawPending();
       this.fitNode();
