@@ -1,0 +1,490 @@
+"""The web extension in a real browser: a real ComfyUI server (this repository as a custom node,
+the test node pack, tiny models) and Debian's Chromium driven by playwright-python.
+
+Needs Chromium (scripts/install_browser.sh). Without it these tests skip, saying so; with
+ANCHORDIFF_REQUIRE_BROWSER=1 (CI) a missing browser fails instead.
+Screenshots go to test-artifacts/. ANCHORDIFF_UPDATE_DOCS=1 also refreshes docs/images/nodes.png.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+DOCS_SCREENSHOT = REPO / "docs" / "images" / "nodes.png"
+PACK_NAME = "anchordiff"  # folder name in custom_nodes/: the JS is served under /extensions/anchordiff/
+EXTENSION = "AnchorDiff.Previews"
+CHROMIUM_FLAGS = [  # the headless flags that work here (team notes on ComfyUI)
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run",
+]
+VIEWPORT = {"width": 1600, "height": 1000}
+RUN_TIMEOUT = 180.0  # s for one queued prompt of the tiny chain (about 2-15 s here)
+
+
+def find_chromium() -> str | None:
+    for candidate in (os.environ.get("ANCHORDIFF_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+CHROMIUM = find_chromium()
+if CHROMIUM is None:
+    reason = "Chromium not found (/usr/bin/chromium, PATH, $ANCHORDIFF_CHROMIUM): run scripts/install_browser.sh"
+    if os.environ.get("ANCHORDIFF_REQUIRE_BROWSER") == "1":
+        raise RuntimeError(reason + " (ANCHORDIFF_REQUIRE_BROWSER=1)")
+    pytest.skip(reason, allow_module_level=True)
+
+from playwright.sync_api import sync_playwright  # noqa: E402  (after the browser check)
+
+
+def ui_workflows() -> list[Path]:
+    """workflows/*.json in the UI format (nodes + links); API prompts ({id: {class_type}}) are not."""
+    found = []
+    for path in sorted((REPO / "workflows").glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and isinstance(data.get("nodes"), list):
+            found.append(path)
+    return found
+
+
+# ---- the server --------------------------------------------------------------------------
+
+def http_json(url: str, data=None):
+    body = None if data is None else json.dumps(data).encode()
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        raw = r.read()
+    return json.loads(raw) if raw else None
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from fixtures.comfy_base import populate_base_dir
+    from fixtures.comfy_server import start_server
+
+    base = populate_base_dir(tmp_path_factory.mktemp("comfy_browser"))
+    (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+    proc, url = start_server(base)
+    try:
+        info = http_json(url + "/object_info")
+        assert "AnchorDiffAnchorSelect" in info, f"our nodes did not load; see {base / 'server.log'}"
+        http_json(url + "/api/settings/Comfy.TutorialCompleted", True)  # no Templates dialog
+        http_json(url + "/api/settings/Comfy.Minimap.Visible", False)  # cleaner screenshots
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except Exception:
+            proc.kill()
+
+
+def history(url: str) -> dict:
+    return http_json(url + "/history")
+
+
+def wait_for_new_run(url: str, before: set[str]) -> dict:
+    """The history entry of the one prompt queued since `before`, once it has finished."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        new = {k: v for k, v in history(url).items() if k not in before}
+        done = [v for v in new.values() if v["status"].get("completed") is not None]
+        if done:
+            entry = done[0]
+            errors = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+            assert entry["status"]["status_str"] == "success", errors
+            return entry
+        time.sleep(0.5)
+    raise TimeoutError(f"no finished run within {RUN_TIMEOUT} s")
+
+
+def output_images(url: str, entry: dict, node_id: str) -> list[np.ndarray]:
+    out = []
+    for image in entry["outputs"][node_id]["images"]:
+        query = urllib.parse.urlencode({k: image[k] for k in ("filename", "subfolder", "type")})
+        with urllib.request.urlopen(f"{url}/view?{query}", timeout=30) as r:
+            out.append(np.asarray(Image.open(io.BytesIO(r.read())).convert("L")))
+    return out
+
+
+# ---- the browser -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def playwright_driver():
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture
+def browser_context(playwright_driver, tmp_path):
+    """Chromium with a fresh user-data-dir for each test: no workflow restored from an earlier test."""
+    context = playwright_driver.chromium.launch_persistent_context(
+        str(tmp_path / "chromium_profile"), executable_path=CHROMIUM, headless=True,
+        args=CHROMIUM_FLAGS, viewport=VIEWPORT,
+    )
+    # The "Nodes 2.0" banner keeps its dismissal in localStorage; dismiss it for screenshots.
+    context.add_init_script("localStorage.setItem('vueNodesBannerDismissed', 'true')")
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+class Page:
+    """The ComfyUI page plus what its console said."""
+
+    def __init__(self, page, url: str):
+        self.page, self.url = page, url
+        self.messages: list[str] = []  # "type: text @ url"
+        self.responses: dict[str, int] = {}
+        handlers = {
+            "console": lambda m: self.messages.append(f"{m.type}: {m.text} @ {m.location.get('url', '')}"),
+            "pageerror": lambda e: self.messages.append(f"pageerror: {e} @ {e.stack or ''}"),
+            "response": lambda r: self.responses.__setitem__(r.url, r.status),
+        }
+        for event, handler in handlers.items():
+            page.on(event, handler)
+
+    def open(self):
+        self.page.goto(self.url)
+        # our node types registered and the start-up workflow shown: the app is set up
+        self.page.wait_for_function(
+            "window.LiteGraph?.registered_node_types?.AnchorDiffAnchorSelect"
+            " && document.querySelector('link[href*=\"anchordiff.css\"]')"  # our setup() ran
+            " && window.comfyAPI.app.app.graph?.nodes?.length > 0",  # the start-up workflow is in
+            timeout=60_000,
+        )
+
+    def js(self, script: str, arg=None):
+        return self.page.evaluate(script, arg)
+
+    def our_errors(self) -> list[str]:
+        """Errors raised in or logged from our extension's module (its URL is in the message or stack)."""
+        ours = f"/extensions/{PACK_NAME}/"
+        return [m for m in self.messages if m.startswith(("error", "pageerror")) and ours in m]
+
+
+@pytest.fixture
+def ui(browser_context, server):
+    page = browser_context.pages[0] if browser_context.pages else browser_context.new_page()
+    p = Page(page, server)
+    p.open()
+    return p
+
+
+# A graph built in the page: {id, type, pos, size, widgets: {name: value}, inputs: {name: [id, slot]}}
+BUILD_GRAPH = """(spec) => {
+  const app = window.comfyAPI.app.app, made = {};
+  app.graph.clear();
+  for (const n of spec) {
+    const node = window.LiteGraph.createNode(n.type);
+    if (!node) throw new Error("cannot create " + n.type);
+    node.pos = n.pos;
+    app.graph.add(node);
+    for (const [name, value] of Object.entries(n.widgets || {})) {
+      const w = node.widgets?.find((w) => w.name === name);
+      if (!w) throw new Error(n.type + " has no widget " + name);
+      w.value = value;
+    }
+    if (n.size) node.setSize(n.size);
+    made[n.id] = node;
+  }
+  for (const n of spec)
+    for (const [input, [src, slot]] of Object.entries(n.inputs || {})) {
+      const index = made[n.id].findInputSlot(input);
+      if (index < 0 || !made[src].connect(slot, made[n.id], index)) throw new Error("cannot link " + n.type + "." + input);
+    }
+  app.canvas.ds.scale = 1;
+  app.canvas.ds.offset = [0, 0];
+  app.graph.setDirtyCanvas(true, true);
+  return Object.fromEntries(Object.entries(made).map(([k, v]) => [k, String(v.id)]));
+}"""
+
+CHAIN = [
+    {"id": "unet", "type": "UNETLoader", "pos": [20, 20], "widgets": {"unet_name": "tiny_sd3.safetensors"}},
+    {"id": "clip", "type": "AnchorDiffTestCLIP", "pos": [20, 140]},
+    {"id": "vae", "type": "VAELoader", "pos": [20, 230], "widgets": {"vae_name": "taesd3"}},
+    {"id": "pos", "type": "CLIPTextEncode", "pos": [20, 330], "size": [290, 110], "widgets": {"text": "a cat and a dog"},
+     "inputs": {"clip": ["clip", 0]}},
+    {"id": "neg", "type": "CLIPTextEncode", "pos": [20, 470], "size": [290, 110], "widgets": {"text": ""},
+     "inputs": {"clip": ["clip", 0]}},
+    {"id": "latent", "type": "EmptySD3LatentImage", "pos": [20, 610], "widgets": {"width": 256, "height": 256}},
+    {"id": "concepts", "type": "AnchorDiffConcepts", "pos": [340, 20], "size": [300, 110], "widgets": {"concepts": "cat, dog"},
+     "inputs": {"clip": ["clip", 0]}},
+    {"id": "record", "type": "AnchorDiffRecordAttention", "pos": [340, 160],
+     "inputs": {"model": ["unet", 0], "concepts": ["concepts", 0]}},
+    {"id": "sampler", "type": "KSampler", "pos": [340, 400],
+     "widgets": {"seed": 1, "control_after_generate": "fixed", "steps": 4, "cfg": 4.0, "scheduler": "simple"},
+     "inputs": {"model": ["record", 0], "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["latent", 0]}},
+    {"id": "decode", "type": "VAEDecode", "pos": [340, 700], "inputs": {"samples": ["sampler", 0], "vae": ["vae", 0]}},
+    {"id": "read", "type": "AnchorDiffReadMaps", "pos": [680, 20], "inputs": {"recorder": ["record", 1], "latent": ["sampler", 0]}},
+    {"id": "anchors", "type": "AnchorDiffAnchorSelect", "pos": [680, 130], "size": [440, 560],
+     "inputs": {"maps": ["read", 0], "image": ["decode", 0]}},
+    {"id": "graph", "type": "AnchorDiffBuildGatedGraph", "pos": [680, 730], "inputs": {"maps": ["read", 0]}},
+    {"id": "prop", "type": "AnchorDiffPropagate", "pos": [1160, 20], "size": [440, 330],
+     "inputs": {"graph": ["graph", 0], "anchors": ["anchors", 0]}},
+    {"id": "mask", "type": "AnchorDiffMask", "pos": [1160, 390], "size": [300, 470],
+     "inputs": {"heat": ["prop", 0], "image": ["decode", 0]}},
+    {"id": "m2i", "type": "MaskToImage", "pos": [1490, 390], "inputs": {"mask": ["mask", 0]}},
+    {"id": "save", "type": "SaveImage", "pos": [1490, 490], "size": [260, 200], "widgets": {"filename_prefix": "anchordiff_mask"},
+     "inputs": {"images": ["m2i", 0]}},
+    {"id": "baseline", "type": "AnchorDiffCrossAttentionHeat", "pos": [1790, 20], "size": [440, 330],
+     "inputs": {"maps": ["read", 0], "image": ["decode", 0]}},
+    {"id": "bmask", "type": "AnchorDiffMask", "pos": [1790, 390], "size": [300, 470], "inputs": {"heat": ["baseline", 0]}},
+    {"id": "bpreview", "type": "MaskPreview", "pos": [2120, 390], "size": [220, 200], "inputs": {"mask": ["bmask", 0]}},
+]
+PREVIEWED = ["AnchorDiffAnchorSelect", "AnchorDiffPropagate", "AnchorDiffMask", "AnchorDiffCrossAttentionHeat"]
+
+
+def preview_img(ui: Page, node_id: str):
+    return ui.page.locator(f'.anchordiff-preview[data-node-id="{node_id}"] img.anchordiff-image').first
+
+
+def wait_loaded(ui: Page, node_id: str, not_src: str | None = None) -> str:
+    """Wait until the node's preview shows a loaded picture (other than `not_src`); its src."""
+    ui.page.wait_for_function(
+        """([id, old]) => { const i = document.querySelector(`.anchordiff-preview[data-node-id="${id}"] img`);
+            return i && i.complete && i.naturalWidth > 0 && i.src !== old; }""",
+        arg=[node_id, not_src], timeout=RUN_TIMEOUT * 1000,
+    )
+    return preview_img(ui, node_id).get_attribute("src")
+
+
+def show_node(ui: Page, node_id: str):
+    """Centre the canvas on a node (DOM widgets off screen are hidden)."""
+    ui.js("""(id) => { const c = window.comfyAPI.app.app.canvas;
+        c.centerOnNode(c.graph.getNodeById(Number(id))); c.setDirty(true, true); }""", node_id)
+    ui.page.wait_for_timeout(300)
+
+
+def widget_value(ui: Page, node_id: str, name: str):
+    return ui.js("([id, name]) => window.comfyAPI.app.app.graph.getNodeById(Number(id)).widgets.find((w) => w.name === name).value",
+                    [node_id, name])
+
+
+def run(ui: Page) -> dict:
+    before = set(history(ui.url))
+    ui.page.get_by_role("button", name="Run", exact=True).click()
+    return wait_for_new_run(ui.url, before)
+
+
+def client_point(box: dict, natural: tuple[int, int], info: dict, concept: int, x: float, y: float) -> tuple[int, int]:
+    """Screen point over image pixel (x, y) in panel `concept` of a preview shown with object-fit: contain
+    (written independently of the extension's mapping), rounded to whole screen pixels."""
+    (nw, nh), (h, w) = natural, info["image_size"]
+    scale = min(box["width"] / nw, box["height"] / nh)
+    left = box["x"] + (box["width"] - nw * scale) / 2
+    top = box["y"] + (box["height"] - nh * scale) / 2
+    panel_w = nw * scale / info["panels"]
+    return round(left + panel_w * (concept + (x + 0.5) / w)), round(top + nh * scale * (y + 0.5) / h)
+
+
+def image_point(box: dict, natural: tuple[int, int], info: dict, cx: float, cy: float) -> tuple[int, int, int]:
+    """(concept, x, y) under screen point (cx, cy): the inverse of client_point."""
+    (nw, nh), (h, w) = natural, info["image_size"]
+    scale = min(box["width"] / nw, box["height"] / nh)
+    fx = (cx - box["x"] - (box["width"] - nw * scale) / 2) / (nw * scale) * info["panels"]
+    fy = (cy - box["y"] - (box["height"] - nh * scale) / 2) / (nh * scale)
+    concept = int(fx)
+    return concept, int((fx - concept) * w), int(fy * h)
+
+
+def assert_anchor_line(text: str, name: str, expected: tuple[int, int], tolerance: int):
+    assert text.count("\n") == 0 and text.startswith(f"{name}: "), text
+    x, y = (int(v) for v in text.split(":", 1)[1].split(","))
+    assert abs(x - expected[0]) <= tolerance and abs(y - expected[1]) <= tolerance, (text, expected)
+
+
+def screenshot(ui: Page, name: str, clip: dict | None = None) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    ui.page.screenshot(path=str(path), clip=clip)
+    return path
+
+
+def small_png(src: Path, dst: Path, limit: int = 300_000, width: int = 1200) -> Path:
+    """A smaller palette PNG of a screenshot (UI pictures survive 256 colours), under `limit` bytes."""
+    image = Image.open(src).convert("RGB")
+    if image.width > width:
+        image = image.resize((width, round(image.height * width / image.width)), Image.Resampling.LANCZOS)
+    for colors in (256, 128, 64):
+        image.quantize(colors=colors, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+        if dst.stat().st_size < limit:
+            break
+    assert dst.stat().st_size < limit, dst.stat().st_size
+    return dst
+
+
+# ---- the tests ---------------------------------------------------------------------------
+
+def test_extension_loads(ui):
+    script = f"{ui.url}/extensions/{PACK_NAME}/anchordiff.js"
+    assert ui.responses.get(script) == 200, [u for u in ui.responses if "anchordiff" in u]
+    assert ui.js(f"() => window.comfyAPI.app.app.extensions.some((e) => e.name === '{EXTENSION}')")
+    assert ui.js("() => window.comfyAPI.app.app.extensionManager.setting.get('AnchorDiff.Preview.Legend')") is True
+    # our widgets on freshly created nodes: a preview on each previewing node, the reset button on Anchor Select
+    widgets = ui.js("""(types) => Object.fromEntries(types.map((t) => {
+        const node = window.LiteGraph.createNode(t);
+        return [t, node.widgets.map((w) => w.name)]; }))""", PREVIEWED + ["AnchorDiffBuildGatedGraph"])
+    for node_type in PREVIEWED:
+        assert "anchordiff_preview" in widgets[node_type], widgets[node_type]
+    assert "reset to automatic" in widgets["AnchorDiffAnchorSelect"]
+    assert "reset to automatic" not in widgets["AnchorDiffPropagate"]
+    assert "anchordiff_preview" not in widgets["AnchorDiffBuildGatedGraph"]
+    assert not ui.our_errors(), ui.our_errors()
+
+
+def test_chain_previews_and_click_to_anchor(ui, server):
+    ids = ui.js(BUILD_GRAPH, CHAIN)
+    page = ui.page
+
+    # --- first run: automatic anchors ---
+    first = run(ui)
+    srcs = {t: wait_loaded(ui, ids[n]) for t, n in
+            [("select", "anchors"), ("prop", "prop"), ("mask", "mask"), ("baseline", "baseline")]}
+    for node_id in (ids["anchors"], ids["prop"], ids["mask"], ids["baseline"]):
+        show_node(ui, node_id)
+        legend = page.locator(f'.anchordiff-preview[data-node-id="{node_id}"] .anchordiff-legend-item')
+        assert legend.all_inner_texts() == ["1: cat", "2: dog"]
+        assert preview_img(ui, node_id).is_visible()
+    info = first["outputs"][ids["anchors"]]["anchordiff"][0]
+    assert info["panels"] == 2 and info["image_size"] == [256, 256] and info["manual"] == [False, False]
+    _, dog0 = output_images(server, first, ids["save"])
+    show_node(ui, ids["anchors"])
+    screenshot(ui, "browser_first_run.png")
+
+    # --- click-to-anchor: a point of the dog panel far outside the first dog mask ---
+    import cv2
+    outside = (dog0 < 128).astype(np.uint8)
+    assert outside.any() and not outside.all(), "first dog mask is empty or full"
+    distance = cv2.distanceTransform(outside, cv2.DIST_L2, 5)
+    margin = 12  # stay clear of the panel's edges
+    distance[:margin], distance[-margin:], distance[:, :margin], distance[:, -margin:] = 0, 0, 0, 0
+    y, x = np.unravel_index(int(distance.argmax()), distance.shape)
+    img = preview_img(ui, ids["anchors"])
+    box = img.bounding_box()
+    natural = tuple(img.evaluate("(i) => [i.naturalWidth, i.naturalHeight]"))
+    cx, cy = client_point(box, natural, info, 1, x, y)
+    expected = image_point(box, natural, info, cx, cy)
+    assert expected[0] == 1
+    page.mouse.click(cx, cy)
+    assert_anchor_line(widget_value(ui, ids["anchors"], "manual_anchors"), "dog", expected[1:], 1)
+    assert page.locator(f'.anchordiff-preview[data-node-id="{ids["anchors"]}"] circle.anchordiff-pending').count() > 0
+
+    # shift-click adds a second dog point; a plain click on the cat panel adds a cat line
+    other = client_point(box, natural, info, 1, 20, 20)
+    page.keyboard.down("Shift")
+    page.mouse.click(*other)
+    page.keyboard.up("Shift")
+    page.mouse.click(*client_point(box, natural, info, 0, 200, 40))
+    lines = widget_value(ui, ids["anchors"], "manual_anchors").split("\n")
+    assert [line.split(":")[0] for line in lines] == ["dog", "dog", "cat"], lines
+
+    # "reset to automatic" (a canvas-drawn button widget) clears it all
+    button = ui.js("""(id) => { const app = window.comfyAPI.app.app, node = app.graph.getNodeById(Number(id));
+        const w = node.widgets.find((w) => w.name === 'reset to automatic');
+        return app.canvasPosToClientPos([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + 10]); }""", ids["anchors"])
+    page.mouse.click(*button)
+    assert widget_value(ui, ids["anchors"], "manual_anchors") == ""
+    assert page.locator(f'.anchordiff-preview[data-node-id="{ids["anchors"]}"] circle.anchordiff-pending').count() == 0
+
+    # the dog anchor again: a plain click replaces the dog line
+    page.mouse.click(*other)
+    page.mouse.click(cx, cy)
+    text = widget_value(ui, ids["anchors"], "manual_anchors")
+    assert_anchor_line(text, "dog", expected[1:], 1)
+    assert page.locator(f'.anchordiff-preview[data-node-id="{ids["anchors"]}"] circle.anchordiff-pending').count() > 0
+    screenshot(ui, "browser_pending_anchor.png")
+
+    # it is a widget value: in the saved workflow and in the prompt sent to the server
+    saved = ui.js("() => window.comfyAPI.app.app.graph.serialize()")
+    node = next(n for n in saved["nodes"] if str(n["id"]) == ids["anchors"])
+    assert text in node["widgets_values"]
+    prompt = ui.js("async () => (await window.comfyAPI.app.app.graphToPrompt()).output")
+    assert prompt[ids["anchors"]]["inputs"]["manual_anchors"] == text
+
+    # --- second run: the manual dog anchor changes the dog mask ---
+    second = run(ui)
+    wait_loaded(ui, ids["anchors"], srcs["select"])
+    wait_loaded(ui, ids["mask"], srcs["mask"])
+    assert second["outputs"][ids["anchors"]]["anchordiff"][0]["manual"] == [False, True]
+    _, dog1 = output_images(server, second, ids["save"])
+    changed = np.mean((dog1 >= 128) != (dog0 >= 128))
+    assert changed > 0.01, f"the dog mask barely changed ({changed:.2%} of pixels)"
+    assert page.locator(f'.anchordiff-preview[data-node-id="{ids["anchors"]}"] circle.anchordiff-pending').count() == 0
+    screenshot(ui, "browser_manual_anchor.png")
+
+    # --- our nodes in the canvas, for the README ---
+    # below the top bar and the floating Run bar, right of the side bar: our nodes, ReadMaps to the baseline
+    ui.js("""() => { const c = window.comfyAPI.app.app.canvas; c.deselectAll?.();
+        c.ds.scale = 0.8; c.ds.offset = [-567, 217]; c.setDirty(true, true); }""")
+    page.wait_for_timeout(500)
+    shot = screenshot(ui, "nodes_full.png", clip={"x": 70, "y": 140, "width": 1440, "height": 790})
+    small = small_png(shot, ARTIFACTS / "nodes.png")
+    if os.environ.get("ANCHORDIFF_UPDATE_DOCS") == "1":
+        DOCS_SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(small, DOCS_SCREENSHOT)
+
+    # --- the saved workflow loads back with the anchor text ---
+    ui.js("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, 'roundtrip'); }", saved)
+    assert widget_value(ui, ids["anchors"], "manual_anchors") == text
+    assert not ui.our_errors(), ui.our_errors()
+
+
+def load_workflow(ui: Page, workflow: dict, name: str) -> tuple[list[str], list[str]]:
+    """Load a UI workflow as the app does; (node types missing, texts of dialogs and error toasts shown)."""
+    ui.js("""async ([wf, name]) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, name,
+             { showMissingNodesDialog: true, showMissingModelsDialog: false }); }""", [workflow, name])
+    ui.page.wait_for_timeout(500)  # dialogs open asynchronously
+    missing = ui.js("""() => window.comfyAPI.app.app.graph.nodes
+        .filter((n) => !window.LiteGraph.registered_node_types[n.type]).map((n) => n.type)""")
+    shown = ui.page.locator(".p-dialog:visible, .p-toast-message-error:visible")
+    return missing, [shown.nth(i).inner_text()[:300] for i in range(shown.count())]
+
+
+def close_dialogs(ui: Page):
+    ui.page.keyboard.press("Escape")
+    ui.page.locator(".p-dialog:visible").first.wait_for(state="hidden", timeout=5000)
+
+
+def test_workflow_check_sees_missing_nodes(ui):
+    """The check used on workflows/ below does notice an unknown node type (and its dialog)."""
+    ids = ui.js(BUILD_GRAPH, CHAIN[:3])
+    workflow = ui.js("() => window.comfyAPI.app.app.graph.serialize()")
+    next(n for n in workflow["nodes"] if str(n["id"]) == ids["clip"])["type"] = "AnchorDiffNoSuchNode"
+    missing, shown = load_workflow(ui, workflow, "missing_node")
+    assert missing == ["AnchorDiffNoSuchNode"]
+    assert any("AnchorDiffNoSuchNode" in text for text in shown), shown
+    close_dialogs(ui)
+
+
+WORKFLOWS = ui_workflows()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [pytest.param(p, id=p.name) for p in WORKFLOWS]
+    or [pytest.param(None, marks=pytest.mark.skip(reason="no UI workflows in workflows/*.json yet"))],
+)
+def test_workflow_loads(ui, path):
+    workflow = json.loads(path.read_text())
+    missing, shown = load_workflow(ui, workflow, path.stem)
+    assert missing == [], f"{path.name}: node types missing: {missing}"
+    assert shown == [], f"{path.name}: dialog or error shown: {shown}"
+    loaded = ui.js("() => window.comfyAPI.app.app.graph.nodes.length")
+    assert loaded == len(workflow["nodes"]), (loaded, len(workflow["nodes"]))
+    assert not [m for m in ui.messages if m.startswith("pageerror")], ui.messages

@@ -1,0 +1,328 @@
+// AnchorDiff for ComfyUI: readable previews on our nodes and click-to-anchor on "Anchor Select".
+//
+// The backend renders each preview as one row of panels (one per concept) and sends, next to
+// `images`, `anchordiff: [{concepts, colors, image_size: [H, W], panels, manual}]`.  This extension
+// shows those rows in a DOM widget of our own (so the click geometry is the <img>'s own), with a
+// legend of the concept colours.  On Anchor Select, a click on panel c writes "<concept>: x, y"
+// (image pixels) into the node's `manual_anchors` widget; shift-click adds another point.
+// Only our own node types are touched, through beforeRegisterNodeDef / nodeCreated.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const ANCHOR_SELECT = "AnchorDiffAnchorSelect";
+const PREVIEW_NODES = new Set([
+  ANCHOR_SELECT,
+  "AnchorDiffPropagate",
+  "AnchorDiffMask",
+  "AnchorDiffCrossAttentionHeat",
+  "AnchorDiffConceptAttentionHeat",
+  "AnchorDiffSeg4DiffHeat",
+]);
+const PREVIEW_WIDGET = "anchordiff_preview";
+const RESET_BUTTON = "reset to automatic";
+const LEGEND_SETTING = "AnchorDiff.Preview.Legend";
+const PANEL_MIN_WIDTH = 200; // px of node width per concept panel when a preview arrives
+const NODE_MAX_WIDTH = 1000;
+const LEGEND_HEIGHT = 18; // px, as in anchordiff.css
+const HINT_HEIGHT = 16;
+const ROW_MAX_HEIGHT = 480; // px: taller pictures are shown smaller (object-fit: contain)
+
+// ---- geometry -------------------------------------------------------------------------------
+
+/** Client point -> {concept, x, y} in image pixels, or null outside the picture.
+ *  `rect`: the <img> box on screen (getBoundingClientRect); `natural`: [width, height] of the
+ *  preview picture.  The picture is shown with object-fit: contain, so it is scaled uniformly and
+ *  centred in the box.  It is `panels` equal panels side by side; each panel is the whole
+ *  image_size [H, W] image. */
+export function clientToImagePoint(info, rect, natural, clientX, clientY) {
+  const [naturalW, naturalH] = natural;
+  const [imageH, imageW] = info.image_size;
+  const scale = Math.min(rect.width / naturalW, rect.height / naturalH);
+  const shownW = naturalW * scale;
+  const shownH = naturalH * scale;
+  const fx = (clientX - rect.left - (rect.width - shownW) / 2) / shownW; // 0..1 across all panels
+  const fy = (clientY - rect.top - (rect.height - shownH) / 2) / shownH; // 0..1 down
+  if (!(fx >= 0 && fx < 1 && fy >= 0 && fy < 1)) return null;
+  const across = fx * info.panels;
+  const concept = Math.floor(across);
+  const clamp = (v, n) => Math.min(n - 1, Math.max(0, Math.floor(v)));
+  return { concept, x: clamp((across - concept) * imageW, imageW), y: clamp(fy * imageH, imageH) };
+}
+
+// ---- the manual_anchors text ----------------------------------------------------------------
+
+/** How a concept is named in a "<concept>: x, y" line: its name, or its 1-based number where
+ *  the name would be read otherwise (all digits, or containing the ';' separator). */
+function conceptLabel(info, concept) {
+  const name = info.concepts[concept];
+  return /^\d+$/.test(name) || name.includes(";") || name.includes("\n") ? String(concept + 1) : name;
+}
+
+/** The manual_anchors text with a point for `concept` put in: replacing that concept's lines,
+ *  or added to them when `add` (shift-click). Other lines are kept as they are. */
+export function withAnchor(text, info, point, add) {
+  const name = info.concepts[point.concept];
+  const number = String(point.concept + 1);
+  const lines = (text || "").split(/[\n;]/).map((l) => l.trim()).filter(Boolean);
+  const ofConcept = (line) => {
+    const colon = line.lastIndexOf(":");
+    const who = colon < 0 ? "" : line.slice(0, colon).trim();
+    return who === name || who === number;
+  };
+  const kept = add ? lines : lines.filter((l) => !ofConcept(l));
+  kept.push(`${conceptLabel(info, point.concept)}: ${point.x}, ${point.y}`);
+  return kept.join("\n");
+}
+
+// ---- the preview widget ---------------------------------------------------------------------
+
+function el(tag, className, props = {}) {
+  const e = document.createElement(tag);
+  if (className) e.className = className;
+  return Object.assign(e, props);
+}
+
+function imageURL(image) {
+  const params = new URLSearchParams({ filename: image.filename, type: image.type, subfolder: image.subfolder ?? "" });
+  return api.apiURL(`/view?${params}${app.getPreviewFormatParam()}${app.getRandParam()}`);
+}
+
+function toast(severity, summary, detail) {
+  app.extensionManager?.toast?.add({ severity, summary, detail, life: 4000 });
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+
+/** State and DOM of one node's preview. */
+class Preview {
+  constructor(node) {
+    this.node = node;
+    this.info = null;
+    this.key = "";
+    this.pending = []; // manual points placed since the last run: {concept, x, y}
+    this.legendShown = true;
+    this.root = el("div", "anchordiff-preview");
+    this.root.dataset.nodeType = node.comfyClass;
+    this.legend = el("div", "anchordiff-legend");
+    this.rows = el("div", "anchordiff-rows");
+    this.hint = el("div", "anchordiff-hint");
+    this.root.append(this.legend, this.rows, this.hint);
+    this.clickable = node.comfyClass === ANCHOR_SELECT;
+    this.setHint();
+  }
+
+  setHint() {
+    if (!this.info) this.hint.textContent = "Run the workflow to see the preview.";
+    else if (this.clickable) this.hint.textContent = "Click a panel to anchor that concept there; shift-click adds a point.";
+    else this.hint.textContent = "";
+  }
+
+  /** Show a node output ({images, anchordiff}); the same output twice is shown once. */
+  show(output) {
+    const info = output?.anchordiff?.[0];
+    const images = output?.images ?? [];
+    const key = images.map((i) => `${i.type}/${i.subfolder}/${i.filename}`).join("|");
+    if (!info || !images.length || key === this.key) return;
+    this.key = key;
+    this.info = info;
+    this.pending = [];
+    this.root.dataset.nodeId = String(this.node.id);
+    this.drawLegend();
+    this.rows.replaceChildren(...images.map((image) => this.row(image)));
+    this.setHint();
+  }
+
+  drawLegend() {
+    const { info } = this;
+    const on = app.extensionManager?.setting?.get(LEGEND_SETTING) ?? true;
+    this.legendShown = on;
+    this.legend.style.display = on ? "" : "none";
+    this.legend.replaceChildren(
+      ...info.concepts.map((name, c) => {
+        const item = el("span", "anchordiff-legend-item", { title: info.manual?.[c] ? "anchor placed by hand" : "" });
+        const swatch = el("span", "anchordiff-swatch");
+        swatch.style.background = info.colors[c];
+        item.append(swatch, `${c + 1}: ${name}${info.manual?.[c] ? " (manual)" : ""}`);
+        return item;
+      }),
+    );
+  }
+
+  row(image) {
+    const row = el("div", "anchordiff-row");
+    const img = el("img", "anchordiff-image", { draggable: false, alt: "AnchorDiff preview" });
+    const overlay = document.createElementNS(SVG, "svg");
+    overlay.classList.add("anchordiff-overlay");
+    overlay.setAttribute("preserveAspectRatio", "xMidYMid meet"); // = the image's object-fit: contain
+    img.addEventListener("load", () => {
+      // the row's own height where the frontend sizes widgets by their content (Nodes 2.0)
+      row.style.aspectRatio = `${img.naturalWidth} / ${img.naturalHeight}`;
+      overlay.setAttribute("viewBox", `0 0 ${img.naturalWidth} ${img.naturalHeight}`);
+      this.drawPending();
+      this.fitNode();
+    });
+    img.src = imageURL(image);
+    row.append(img, overlay);
+    if (this.clickable) {
+      row.classList.add("anchordiff-clickable");
+      // On press, where the user sees the picture (not a canvas drag or a node selection).
+      row.addEventListener("pointerdown", (e) => {
+        if (e.button !== 0) return;
+        e.stopPropagation();
+        this.onClick(e, img);
+      });
+    }
+    return row;
+  }
+
+  /** Markers for the points placed since the last run, in preview-picture coordinates. */
+  drawPending() {
+    const { info } = this;
+    for (const row of this.rows.children) {
+      const img = row.querySelector("img");
+      const overlay = row.querySelector("svg");
+      overlay.replaceChildren();
+      if (!info || !img.naturalWidth) continue;
+      const panelW = img.naturalWidth / info.panels;
+      for (const p of this.pending) {
+        const cx = (p.concept + (p.x + 0.5) / info.image_size[1]) * panelW;
+        const cy = ((p.y + 0.5) / info.image_size[0]) * img.naturalHeight;
+        const r = Math.max(8, img.naturalHeight / 18);
+        const shapes = [
+          { r, fill: "none", stroke: "#000", "stroke-width": 5 },
+          { r, fill: "none", stroke: info.colors[p.concept], "stroke-width": 2.5, "stroke-dasharray": "4 3" },
+          { r: 2.5, fill: "#fff", stroke: "#000", "stroke-width": 1 },
+        ];
+        for (const attrs of shapes) {
+          const circle = document.createElementNS(SVG, "circle");
+          Object.entries({ cx, cy, ...attrs }).forEach(([k, v]) => circle.setAttribute(k, v));
+          circle.classList.add("anchordiff-pending");
+          overlay.append(circle);
+        }
+      }
+    }
+  }
+
+  onClick(event, img) {
+    if (!this.info || !img.naturalWidth) return;
+    const point = clientToImagePoint(this.info, img.getBoundingClientRect(), [img.naturalWidth, img.naturalHeight], event.clientX, event.clientY);
+    if (!point) return;
+    const widget = this.node.widgets?.find((w) => w.name === "manual_anchors");
+    if (!widget) return;
+    const linked = this.node.inputs?.find((i) => i.widget?.name === "manual_anchors" && i.link != null);
+    if (linked) {
+      toast("warn", "AnchorDiff", "manual_anchors comes from a link: disconnect it to place anchors by clicking.");
+      return;
+    }
+    widget.value = withAnchor(widget.value, this.info, point, event.shiftKey); // the setter runs its callback
+    if (!event.shiftKey) this.pending = this.pending.filter((p) => p.concept !== point.concept);
+    this.pending.push(point);
+    this.drawPending();
+    this.node.setDirtyCanvas?.(true, true);
+  }
+
+  reset() {
+    this.pending = [];
+    this.drawPending();
+  }
+
+  /** Height of the preview pictures when they fill the node's width (capped per row). */
+  picturesHeight() {
+    const img = this.rows.querySelector("img");
+    if (!img?.naturalWidth) return 80 * Math.max(1, this.rows.children.length);
+    const perRow = ((this.node.size[0] - 20) / img.naturalWidth) * img.naturalHeight;
+    return Math.min(ROW_MAX_HEIGHT, Math.max(60, perRow)) * this.rows.children.length;
+  }
+
+  /** Legend + hint + gaps (fixed heights in anchordiff.css, so the layout never waits on the DOM). */
+  chrome() {
+    return (this.legendShown ? LEGEND_HEIGHT + 4 : 0) + HINT_HEIGHT + 4;
+  }
+
+  /** The widget's minimum height: the pictures at the node's width, the legend and the hint,
+   *  so a preview is never squeezed by the node's other widgets. */
+  widgetMinHeight() {
+    return this.info ? this.picturesHeight() + this.chrome() : 40;
+  }
+
+  /** Widen the node when a preview arrives so each panel is readable, and make room for it. */
+  fitNode() {
+    const node = this.node;
+    const width = Math.min(NODE_MAX_WIDTH, Math.max(node.size[0], this.info.panels * PANEL_MIN_WIDTH + 20));
+    node.setSize([width, node.size[1]]);
+    node.setSize([width, Math.max(node.size[1], node.computeSize()[1])]);
+    node.setDirtyCanvas?.(true, true);
+  }
+}
+
+// ---- registration ---------------------------------------------------------------------------
+
+function addPreview(node) {
+  const preview = new Preview(node);
+  const widget = node.addDOMWidget(PREVIEW_WIDGET, "anchordiff-preview", preview.root, {
+    serialize: false,
+    hideOnZoom: false,
+    getValue: () => "",
+    setValue: () => {},
+    getMinHeight: () => preview.widgetMinHeight(),
+  });
+  widget.serialize = false;
+  node.anchordiffPreview = preview;
+
+  if (node.comfyClass === ANCHOR_SELECT) {
+    const reset = node.addWidget("button", RESET_BUTTON, null, () => {
+      const manual = node.widgets?.find((w) => w.name === "manual_anchors");
+      if (!manual) return;
+      manual.value = "";
+      preview.reset();
+      node.setDirtyCanvas?.(true, true);
+    }, { serialize: false });
+    reset.serialize = false;
+  }
+}
+
+let styled = false;
+function addStyles() {
+  if (styled) return;
+  styled = true;
+  const link = el("link", "", { rel: "stylesheet", href: new URL("./anchordiff.css", import.meta.url).href });
+  document.head.append(link);
+}
+
+app.registerExtension({
+  name: "AnchorDiff.Previews",
+  settings: [
+    {
+      id: LEGEND_SETTING,
+      category: ["AnchorDiff", "Preview", "Legend"],
+      name: "Show the concept colour legend above AnchorDiff previews",
+      type: "boolean",
+      defaultValue: true,
+    },
+  ],
+
+  setup() {
+    addStyles();
+  },
+
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!PREVIEW_NODES.has(nodeData.name)) return;
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      onExecuted?.apply(this, arguments);
+      this.anchordiffPreview?.show(output);
+    };
+    // The frontend draws `images` outputs itself (in onDrawBackground); our widget shows them
+    // instead, so this node type skips that default preview and picks up stored outputs (after
+    // a workflow tab switch, say) for its own widget.
+    nodeType.prototype.onDrawBackground = function () {
+      const locator = this.graph && !this.graph.isRootGraph ? `${this.graph.id}:${this.id}` : String(this.id);
+      const output = app.nodeOutputs?.[locator];
+      if (output && this.anchordiffPreview && !this.anchordiffPreview.key) this.anchordiffPreview.show(output);
+    };
+  },
+
+  nodeCreated(node) {
+    if (PREVIEW_NODES.has(node.comfyClass)) addPreview(node);
+  },
+});
