@@ -289,8 +289,12 @@ function addStyles() {
   document.head.append(link);
 }
 
-app.registerExtension({
-  name: "AnchorDiff.Previews",
+const EXTENSION_NAME = "AnchorDiff.Previews";
+
+// ComfyUI serves web/ twice when the pack's folder is not named like the project ("anchordiff"):
+// once for WEB_DIRECTORY, once for pyproject's [tool.comfy].web. Register only once.
+if (!app.extensions?.some((extension) => extension.name === EXTENSION_NAME)) app.registerExtension({
+  name: EXTENSION_NAME,
   settings: [
     {
       id: LEGEND_SETTING,
