@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The demo on a fresh machine: sets up .venv (idempotent), then runs an example workflow on a real
+# headless ComfyUI with this pack and a tiny SD3; results land in demo_output/.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bash scripts/setup_env.sh
+exec .venv/bin/python scripts/demo.py "$@"
