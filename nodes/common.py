@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 
 from ..anchordiff_core.maps import AttentionMaps
 from . import preview
-from .sd3_patch import AnchorDiffError
+from .sd3_patch import AnchorDiffError, parse_layers
 
 CATEGORY = "AnchorDiff"
 BASELINE_CATEGORY = "AnchorDiff/baselines"
@@ -35,20 +35,9 @@ def progress_callback(total: int):
     return callback
 
 
-def parse_block_list(text: str, maps: Optional[AttentionMaps] = None, what: str = "layers") -> tuple[int, ...]:
-    """'9, 18' -> (9, 18); '' -> () meaning the default."""
-    text = (text or "").strip()
-    if not text:
-        return ()
-    try:
-        layers = tuple(sorted({int(p) for p in text.replace(";", ",").split(",") if p.strip()}))
-    except ValueError:
-        raise AnchorDiffError(f"{what} must be comma-separated block indices like '9, 18'; got '{text}'.") from None
-    if maps is not None:
-        bad = [layer for layer in layers if not 0 <= layer < maps.num_blocks]
-        if bad:
-            raise AnchorDiffError(f"{what} {bad} out of range: the recorded model has {maps.num_blocks} joint blocks (0..{maps.num_blocks - 1}).")
-    return layers
+def parse_block_list(text: str, maps: AttentionMaps, what: str = "layers") -> tuple[int, ...]:
+    """'9, 18' -> (9, 18) checked against the recorded model; '' -> () meaning the default."""
+    return parse_layers(text, maps.num_blocks, what, "the recorded model")
 
 
 def check_image(image: Optional[torch.Tensor], batch: int, image_size: tuple[int, int]) -> Optional[torch.Tensor]:

@@ -50,7 +50,8 @@ def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int):
     width = dm.context_embedder.in_features if hasattr(dm.context_embedder, "in_features") else concepts.embeddings.shape[1]
     if concepts.embeddings.shape[1] != width:
         raise AnchorDiffError(f"The concepts were encoded with width {concepts.embeddings.shape[1]}, but this model expects {width}: use SD3's text encoders.")
-    layers = sd3_patch.parse_layers(graph_layers, dm, "graph_layers") or sd3_patch.default_graph_layers(dm)
+    variant = sd3_patch.model_variant(dm)
+    layers = sd3_patch.parse_layers(graph_layers, len(dm.joint_blocks), "graph_layers", f"this {variant}") or sd3_patch.default_graph_layers(dm)
     depth = len(dm.joint_blocks)
     if seg4diff_layer >= depth:
         raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {sd3_patch.model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")

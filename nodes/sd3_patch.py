@@ -94,8 +94,8 @@ def default_seg4diff_layer(dm: MMDiT) -> int:
     return round(9 / 23 * (len(dm.joint_blocks) - 1))
 
 
-def parse_layers(text: str, dm: MMDiT, what: str) -> tuple[int, ...]:
-    """'9, 18' -> (9, 18); empty -> None (caller uses the default). Out of range is a clear error."""
+def parse_layers(text: str, num_blocks: int, what: str, model: str) -> tuple[int, ...]:
+    """'9, 18' -> (9, 18); empty -> () (the caller's default). Out of range is a clear error naming `model`."""
     text = (text or "").strip()
     if not text:
         return ()
@@ -103,10 +103,9 @@ def parse_layers(text: str, dm: MMDiT, what: str) -> tuple[int, ...]:
         layers = tuple(sorted({int(part) for part in text.replace(";", ",").split(",") if part.strip()}))
     except ValueError:
         raise AnchorDiffError(f"{what} must be comma-separated block indices like '9, 18'; got '{text}'.") from None
-    depth = len(dm.joint_blocks)
-    bad = [layer for layer in layers if not 0 <= layer < depth]
+    bad = [layer for layer in layers if not 0 <= layer < num_blocks]
     if bad:
-        raise AnchorDiffError(f"{what} {bad} out of range: this {model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")
+        raise AnchorDiffError(f"{what} {bad} out of range: {model} has {num_blocks} joint blocks (0..{num_blocks - 1}).")
     return layers
 
 
