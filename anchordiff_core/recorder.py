@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .attention import DEFAULT_CHUNK_BYTES, group_mean, image_self_attention, key_column_attention, multihead_attention, query_key_attention
+from .attention import group_mean, image_self_attention, key_column_attention, multihead_attention, query_key_attention
 from .baselines import concept_attention_scores
 from .maps import AttentionMaps
 
@@ -27,7 +27,7 @@ class RecordSpec:
     num_blocks: int
     graph_layers: tuple[int, ...]
     seg4diff_layer: Optional[int] = None
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    max_chunk_bytes: Optional[int] = None  # None: attention.default_chunk_bytes(device)
 
     def __post_init__(self):
         bad = [layer for layer in self.graph_layers if not 0 <= layer < self.num_blocks]

@@ -337,8 +337,16 @@ class _Call:
         return self
 
     def block_patch(self, index: int):
+        block = self.dm.joint_blocks[index]
+
+        def original(args):
+            # as MMDiT's own loop calls an unpatched block; ComfyUI's `original_block` would wrap
+            # it in torch.utils.checkpoint, whose first use costs ~1 s of imports (sympy, dynamo)
+            txt, img = block(args["txt"], args["img"], c=args["vec"], use_checkpoint=self.dm.use_checkpoint,
+                             transformer_options=args["transformer_options"])
+            return {"txt": txt, "img": img}
+
         def patch(args, extra):
-            original = extra["original_block"]
             options = args["transformer_options"]
             previous_override = options.get("optimized_attention_override")
             captured = []
@@ -352,7 +360,7 @@ class _Call:
             inner = dict(args)
             inner["transformer_options"] = {**options, "optimized_attention_override": capture}
             previous = self.previous.get(index)
-            result = previous(inner, extra) if previous is not None else original(inner)
+            result = previous(inner, {**extra, "original_block": original}) if previous is not None else original(inner)
             if not self.problem:
                 self._record(index, args, captured)
             return result
