@@ -488,3 +488,38 @@ def test_workflow_loads(ui, path):
     loaded = ui.js("() => window.comfyAPI.app.app.graph.nodes.length")
     assert loaded == len(workflow["nodes"]), (loaded, len(workflow["nodes"]))
     assert not [m for m in ui.messages if m.startswith("pageerror")], ui.messages
+
+
+def test_example_workflow_one_runs_from_the_canvas(ui, server):
+    """Workflow (1) as a user opens it, queued with the Run button. No SD3 weights exist here, so the
+    prompt is swapped onto the fixtures on its way to the server by the documented mechanism
+    (tests/fixtures/substitute.py); the graph in the canvas stays the file users get."""
+    from fixtures.substitute import substituted
+
+    path = REPO / "workflows" / "anchordiff-01-generate-mask-inpaint.json"
+    workflow = json.loads(path.read_text())
+    missing, shown = load_workflow(ui, workflow, path.stem)
+    assert missing == [] and shown == [], (missing, shown)
+    rewritten = []
+
+    def to_fixtures(route):
+        body = json.loads(route.request.post_data)
+        body["prompt"] = substituted(body["prompt"], size=(256, 256), max_steps=4)
+        rewritten.append(body["prompt"])
+        route.continue_(post_data=json.dumps(body))
+
+    ui.page.route("**/prompt", lambda route: to_fixtures(route) if route.request.method == "POST" else route.continue_())
+    try:
+        entry = run(ui)
+    finally:
+        ui.page.unroute("**/prompt")
+    assert len(rewritten) == 1
+    mask_node = next(str(n["id"]) for n in workflow["nodes"] if n["type"] == "AnchorDiffMask")
+    save_mask = next(str(n["id"]) for n in workflow["nodes"]
+                     if n["type"] == "SaveImage" and "/mask_" in str(n["widgets_values"][0]))
+    show_node(ui, mask_node)
+    wait_loaded(ui, mask_node)
+    (mask,) = output_images(ui.url, entry, save_mask)
+    assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255} and 0 < mask.mean() < 255
+    screenshot(ui, "browser_workflow_01.png")
+    assert not ui.our_errors(), ui.our_errors()
