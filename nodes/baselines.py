@@ -4,11 +4,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..anchordiff_core import pipeline
-from .common import BASELINE_CATEGORY, Heat, Maps, check_image, heat_preview, parse_block_list
-from .steps import _user_errors
+from .common import BASELINE_CATEGORY, MAPS_TIP, Heat, Maps, check_image, heat_preview, parse_block_list, user_errors
 
 LAYERS_TIP = "Joint blocks to average (comma-separated, 0-based); empty = all blocks."
-MAPS_TIP = "From 'AnchorDiff Read Maps' or 'AnchorDiff Look At Image'."
 
 
 def _heat_output(cls, heat: pipeline.Heat, image) -> io.NodeOutput:
@@ -35,7 +33,7 @@ class AnchorDiffCrossAttentionHeat(io.ComfyNode):
 
     @classmethod
     def execute(cls, maps, layers, image=None) -> io.NodeOutput:
-        heat = _user_errors(pipeline.baseline_heat, maps, "cross_attention", parse_block_list(layers, maps))
+        heat = user_errors(pipeline.baseline_heat, maps, "cross_attention", parse_block_list(layers, maps))
         return _heat_output(cls, heat, image)
 
 
@@ -61,7 +59,7 @@ class AnchorDiffConceptAttentionHeat(io.ComfyNode):
 
     @classmethod
     def execute(cls, maps, softmax, layers, image=None) -> io.NodeOutput:
-        heat = _user_errors(pipeline.baseline_heat, maps, "conceptattention", parse_block_list(layers, maps), softmax)
+        heat = user_errors(pipeline.baseline_heat, maps, "conceptattention", parse_block_list(layers, maps), softmax)
         return _heat_output(cls, heat, image)
 
 
@@ -79,4 +77,4 @@ class AnchorDiffSeg4DiffHeat(io.ComfyNode):
 
     @classmethod
     def execute(cls, maps, image=None) -> io.NodeOutput:
-        return _heat_output(cls, _user_errors(pipeline.baseline_heat, maps, "seg4diff"), image)
+        return _heat_output(cls, user_errors(pipeline.baseline_heat, maps, "seg4diff"), image)

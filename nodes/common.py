@@ -14,6 +14,7 @@ from . import preview
 from .sd3_patch import AnchorDiffError, parse_layers
 
 CATEGORY = "AnchorDiff"
+MAPS_TIP = "From 'AnchorDiff Read Maps' or 'AnchorDiff Look At Image'."
 BASELINE_CATEGORY = "AnchorDiff/baselines"
 
 Concepts = io.Custom("ANCHORDIFF_CONCEPTS")
@@ -22,6 +23,16 @@ Maps = io.Custom("ANCHORDIFF_MAPS")
 Anchors = io.Custom("ANCHORDIFF_ANCHORS")
 Graph = io.Custom("ANCHORDIFF_GRAPH")
 Heat = io.Custom("ANCHORDIFF_HEAT")
+
+
+def user_errors(call, *args, **kwargs):
+    """Core ValueErrors are already worded for users: re-raise them as AnchorDiff errors."""
+    try:
+        return call(*args, **kwargs)
+    except AnchorDiffError:
+        raise
+    except ValueError as error:
+        raise AnchorDiffError(str(error)) from None
 
 
 def progress_callback(total: int):

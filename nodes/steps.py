@@ -7,23 +7,16 @@ from comfy_api.latest import io
 from ..anchordiff_core import pipeline
 from ..anchordiff_core.anchors import PIXELS_PER_TOKEN
 from . import preview
-from .common import CATEGORY, Anchors, Graph, Heat, Maps, check_image, heat_preview, parse_block_list, preview_ui, progress_callback
+from .common import (
+    CATEGORY, MAPS_TIP, Anchors, Graph, Heat, Maps, check_image, heat_preview, parse_block_list, preview_ui, progress_callback,
+    user_errors,
+)
 from .sd3_patch import AnchorDiffError
 
 MANUAL_TIP = (
     "Manual anchors, one per line: 'concept: x, y' in image pixels (concept name or number), e.g. 'cat: 512, 300'. "
     "Click the preview to place one. Concepts not listed stay automatic. Clear to go back to automatic."
 )
-
-
-def _user_errors(call, *args, **kwargs):
-    """Core ValueErrors are already worded for users: re-raise them as AnchorDiff errors."""
-    try:
-        return call(*args, **kwargs)
-    except AnchorDiffError:
-        raise
-    except ValueError as error:
-        raise AnchorDiffError(str(error)) from None
 
 
 def _anchor_points(anchors: pipeline.Anchors):
@@ -48,7 +41,7 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
                 "peaks (multi-anchor), or points you place by clicking the preview."
             ),
             inputs=[
-                Maps.Input("maps", tooltip="From 'AnchorDiff Read Maps' or 'AnchorDiff Look At Image'."),
+                Maps.Input("maps", tooltip=MAPS_TIP),
                 io.Int.Input("max_anchors", default=1, min=1, max=16, tooltip="1 = the paper's single argmax. More = several separated peaks per concept (several instances)."),
                 io.Float.Input("min_distance", default=8.0, min=0.0, max=256.0, step=0.5, tooltip="Multi-anchor: minimum distance between anchors, in tokens (16 px each)."),
                 io.Float.Input("min_relative_score", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Multi-anchor: a further anchor must score at least this fraction of the concept's peak."),
@@ -61,7 +54,7 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
 
     @classmethod
     def execute(cls, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block, image=None) -> io.NodeOutput:
-        anchors = _user_errors(pipeline.pick_anchors, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block)
+        anchors = user_errors(pipeline.pick_anchors, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block)
         soft = pipeline.heat_masks(pipeline.anchor_heat(maps, exclude_last_block), soft=True)
         image = check_image(image, maps.batch_size, maps.image_size)
         ui = heat_preview(cls, soft, maps.concepts, maps.image_size, image, _anchor_points(anchors), anchors.manual)
@@ -77,7 +70,7 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
             category=CATEGORY,
             description="Build the sparse affinity graph: output-space similarity, gated by row-wise attention similarity (top 2%).",
             inputs=[
-                Maps.Input("maps", tooltip="From 'AnchorDiff Read Maps' or 'AnchorDiff Look At Image'."),
+                Maps.Input("maps", tooltip=MAPS_TIP),
                 io.Float.Input("gate_percentile", default=98.0, min=0.0, max=100.0, step=0.1, tooltip="Keep pairs whose attention-row similarity is above this percentile (98 = the paper's top 2%)."),
                 io.String.Input("layers", default="", tooltip="Recorded graph layers to average (e.g. '9' for one); empty = all recorded."),
                 io.Boolean.Input("gate", default=True, tooltip="Off = the paper's 'w/o gate' ablation (dense, leaks onto look-alikes; slow)."),
@@ -88,7 +81,7 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
     @classmethod
     def execute(cls, maps, gate_percentile, layers, gate) -> io.NodeOutput:
         chosen = parse_block_list(layers, maps, "layers")
-        graphs = _user_errors(
+        graphs = user_errors(
             pipeline.build_graphs, maps, gate_percentile if gate else None, chosen,
             comfy.model_management.get_torch_device(), progress_callback(maps.batch_size),
         )
@@ -114,7 +107,7 @@ class AnchorDiffPropagate(io.ComfyNode):
     @classmethod
     def execute(cls, graph, anchors, steps) -> io.NodeOutput:
         total = graph.maps.batch_size * max(steps, 1)
-        heat = _user_errors(pipeline.propagate_anchors, graph, anchors, steps, progress_callback(total))
+        heat = user_errors(pipeline.propagate_anchors, graph, anchors, steps, progress_callback(total))
         soft = pipeline.heat_masks(heat, soft=True)
         ui = heat_preview(cls, soft, heat.concepts, heat.image_size, None, _anchor_points(anchors), anchors.manual)
         return io.NodeOutput(heat, ui=ui)
@@ -145,7 +138,7 @@ class AnchorDiffMask(io.ComfyNode):
     def execute(cls, heat, concept, threshold, fixed_threshold, image=None) -> io.NodeOutput:
         picked = _pick_concepts(heat, concept)
         rule = fixed_threshold if threshold == "fixed" else threshold
-        masks = _user_errors(pipeline.heat_masks, heat, rule)  # [B, K, H, W]
+        masks = user_errors(pipeline.heat_masks, heat, rule)  # [B, K, H, W]
         soft = pipeline.heat_masks(heat, soft=True)
         image = check_image(image, heat.values.shape[0], heat.image_size)
         pictures = [
