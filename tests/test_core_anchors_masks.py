@@ -1,5 +1,4 @@
 """Anchor selection (paper, multi-anchor, manual) and heat -> mask conversion."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
