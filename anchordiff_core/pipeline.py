@@ -21,7 +21,7 @@ from .baselines import concept_attention_heat, cross_attention_heat, seg4diff_he
 from .graph import GatedGraph, build_gated_graph
 from .maps import AttentionMaps
 from .masks import Threshold, soft_map, to_mask
-from .propagation import minmax_rows, propagate
+from .propagation import propagate
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -56,16 +56,14 @@ class Heat:
     anchors: Optional[tuple[torch.Tensor, ...]] = None
 
 
+def anchor_layers(maps: AttentionMaps, exclude_last_block: bool = False) -> Optional[list[int]]:
+    """Blocks whose A_CI anchor selection averages: all (paper), or all but the pre_only last one."""
+    return list(range(maps.num_blocks - 1)) if exclude_last_block else None
+
+
 def anchor_map(maps: AttentionMaps, exclude_last_block: bool = False) -> torch.Tensor:
-    """A_CI averaged over all joint blocks (paper), optionally without the pre_only last block."""
-    layers = list(range(maps.num_blocks - 1)) if exclude_last_block else None
-    return mean_over_layers(maps.a_ci, layers, dim=1)  # [B, K, N]
-
-
-def anchor_heat(maps: AttentionMaps, exclude_last_block: bool = False) -> "Heat":
-    """What anchor selection looks at: A_CI over the blocks, min-max per concept."""
-    values = minmax_rows(anchor_map(maps, exclude_last_block).flatten(0, 1)).view(maps.batch_size, len(maps.concepts), -1)
-    return Heat(values.cpu(), maps.grid, maps.image_size, maps.concepts, "a_ci", recording_id(maps))
+    """A_CI averaged over the anchor layers -> [B, K, N]."""
+    return mean_over_layers(maps.a_ci, anchor_layers(maps, exclude_last_block), dim=1)
 
 
 def parse_manual_points(text: str, concepts: Sequence[str]) -> dict[int, list[tuple[float, float]]]:
@@ -158,7 +156,8 @@ def propagate_anchors(graphs: Graphs, anchors: Anchors, steps: int = 160, progre
 
 
 def baseline_heat(maps: AttentionMaps, method: str, layers: Sequence[int] = (), softmax: bool = True) -> Heat:
-    """Heat of a published baseline: "cross_attention", "conceptattention" or "seg4diff"."""
+    """Heat of a published baseline: "cross_attention", "conceptattention" or "seg4diff".
+    (The cross-attention heat over `anchor_layers` is also what anchor selection looks at.)"""
     chosen = list(layers) if layers else None
     if method == "cross_attention":
         values = [cross_attention_heat(maps.a_ci[b], chosen) for b in range(maps.batch_size)]

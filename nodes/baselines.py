@@ -11,7 +11,7 @@ LAYERS_TIP = "Joint blocks to average (comma-separated, 0-based); empty = all bl
 
 def _heat_output(cls, heat: pipeline.Heat, image) -> io.NodeOutput:
     soft = pipeline.heat_masks(heat, soft=True)
-    image = check_image(image, heat.values.shape[0], heat.image_size)
+    image = check_image(image, heat.values.shape[0])
     return io.NodeOutput(heat, ui=heat_preview(cls, soft, heat.concepts, heat.image_size, image))
 
 

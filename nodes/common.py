@@ -51,7 +51,7 @@ def parse_block_list(text: str, maps: AttentionMaps, what: str = "layers") -> tu
     return parse_layers(text, maps.num_blocks, what, "the recorded model")
 
 
-def check_image(image: Optional[torch.Tensor], batch: int, image_size: tuple[int, int]) -> Optional[torch.Tensor]:
+def check_image(image: Optional[torch.Tensor], batch: int) -> Optional[torch.Tensor]:
     """The optional preview IMAGE, if it fits the recorded batch (any size: it is only a backdrop)."""
     if image is None:
         return None

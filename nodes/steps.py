@@ -55,8 +55,9 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
     @classmethod
     def execute(cls, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block, image=None) -> io.NodeOutput:
         anchors = user_errors(pipeline.pick_anchors, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block)
-        soft = pipeline.heat_masks(pipeline.anchor_heat(maps, exclude_last_block), soft=True)
-        image = check_image(image, maps.batch_size, maps.image_size)
+        looked_at = pipeline.baseline_heat(maps, "cross_attention", pipeline.anchor_layers(maps, exclude_last_block) or ())
+        soft = pipeline.heat_masks(looked_at, soft=True)
+        image = check_image(image, maps.batch_size)
         ui = heat_preview(cls, soft, maps.concepts, maps.image_size, image, _anchor_points(anchors), anchors.manual)
         return io.NodeOutput(anchors, ui=ui)
 
@@ -140,7 +141,7 @@ class AnchorDiffMask(io.ComfyNode):
         rule = fixed_threshold if threshold == "fixed" else threshold
         masks = user_errors(pipeline.heat_masks, heat, rule)  # [B, K, H, W]
         soft = pipeline.heat_masks(heat, soft=True)
-        image = check_image(image, heat.values.shape[0], heat.image_size)
+        image = check_image(image, heat.values.shape[0])
         pictures = [
             preview.mask_overlay(masks[b], heat.concepts, None if image is None else image[min(b, image.shape[0] - 1)])
             for b in range(masks.shape[0])
