@@ -231,12 +231,7 @@ class AttentionRecorder:
     # ---------------------------------------------------------------- one model call
     def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         run = self._active
-        if run is None or run.maps is not None or run.target_step is None:
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        sigma = float(t.reshape(-1)[0])
-        if abs(sigma - run.target_sigma) > 1e-5 * max(1.0, run.target_sigma) or tuple(x.shape[-2:]) != run.latent_hw:
-            return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        rows, row_image = self._positive_rows(x.shape[0], transformer_options.get("cond_or_uncond"))
+        rows, row_image = self._rows_to_record(run, x, t, transformer_options)
         if rows is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
@@ -268,10 +263,19 @@ class AttentionRecorder:
         )
         return output
 
-    def _positive_rows(self, rows_in_call: int, cond_or_uncond) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Rows of the positive (conditional) chunks and the image each belongs to."""
+    @staticmethod
+    def _rows_to_record(run: Optional[_Run], x, t, transformer_options) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(rows, image of each row) if this model call is the run's recording call, else (None, None):
+        the recording step's sigma, the full latent (not an area crop), and positive chunks in it."""
+        if run is None or run.maps is not None or run.target_step is None:
+            return None, None
+        sigma = float(t.reshape(-1)[0])
+        if abs(sigma - run.target_sigma) > 1e-5 * max(1.0, run.target_sigma) or tuple(x.shape[-2:]) != run.latent_hw:
+            return None, None
+        cond_or_uncond = transformer_options.get("cond_or_uncond")
         if not cond_or_uncond:
             return None, None
+        rows_in_call = x.shape[0]
         chunk = rows_in_call // len(cond_or_uncond)
         positive = [i for i, kind in enumerate(cond_or_uncond) if kind == 0]
         if not positive or chunk == 0:
