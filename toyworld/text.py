@@ -1,0 +1,65 @@
+"""The toy model's text side: a deterministic stand-in for SD3's CLIP-L + CLIP-G, no weights.
+
+Real CLIP/T5 weights cannot be had here, and a text encoder trained from scratch would be a second
+unknown. Each token id maps to a fixed pseudo-random N(0, 1) vector per stream, seeded by
+(stream, id) (`token_vector`); the output has SD3's layout: [L, 4096] with CLIP-L 768 + CLIP-G 1280
+features zero-padded to 4096, pooled [2048].
+
+`context=True` (the toy model's encoder) adds, like a causal text encoder, a trace of the previous
+token: out[i] = v(tok[i]) + CONTEXT_WEIGHT * v'(tok[i-1]). Without it every token is
+context-free and the model sees a bag of words: "a red circle and a blue square" and "a blue circle
+and a red square" would encode alike and colours could not be bound to shapes. With it the noun
+carries its adjective, as CLIP's causal output does.
+
+Used by the ComfyUI CLIP of the test node pack (tests/fixtures/comfy_test_nodes/fixture_clip.py),
+so the Concepts node encodes concepts through exactly the path the model was trained with.
+"""
+from __future__ import annotations
+
+import functools
+import zlib
+
+import torch
+
+CLIP_L_DIM, CLIP_G_DIM, TEXT_DIM, POOLED_DIM = 768, 1280, 4096, 2048
+CLIP_END_TOKEN = 49407
+CONTEXT_WEIGHT = 0.5
+
+
+@functools.lru_cache(maxsize=65536)
+def token_vector(stream: str, token_id: int, dim: int) -> torch.Tensor:
+    """Fixed N(0, 1) vector for one token of one stream ("l", "g", "t5xxl", "pooled_l", ...)."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{stream}:{token_id}".encode()))
+    return torch.randn(dim, generator=g)
+
+
+def encode_stream(stream: str, ids: list[int], weights: list[float], dim: int, context: bool) -> torch.Tensor:
+    """[len(ids), dim]: each token's vector times its weight, plus the previous token's trace."""
+    rows = torch.stack([token_vector(stream, i, dim) for i in ids]) * torch.tensor(weights)[:, None]
+    if context and len(ids) > 1:
+        prev = torch.stack([token_vector(stream + "_prev", i, dim) for i in ids[:-1]])
+        rows[1:] += CONTEXT_WEIGHT * prev
+    return rows
+
+
+def pooled_vector(l_ids: list[int], g_ids: list[int]) -> torch.Tensor:
+    """[2048]: mean over the first chunk's tokens up to the first end token, per stream."""
+    def mean(stream, ids, dim):
+        kept = []
+        for i in ids:
+            kept.append(i)
+            if i == CLIP_END_TOKEN:
+                break
+        return torch.stack([token_vector(stream, i, dim) for i in kept]).mean(0)
+    return torch.cat([mean("pooled_l", l_ids, CLIP_L_DIM), mean("pooled_g", g_ids, CLIP_G_DIM)])
+
+
+def encode_lg(l_ids: list[int], g_ids: list[int], l_weights=None, g_weights=None,
+              context: bool = True) -> torch.Tensor:
+    """SD3's CLIP part of the conditioning for one prompt: [min(len), 4096]."""
+    l_weights = l_weights if l_weights is not None else [1.0] * len(l_ids)
+    g_weights = g_weights if g_weights is not None else [1.0] * len(g_ids)
+    l = encode_stream("l", l_ids, l_weights, CLIP_L_DIM, context)
+    g = encode_stream("g", g_ids, g_weights, CLIP_G_DIM, context)
+    n = min(len(l), len(g))  # as SD3ClipModel: cut to the shorter stream
+    return torch.nn.functional.pad(torch.cat([l[:n], g[:n]], -1), (0, TEXT_DIM - CLIP_L_DIM - CLIP_G_DIM))

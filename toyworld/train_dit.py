@@ -1,0 +1,227 @@
+"""Train the toy SD3: ComfyUI's MMDiT with SD3 Medium's conventions, on the world, by rectified flow.
+
+    python -m toyworld.train_dit --out toyworld/weights --minutes 60      # resumable: run again to go on
+
+The model is exactly what ComfyUI's UNETLoader builds from the saved file (detected as SD3):
+hidden = 64 x depth, heads = depth (head dim 64), patch 2, 16 latent channels, SD3's 2D sin-cos
+position table (cropped at the centre, pos_embed_max_size 64 = up to 1024 px), adaLN, a pre_only last
+block, no qk-norm (SD3 Medium), 4096-wide text features through a linear context embedder, 2048-wide
+pooled text through y_embedder. Training is SD3's rectified flow: x_t = (1 - t) x0 + t eps, the
+network predicts eps - x0 at timestep 1000 t, t = shift(sigmoid(n)) with n ~ N(0, 1) (logit-normal)
+and SD3's shift 3 (t' = 3t / (1 + 2t)), 10% of captions dropped to the empty prompt (for CFG).
+x0 is the toy VAE's latent (toyworld.train_vae), the caption is encoded by toyworld.text through
+ComfyUI's own SD3Tokenizer, as ComfyUI will encode it at inference. Deterministic by seed.
+
+Writes into --out: toy_sd3.safetensors (EMA weights, fp16, bare ComfyUI keys), dit_loss.csv,
+dit_state.pt (resume: model, EMA, optimiser, step, RNG states). Scenes are drawn fresh from the
+training seed range at every step.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .comfy_import import import_comfy
+from .text import encode_lg, pooled_vector
+from .world import SPLITS, make_scene
+
+SHIFT = 3.0
+
+
+def config(depth: int) -> dict:
+    return {"depth": depth, "hidden": 64 * depth, "heads": depth, "patch": 2, "latent_channels": 16,
+            "pos_embed_max_size": 64, "qk_norm": None, "context_dim": 4096, "pooled_dim": 2048}
+
+
+def build_model(depth: int, seed: int = 0) -> torch.nn.Module:
+    """ComfyUI's MMDiT, DiT-style init (xavier linears, zero adaLN modulation and output layer)."""
+    import_comfy()
+    import comfy.ops
+    from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT, get_2d_sincos_pos_embed
+    cfg = config(depth)
+    m = cfg["pos_embed_max_size"]
+    model = MMDiT(
+        input_size=None, patch_size=2, in_channels=16, out_channels=16, depth=depth, adm_in_channels=2048,
+        context_embedder_config={"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": cfg["hidden"]}},
+        num_patches=m * m, pos_embed_max_size=m, pos_embed_scaling_factor=None, qk_norm=None,
+        dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, t in model.named_parameters():
+            if key == "pos_embed":
+                t.copy_(torch.from_numpy(get_2d_sincos_pos_embed(cfg["hidden"], m, scaling_factor=m / 64)).float()[None])
+                t.requires_grad_(False)  # SD3's fixed table
+            elif key.endswith(".bias"):
+                t.zero_()
+            elif t.dim() >= 2:
+                fan_out, fan_in = t.shape[0], t[0].numel()
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                t.copy_((torch.rand(t.shape, generator=g) * 2 - 1) * bound)
+            else:
+                t.fill_(1.0)
+            if "adaLN_modulation" in key or key.startswith("final_layer.linear"):
+                t.zero_()
+            if key.startswith("t_embedder.mlp") and key.endswith("weight"):
+                t.copy_(torch.randn(t.shape, generator=g) * 0.02)
+    return model
+
+
+def tokenizer():
+    import_comfy()
+    from comfy.text_encoders.sd3_clip import SD3Tokenizer
+    tok = SD3Tokenizer()
+
+    def ids(text: str) -> tuple[list[int], list[int]]:
+        r = tok.tokenize_with_weights(text)
+        return [i[0] for i in r["l"][0]], [i[0] for i in r["g"][0]]
+    return ids
+
+
+def scene_batch(seeds, size: int, pca, ids):
+    """Latents [B, 16, size/8, size/8] (the toy VAE's closed-form encoder) and CLIP-L/G token ids
+    of the captions, drawn fresh for each step: every training scene is new."""
+    from .train_vae import encode_fast
+    lat, l_ids, g_ids = [], [], []
+    for seed in seeds:
+        scene = make_scene(int(seed), size)
+        lat.append(encode_fast(scene.image, *pca))
+        a, b = ids(scene.caption)
+        l_ids.append(a)
+        g_ids.append(b)
+    return torch.from_numpy(np.stack(lat)), l_ids, g_ids
+
+
+class TextCache:
+    """Conditioning for token-id rows, as the toy CLIP computes it (toyworld.text)."""
+
+    def __init__(self, ids):
+        self.empty = ids("")
+
+    def __call__(self, l_ids, g_ids, drop: bool):
+        if drop:
+            l_ids, g_ids = self.empty
+        l_ids, g_ids = [int(i) for i in l_ids], [int(i) for i in g_ids]
+        return encode_lg(l_ids, g_ids, context=True), pooled_vector(l_ids, g_ids)
+
+
+def sample_t(n: int, g: torch.Generator) -> torch.Tensor:
+    t = torch.sigmoid(torch.randn(n, generator=g))
+    return SHIFT * t / (1 + (SHIFT - 1) * t)
+
+
+def flow_loss(model, x0, context, pooled, t, eps):
+    tt = t.view(-1, 1, 1, 1)
+    xt = (1 - tt) * x0 + tt * eps
+    v = model(xt, t * 1000.0, context=context, y=pooled)
+    return torch.nn.functional.mse_loss(v, eps - x0)
+
+
+def save_weights(model, path: Path) -> None:
+    from safetensors.torch import save_file
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="toyworld/weights")
+    p.add_argument("--depth", type=int, default=4)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--max-steps", type=int, default=3000, help="the schedule's length (cosine decay)")
+    p.add_argument("--minutes", type=float, default=60.0, help="stop (and save) after this long")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)  # zero-initialised layers give denormal Adam moments: 10x slower steps
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pca_file = np.load(out / "vae_pca.npz")
+    pca = (pca_file["mean"], pca_file["comps"], pca_file["scale"])
+    t_start = time.monotonic()
+    ids = tokenizer()
+    model = build_model(args.depth, args.seed)
+    ema = build_model(args.depth, args.seed)
+    ema.load_state_dict(model.state_dict())
+    params = [q for q in model.parameters() if q.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, betas=(0.9, 0.99), foreach=True)
+    warmup = 100
+    lr_at = lambda s: args.lr * min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, args.max_steps) / args.max_steps)))
+    g = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    step = 0
+    state_path = out / "dit_state.pt"
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        g.set_state(st["torch_rng"])
+        rng = st["np_rng"]
+        print(f"dit: resumed at step {step}", flush=True)
+    (out / "toy_sd3.json").write_text(json.dumps({**config(args.depth), "trained_size": args.size}, indent=1))
+    text = TextCache(ids)
+    log_path = out / "dit_loss.csv"
+    new_log = not log_path.exists() or step == 0
+    log = open(log_path, "w" if new_log else "a", newline="")
+    writer = csv.writer(log)
+    if new_log:
+        writer.writerow(["step", "loss", "lr", "seconds"])
+    from tqdm import tqdm
+    bar = tqdm(total=args.max_steps, initial=step, desc="toy SD3", mininterval=10)
+    t0 = time.monotonic()
+    running = None
+
+    def checkpoint():
+        torch.save({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                    "torch_rng": g.get_state(), "np_rng": rng}, state_path)
+        save_weights(ema, out / "toy_sd3.safetensors")
+
+    while step < args.max_steps and (time.monotonic() - t0) / 60 < args.minutes:
+        seeds = rng.integers(SPLITS["train"].start, SPLITS["train"].stop, size=args.batch)
+        x0, l_ids, g_ids = scene_batch(seeds, args.size, pca, ids)
+        drops = rng.random(args.batch) < 0.1
+        conds = [text(a, b, d) for a, b, d in zip(l_ids, g_ids, drops)]
+        context = torch.stack([c for c, _ in conds])
+        pooled = torch.stack([q for _, q in conds])
+        t = sample_t(args.batch, g)
+        eps = torch.randn(x0.shape, generator=g)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss = flow_loss(model, x0, context, pooled, t, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.998, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        step += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if step % 10 == 0:
+            writer.writerow([step, f"{loss.item():.5f}", f"{lr_at(step):.2e}", f"{time.monotonic() - t0:.0f}"])
+            log.flush()
+        if step % args.save_every == 0:
+            checkpoint()
+    checkpoint()
+    bar.close()
+    print(f"dit: step {step}, running loss {running}, {time.monotonic() - t_start:.0f} s; saved {out}/toy_sd3.safetensors", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
