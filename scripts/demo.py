@@ -1,58 +1,180 @@
-"""The README's demo: a real headless ComfyUI with this pack and a tiny SD3, one example workflow.
+"""The README's demo: the trained toy SD3 in a real headless ComfyUI, through two example workflows.
 
     bash scripts/demo.sh            # sets up .venv, then runs this
-    .venv/bin/python scripts/demo.py [--workflow PATH] [--concepts "cat, sofa"] [--size 512] [--out DIR]
+    .venv/bin/python scripts/demo.py [--seed N] [--out DIR]
 
-No real SD3 weights can be downloaded here, so the workflow's loaders are swapped for tiny
-random-weight fixtures (tests/fixtures/substitute.py, documented in docs/TESTING.md); the
-workflow itself is the file users open. The masks are therefore not meaningful pictures, but
-every step (recording, anchors, gated graph, propagation, mask, inpainting) runs for real.
+No real SD3 weights can be had here, so the workflows' loaders are swapped for the toy SD3 trained
+on toyworld's procedural scenes (toyworld/README.md; swap table in tests/fixtures/substitute.py).
+The workflows themselves are the files users open:
+
+1. workflows/api/anchordiff-01-generate-mask-inpaint.json: generate a scene from a caption with a
+   look-alike pair ("a red circle and an orange circle on grass"), mask both look-alikes, inpaint one.
+2. workflows/api/anchordiff-02-image-mask-inpaint.json: the same on a held-out scene of the world,
+   whose true masks are known: the demo prints each mask's IoU against the truth.
+
+Writes demo_output/: every image and mask ComfyUI saved, and demo.png (side by side).
 """
 import argparse
+import copy
 import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+from PIL import Image, ImageDraw
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from anchordiff_core.comfy_client import prepare_prompt, run_prompt  # noqa: E402
+from anchordiff_core.comfy_client import ComfyClient, find_node, prepare_prompt, run_prompt  # noqa: E402
 from fixtures.comfy_base import link_anchordiff_pack, populate_base_dir  # noqa: E402
 from fixtures.comfy_server import start_server, stop_server  # noqa: E402
-from fixtures.substitute import substituted  # noqa: E402
+from fixtures.substitute import TOY_MODELS, substituted  # noqa: E402
+from toyworld import SPLITS, make_scene  # noqa: E402
+
+SIZE = 256          # the toy SD3's training size
+STEPS = 24
+DEMO_SCENE = 7      # offset in the test split: a look-alike scene (see --seed)
+COLOURS = [(255, 60, 60), (60, 200, 255)]
+
+
+def add_second_mask(prompt: dict, concept: str, prefix: str) -> None:
+    """Duplicate the workflow's Mask -> MaskToImage -> SaveImage chain for a second concept."""
+    mask_id = next(i for i, n in prompt.items() if n["class_type"] == "AnchorDiffMask")
+    to_image = next(i for i, n in prompt.items() if n["class_type"] == "MaskToImage" and n["inputs"]["mask"][0] == mask_id)
+    save = next(i for i, n in prompt.items() if n["class_type"] == "SaveImage" and n["inputs"]["images"][0] == to_image)
+    new = {f"{mask_id}b": copy.deepcopy(prompt[mask_id]), f"{to_image}b": copy.deepcopy(prompt[to_image]),
+           f"{save}b": copy.deepcopy(prompt[save])}
+    new[f"{mask_id}b"]["inputs"]["concept"] = concept
+    new[f"{to_image}b"]["inputs"]["mask"] = [f"{mask_id}b", 0]
+    new[f"{save}b"]["inputs"]["images"] = [f"{to_image}b", 0]
+    new[f"{save}b"]["inputs"]["filename_prefix"] = prefix
+    for node in new.values():
+        node.setdefault("_meta", {})["title"] = f"{node.get('_meta', {}).get('title', '')} (2)"
+    prompt.update(new)
+
+
+def configure(prompt: dict, scene, pair: list[str], inpaint_prompt: str, folder: str) -> dict:
+    prompt = substituted(prompt, TOY_MODELS, size=(SIZE, SIZE), max_steps=STEPS)
+    sets = []
+    for title in ("Prompt", "Describe the image"):
+        if _has(prompt, title):
+            sets.append(f"{title}.text={scene.caption}")
+    sets += [f"Negative prompt.text=", f"Inpaint prompt.text={inpaint_prompt}"]
+    prompt = prepare_prompt(prompt, sets=sets, concepts=", ".join(pair))
+    mask_id = next(i for i, n in prompt.items() if n["class_type"] == "AnchorDiffMask")
+    prompt[mask_id]["inputs"]["concept"] = pair[0]
+    for node in prompt.values():   # file names: mask_<concept>
+        prefix = node["inputs"].get("filename_prefix")
+        if isinstance(prefix, str):
+            node["inputs"]["filename_prefix"] = f"{folder}/" + prefix.rsplit("/", 1)[-1].replace("mask_cat", "mask_a").replace("mask_dog", "mask_a")
+    add_second_mask(prompt, pair[1], f"{folder}/mask_b")
+    return prompt
+
+
+def _has(prompt: dict, title: str) -> bool:
+    try:
+        find_node(prompt, title)
+        return True
+    except Exception:
+        return False
+
+
+def outputs(result, prompt) -> dict:
+    """filename_prefix tail -> first downloaded file of that SaveImage node."""
+    out = {}
+    for node_id, files in result.node_files.items():
+        prefix = str(prompt[node_id]["inputs"].get("filename_prefix", ""))
+        if files:
+            out[prefix.rsplit("/", 1)[-1]] = Path(files[0])
+    return out
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
+    out = image.astype(np.float32).copy()
+    m = mask > 0.5
+    out[m] = 0.45 * out[m] + 0.55 * np.array(colour)
+    return out.astype(np.uint8)
+
+
+def iou(pred: np.ndarray, truth: np.ndarray) -> float:
+    union = (pred | truth).sum()
+    return float((pred & truth).sum() / union) if union else 1.0
+
+
+def panel(tiles: list[tuple[np.ndarray, str]], title: str) -> Image.Image:
+    w = SIZE
+    canvas = Image.new("RGB", (len(tiles) * (w + 8) + 8, w + 52), (24, 24, 28))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title, fill=(235, 235, 235))
+    for i, (tile, label) in enumerate(tiles):
+        canvas.paste(Image.fromarray(tile).resize((w, w)), (8 + i * (w + 8), 22))
+        draw.text((8 + i * (w + 8), w + 28), label, fill=(210, 210, 210))
+    return canvas
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workflow", default=str(ROOT / "workflows" / "api" / "anchordiff-01-generate-mask-inpaint.json"))
-    p.add_argument("--concepts", default=None, help="override the workflow's concepts, e.g. 'cat, sofa'")
-    p.add_argument("--size", type=int, default=512, help="image size in pixels (the workflow says 1024; smaller is faster on a CPU)")
-    p.add_argument("--steps", type=int, default=8, help="at most this many sampler steps")
+    p.add_argument("--seed", type=int, default=SPLITS["test"].start + DEMO_SCENE, help="world scene seed (test split)")
     p.add_argument("--out", default=str(ROOT / "demo_output"))
     args = p.parse_args()
-
-    prompt = json.loads(Path(args.workflow).read_text())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scene = make_scene(args.seed, SIZE, kind="lookalike")
+    a, b = scene.lookalike
+    pair = [scene.objects[a].phrase, scene.objects[b].phrase]
+    swap = "green star" if "star" not in pair[0] else "blue square"
+    inpaint_prompt = scene.caption.replace(pair[0], swap, 1).replace("an " + swap, "a " + swap)
+    print(f"demo: scene {args.seed}: '{scene.caption}'; masks: {pair[0]}, {pair[1]} (look-alikes); inpaint {pair[0]} -> {swap}")
+    Image.fromarray(scene.image).save(out / "world_scene.png")
+    wf = ROOT / "workflows" / "api"
     with tempfile.TemporaryDirectory(prefix="anchordiff-demo-") as base:
-        print(f"demo: building tiny models and a ComfyUI base directory in {base}")
-        populate_base_dir(base)
+        populate_base_dir(base, toy=True)
         link_anchordiff_pack(base)
         t0 = time.monotonic()
         proc, url = start_server(base)
-        print(f"demo: ComfyUI with AnchorDiff is up at {url} ({time.monotonic() - t0:.1f} s)")
+        print(f"demo: ComfyUI with AnchorDiff and the toy SD3 is up at {url} ({time.monotonic() - t0:.1f} s)")
         try:
-            prompt = substituted(prompt, size=(args.size, args.size), max_steps=args.steps)
-            prompt = prepare_prompt(prompt, concepts=args.concepts)
-            result = run_prompt(prompt, server=url, output_dir=args.out, previews=False)
+            gen = configure(json.loads((wf / "anchordiff-01-generate-mask-inpaint.json").read_text()), scene, pair, inpaint_prompt, "demo_generate")
+            r1 = run_prompt(gen, server=url, output_dir=out, previews=False)
+            client = ComfyClient(url)
+            img = configure(json.loads((wf / "anchordiff-02-image-mask-inpaint.json").read_text()), scene, pair, inpaint_prompt, "demo_world")
+            img = prepare_prompt(img, images=[str(out / "world_scene.png")], client=client)
+            r2 = run_prompt(img, server=url, output_dir=out, previews=False)
         finally:
             stop_server(proc)
-    masks = [
-        f for node_id, files in result.node_files.items() for f in files
-        if "/mask_" in str(prompt[node_id]["inputs"].get("filename_prefix", ""))
-    ]
-    print(f"demo: {len(result.files)} file(s) in {args.out}, masks: " + ", ".join(Path(f).name for f in masks))
-    return 0 if masks else 1
+    o1, o2 = outputs(r1, gen), outputs(r2, img)
+    missing = [k for k in ("generated", "mask_a", "mask_b", "inpainted") if k not in o1] + \
+              [k for k in ("mask_a", "mask_b", "inpainted") if k not in o2]
+    if missing:
+        print(f"demo: missing outputs: {missing}", file=sys.stderr)
+        return 1
+    load = lambda f: np.asarray(Image.open(f).convert("RGB"))
+    gen_img = load(o1["generated"])
+    m1 = [load(o1[k])[..., 0] > 127 for k in ("mask_a", "mask_b")]
+    m2 = [load(o2[k])[..., 0] > 127 for k in ("mask_a", "mask_b")]
+    truth = [scene.concept(c).mask for c in pair]
+    ious = [iou(m, t) for m, t in zip(m2, truth)]
+    for c, v in zip(pair, ious):
+        print(f"demo: world scene, mask '{c}': IoU {v:.2f} against the world's true mask")
+    truth_img = scene.image.copy()
+    for t, col in zip(truth, COLOURS):
+        truth_img = overlay(truth_img, t, col)
+    top = panel([(gen_img, "generated"), (overlay(gen_img, m1[0], COLOURS[0]), f"mask: {pair[0]}"),
+                 (overlay(gen_img, m1[1], COLOURS[1]), f"mask: {pair[1]}"), (load(o1["inpainted"]), f"inpainted: {swap}")],
+                f"1. generated from '{scene.caption}'")
+    bottom = panel([(scene.image, "held-out world scene"), (truth_img, "true masks"),
+                    (overlay(scene.image, m2[0], COLOURS[0]), f"{pair[0]}: IoU {ious[0]:.2f}"),
+                    (overlay(scene.image, m2[1], COLOURS[1]), f"{pair[1]}: IoU {ious[1]:.2f}"),
+                    (load(o2["inpainted"]), f"inpainted: {swap}")], "2. an existing image (Look At Image)")
+    sheet = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), (24, 24, 28))
+    sheet.paste(top, (0, 0))
+    sheet.paste(bottom, (0, top.height))
+    sheet.save(out / "demo.png")
+    print(f"demo: wrote {out / 'demo.png'} and {len(r1.files) + len(r2.files)} ComfyUI outputs in {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,6 +3,6 @@
 Not part of the algorithm (`anchordiff_core`): a test instrument that gives the project a model
 whose attention means something, and ground truth to measure masks against. See toyworld/README.md.
 """
-from .world import BACKGROUNDS, COLOURS, LOOKALIKE_PAIRS, SHAPES, SPLITS, Concept, Scene, make_scene
+from .world import BACKGROUNDS, COLOURS, KIND_WEIGHTS, LOOKALIKE_PAIRS, SHAPES, SPLITS, Concept, Scene, make_scene
 
-__all__ = ["BACKGROUNDS", "COLOURS", "LOOKALIKE_PAIRS", "SHAPES", "SPLITS", "Concept", "Scene", "make_scene"]
+__all__ = ["BACKGROUNDS", "COLOURS", "KIND_WEIGHTS", "LOOKALIKE_PAIRS", "SHAPES", "SPLITS", "Concept", "Scene", "make_scene"]
