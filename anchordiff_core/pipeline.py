@@ -61,8 +61,22 @@ def anchor_layers(maps: AttentionMaps, exclude_last_block: bool = False) -> Opti
     return list(range(maps.num_blocks - 1)) if exclude_last_block else None
 
 
-def anchor_map(maps: AttentionMaps, exclude_last_block: bool = False) -> torch.Tensor:
-    """A_CI averaged over the anchor layers -> [B, K, N]."""
+# Where anchors come from: the paper's concept-to-image attention A_CI (concept queries, image keys),
+# or image-to-concept attention (image queries over [image; prompt; concept] keys, read at the
+# concept's columns: the map recorded at the Seg4Diff layer). The second is an option because on the
+# toy SD3 trained here it localises far better (toyworld/README.md); the paper's is the default.
+ANCHOR_SOURCES = ("concept_to_image", "image_to_concept")
+
+
+def anchor_map(maps: AttentionMaps, exclude_last_block: bool = False, source: str = "concept_to_image") -> torch.Tensor:
+    """The map anchors are the peaks of -> [B, K, N]: A_CI averaged over the anchor layers (the
+    paper), or the image-to-concept map of the Seg4Diff layer."""
+    if source == "image_to_concept":
+        if maps.seg4diff is None:
+            raise ValueError("This recording has no image-to-concept map: set the recorder's seg4diff_layer (-1 = default) and record again.")
+        return maps.seg4diff
+    if source != "concept_to_image":
+        raise ValueError(f"anchor source must be one of {', '.join(ANCHOR_SOURCES)}; got '{source}'")
     return mean_over_layers(maps.a_ci, anchor_layers(maps, exclude_last_block), dim=1)
 
 
@@ -99,9 +113,10 @@ def pick_anchors(
     min_relative_score: float = 0.5,
     manual_points: str = "",
     exclude_last_block: bool = False,
+    source: str = "concept_to_image",
 ) -> Anchors:
     """Automatic anchors (paper argmax, or several peaks), with manual points overriding concepts."""
-    a_ci = anchor_map(maps, exclude_last_block)
+    a_ci = anchor_map(maps, exclude_last_block, source)
     manual = parse_manual_points(manual_points, maps.concepts)
     tokens = {
         c: [point_to_token(x, y, maps.image_size, maps.grid) for x, y in pts] for c, pts in manual.items()

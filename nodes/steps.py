@@ -29,6 +29,9 @@ def _anchor_points(anchors: pipeline.Anchors):
     return out
 
 
+ANCHOR_FROM = {"concept→image (paper)": "concept_to_image", "image→concept": "image_to_concept"}
+
+
 class AnchorDiffAnchorSelect(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -48,14 +51,27 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
                 io.String.Input("manual_anchors", default="", multiline=True, tooltip=MANUAL_TIP),
                 io.Boolean.Input("exclude_last_block", default=False, tooltip="Average concept attention without the last (pre_only) block, whose text queries are never trained."),
                 io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview."),
+                io.Combo.Input(
+                    "anchor_from", options=list(ANCHOR_FROM), default="concept→image (paper)", optional=True,
+                    tooltip="concept→image: the paper's concept-to-image attention, averaged over blocks. image→concept: image "
+                    "queries' attention to each concept at the recorder's Seg4Diff layer (better on small models; see the README).",
+                ),
             ],
             outputs=[Anchors.Output("anchors", display_name="anchors", tooltip="Anchors for 'Propagate'.")],
         )
 
     @classmethod
-    def execute(cls, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block, image=None) -> io.NodeOutput:
-        anchors = user_errors(pipeline.pick_anchors, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block)
-        looked_at = pipeline.baseline_heat(maps, "cross_attention", pipeline.anchor_layers(maps, exclude_last_block) or ())
+    def execute(cls, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block, image=None,
+                anchor_from="concept→image (paper)") -> io.NodeOutput:
+        source = ANCHOR_FROM.get(anchor_from)
+        if source is None:
+            raise AnchorDiffError(f"anchor_from must be one of {', '.join(ANCHOR_FROM)}; got '{anchor_from}'.")
+        anchors = user_errors(pipeline.pick_anchors, maps, max_anchors, min_distance, min_relative_score, manual_anchors,
+                              exclude_last_block, source)
+        if source == "image_to_concept":
+            looked_at = pipeline.baseline_heat(maps, "seg4diff")
+        else:
+            looked_at = pipeline.baseline_heat(maps, "cross_attention", pipeline.anchor_layers(maps, exclude_last_block) or ())
         soft = pipeline.heat_masks(looked_at, soft=True)
         image = check_image(image, maps.batch_size)
         ui = heat_preview(cls, soft, maps.concepts, maps.image_size, image, _anchor_points(anchors), anchors.manual)
