@@ -8,7 +8,8 @@ memory is a reset high-water mark: on a CPU, after the inputs exist and a warm-u
 kernel's peak-RSS counter is reset (`echo 5 > /proc/self/clear_refs`, Linux) and the peak
 extra memory is VmHWM minus the RSS at that moment, so nothing allocated before (inputs,
 imports, warm-up) counts and nothing freed since can hide a peak.  Freed memory that the
-allocator keeps would count (an over-estimate, never an under-estimate).  On CUDA:
+allocator keeps would count (an over-estimate, never an under-estimate); the subprocesses run
+with MALLOC_MMAP_THRESHOLD_=65536 so glibc keeps none of significant size.  On CUDA:
 torch.cuda.reset_peak_memory_stats / max_memory_allocated.  The unit "N^2" is one N x N float32.
 
 Inputs: random softmax attention rows and Gaussian outputs.  The dense baseline is a direct
@@ -30,6 +31,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+# glibc returns every block of 64 KB or more to the system when it is freed (no dynamic threshold),
+# so RSS follows live memory instead of what the heap keeps after a free
+MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def inputs(n, d, device, layers=1, seed=0):
@@ -166,7 +172,7 @@ def interrupt_latency(n, d, device):
 def run(what, args, k, n=None):
     cmd = [sys.executable, __file__, "--inner", what, "--n", str(n or args.n[0]), "--d", str(args.d),
            "--device", args.device, "--repeats", str(args.repeats), "--concepts", str(k)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=MEASURE_ENV)
     if out.returncode:
         sys.exit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
