@@ -44,3 +44,29 @@ def test_fast_mode_maps_match_exact_within_tolerance(env, dtype):
     agree = (masks(fast) == masks(exact)).float().mean().item()
     print(f"{dtype}: fast vs exact mask agreement {agree:.5f}")
     assert agree == 1.0 if dtype == torch.float32 else agree >= 0.99
+
+
+def test_record_spec_rejects_an_unknown_precision():
+    from anchordiff_core.recorder import RecordSpec
+
+    with pytest.raises(ValueError, match="precision must be one of"):
+        RecordSpec(("cat",), torch.zeros(1, dtype=torch.long), 4, (1,), precision="half")
+
+
+def test_build_gated_graph_node_checks_for_interruption_inside_the_build(env, monkeypatch):
+    import comfy.model_management
+    from test_capture import load_model, read_maps, record
+
+    patched, recorder = record(env, load_model(env), concepts(env), record_step=0)
+    maps = read_maps(env, recorder, sample(env, patched, steps=2))
+    calls = []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 2:  # the second check: inside the graph build, before the progress callback
+            raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupted)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run(env, "AnchorDiffBuildGatedGraph", maps, 98.0, "", True)
+    assert len(calls) == 2
