@@ -7,15 +7,15 @@ kept, as the transposed transition matrix W_hat^T in CSR form, ready for propaga
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from ._checks import as_float_matrix
+from .attention import float32_matmul
 
 
 @dataclass(frozen=True)
@@ -45,18 +45,9 @@ def normalize_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(eps)
 
 
-@contextlib.contextmanager
 def exact_float32_matmul():
-    """Disable TF32 for the duration: a 10-bit mantissa would flip gate entries near tau."""
-    previous = torch.get_float32_matmul_precision()
-    cuda_tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.set_float32_matmul_precision("highest")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(previous)
-        torch.backends.cuda.matmul.allow_tf32 = cuda_tf32
+    """No TF32 for the duration: a 10-bit mantissa would flip gate entries near tau."""
+    return float32_matmul(exact=True)
 
 
 def cosine_similarity_rows(x: torch.Tensor) -> torch.Tensor:
@@ -72,14 +63,13 @@ def _lerp(a: float, b: float, t: float) -> float:
     return b - diff * (1.0 - t) if t >= 0.5 else a + diff * t
 
 
-def percentile(values: torch.Tensor, q: float) -> float:
+def percentile(values: torch.Tensor, q: float, interrupt: Optional[Callable[[], None]] = None) -> float:
     """`numpy.percentile(values, q)` (method 'linear') of all entries, as a Python float.
 
     Exact order statistics without sorting or copying everything (4096^2 entries exceed
     `torch.quantile`'s limit, and `topk` copies its input on the CPU): see `order_statistics`.
     """
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile must be within [0, 100]; got {q}")
+    _check_percentile(q)
     flat = values.reshape(-1)
     m = flat.numel()
     if m == 0:
@@ -87,43 +77,66 @@ def percentile(values: torch.Tensor, q: float) -> float:
     position = (m - 1) * (q / 100.0)
     lo = int(math.floor(position))
     hi = min(lo + 1, m - 1)
-    v_lo, v_hi = order_statistics(flat, lo, hi)
+    v_lo, v_hi = order_statistics(flat, lo, hi, interrupt=interrupt)
     return _lerp(v_lo, v_hi, position - lo)
 
 
-def order_statistics(flat: torch.Tensor, lo: int, hi: int, max_candidates: int = 1 << 20) -> tuple[float, float]:
+def _check_percentile(q: float) -> None:
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"percentile must be within [0, 100]; got {q}")
+
+
+def order_statistics(
+    flat: torch.Tensor, lo: int, hi: int, max_candidates: int = 1 << 20, interrupt: Optional[Callable[[], None]] = None,
+) -> tuple[float, float]:
     """Values of ascending ranks `lo` <= `hi` (0-based; hi <= lo + 1) of a 1-D tensor.
 
     Narrows a value interval [low, high] known to hold both ranks with histograms until few
-    candidates are left, then sorts only those.  Counts come from exact comparisons, never from
-    the histogram's own binning, so rounding at bin edges cannot shift a rank.  Extra memory: a
-    few boolean masks (a quarter of the input each).
+    candidates are left, then counts the distinct candidates.  Counts come from exact
+    comparisons, never from the histogram's own binning, so rounding at bin edges cannot shift a
+    rank.  Every pass reads the input in chunks (2^21 entries on a CPU): extra memory is a few chunk-sized
+    masks, whatever the input's size; `interrupt()` runs between chunks.
     """
+    check = interrupt if interrupt is not None else (lambda: None)
+    chunk = 4 * _chunk_elements(flat.device)
+
+    def chunks():
+        for start in range(0, flat.numel(), chunk):
+            yield flat[start : start + chunk]
+            check()
+
+    def count(a: float, b: float) -> int:  # entries in [a, b]
+        return sum(int(torch.count_nonzero((c >= a).logical_and_(c <= b))) for c in chunks())
+
+    def count_below(a: float) -> int:
+        return sum(int(torch.count_nonzero(c < a)) for c in chunks())
+
     low, high = flat.min().item(), flat.max().item()
     below = 0  # number of entries strictly below `low`
     bins = 4096
-
-    def between(a: float, b: float) -> torch.Tensor:
-        return (flat >= a).logical_and_(flat <= b)
-
-    while True:
-        in_range = between(low, high)
-        if int(torch.count_nonzero(in_range)) <= max_candidates or low == high:
-            candidates = flat[in_range].sort().values
-            return candidates[lo - below].item(), candidates[hi - below].item()
-        del in_range
-        cumulative = torch.histc(flat, bins=bins, min=low, max=high).cumsum(0)
+    while low != high and count(low, high) > max_candidates:
+        cumulative = sum(torch.histc(c, bins=bins, min=low, max=high) for c in chunks()).cumsum(0)
         ranks = torch.tensor([lo - below + 1, hi - below + 1], dtype=cumulative.dtype, device=cumulative.device)
         first, last = (int(i) for i in torch.searchsorted(cumulative, ranks))
         width = (high - low) / bins
         new_low = low + max(first - 1, 0) * width  # one bin of slack on each side for rounding
         new_high = min(high, low + (min(last, bins - 1) + 2) * width)
-        new_below = int(torch.count_nonzero(flat < new_low))
-        inside = int(torch.count_nonzero(between(new_low, new_high)))
-        if not (new_below <= lo and hi < new_below + inside) or (new_low, new_high) == (low, high):
-            candidates = flat[between(low, high)].sort().values  # heavy ties: sort the interval
-            return candidates[lo - below].item(), candidates[hi - below].item()
+        new_below = count_below(new_low)
+        if not (new_below <= lo and hi < new_below + count(new_low, new_high)) or (new_low, new_high) == (low, high):
+            break  # heavy ties: the interval holds few distinct values; count them below
         low, high, below = new_low, new_high, new_below
+    if low == high:
+        return low, low
+    # distinct values in [low, high] with their counts, merged chunk by chunk
+    values = torch.empty(0, dtype=flat.dtype, device=flat.device)
+    counts = torch.empty(0, dtype=torch.long, device=flat.device)
+    for c in chunks():
+        v, k = torch.unique(c[(c >= low).logical_and_(c <= high)], return_counts=True)
+        values, inverse = torch.unique(torch.cat([values, v]), return_inverse=True)
+        counts = torch.zeros(values.numel(), dtype=torch.long, device=flat.device).index_add_(0, inverse, torch.cat([counts, k]))
+    ends = counts.cumsum(0)  # rank (relative to `below`) just past each distinct value
+    found = torch.searchsorted(ends, torch.tensor([lo - below, hi - below], device=ends.device), right=True)
+    return values[found[0]].item(), values[found[1]].item()
 
 
 def _largest_float32_at_most(x: float) -> torch.Tensor:
@@ -134,79 +147,142 @@ def _largest_float32_at_most(x: float) -> torch.Tensor:
     return t32
 
 
-def build_gated_graph(a_ii: torch.Tensor, o_ii: torch.Tensor, gate_percentile: Optional[float] = 98.0) -> GatedGraph:
-    """AnchorDiff's gated graph from head/layer-averaged A_II [N, N] and O_II [N, D].
+def build_gated_graph(
+    a_ii,
+    o_ii,
+    gate_percentile: Optional[float] = 98.0,
+    interrupt: Optional[Callable[[], None]] = None,
+    device=None,
+) -> GatedGraph:
+    """AnchorDiff's gated graph from head-averaged A_II [N, N] and O_II [N, D].
 
-    `gate_percentile=None` drops the gate (the paper's "w/o A_II gate" ablation; dense, slow).
-    Peak memory is about 1.3 N^2 float32 values: one N x N buffer (first W_attn, then reused for
-    W_cos) and the boolean gate.
+    `a_ii` / `o_ii` may also be several layers' maps ([G, N, N] / [G, N, D] tensors, or sequences
+    of [N, N] / [N, D] tensors, e.g. views into a recording): they are averaged here, so no
+    stacked copy is ever made.  `gate_percentile=None` drops the gate (the paper's "w/o A_II gate"
+    ablation; dense, slow).  `interrupt()` is called between chunks of work (each well under a
+    second at 2048 x 2048 on a CPU core) and may raise to stop.  The graph is built on `device`
+    (default: where `a_ii` is).
+
+    Extra memory, in N x N float32 buffers: the layer mean of A_II (only with several layers;
+    freed once W_attn is computed), W_attn (1), the kept edges (~0.04 at the default gate) and
+    chunk temporaries; W_cos, the gate and the normalised rows are never stored whole.
     """
-    a_ii = as_float_matrix(a_ii, "a_ii")
-    o_ii = as_float_matrix(o_ii, "o_ii")
-    n = a_ii.shape[0]
-    if a_ii.shape != (n, n):
-        raise ValueError(f"a_ii must be a square [N, N] attention matrix; got shape {tuple(a_ii.shape)}")
-    if o_ii.shape[0] != n:
-        raise ValueError(f"o_ii must have one row per image token ({n}); got shape {tuple(o_ii.shape)}")
-    o_ii = o_ii.to(a_ii.device)
+    check = interrupt if interrupt is not None else (lambda: None)
+    a_layers = _layers(a_ii, "a_ii")
+    o_layers = _layers(o_ii, "o_ii")
+    n = a_layers[0].shape[0]
+    device = a_layers[0].device if device is None else torch.device(device)
+    for a in a_layers:
+        if a.shape != (n, n):
+            raise ValueError(f"a_ii must be square [N, N] attention matrices; got shape {tuple(a.shape)}")
+    for o in o_layers:
+        if o.shape[0] != n or o.shape != o_layers[0].shape:
+            raise ValueError(f"o_ii must have one row per image token ({n}); got shape {tuple(o.shape)}")
 
+    if gate_percentile is None:
+        w_attn, tau, threshold = None, -math.inf, None
+    else:
+        _check_percentile(gate_percentile)
+        w_attn = _attention_cosines(_layer_mean(a_layers, device), check)
+        tau = percentile(w_attn, gate_percentile, check)
+        threshold = _largest_float32_at_most(tau).to(device)
+    o = _layer_mean(o_layers, device)
+    o_norms = o.norm(dim=1).clamp_min(1e-12)
+
+    # W = W_cos * G row block by row block; W is symmetric (W_attn exactly, by construction),
+    # so row j of W is column j of W: the blocks come out as rows of W^T, in CSR order.
+    counts, cols, values = [], [], []
+    index_dtype = torch.int32 if n * n < 2**31 else torch.int64  # int32 halves index traffic
+    rows_per_chunk = max(1, min(_work_per_chunk(device) // max(1, n * o.shape[1]), _chunk_elements(device) // n))
     with exact_float32_matmul():
-        # W_attn = (A A^T) / (|a_i| |a_j|), scaled in place: no normalised copy of A is made
-        buffer = a_ii @ a_ii.T
-        norms = a_ii.norm(dim=1).clamp_min(1e-12)
-        buffer.div_(norms[:, None]).div_(norms[None, :])
-        _symmetrize_(buffer)
-        if gate_percentile is None:
-            tau = -math.inf
-            gate = torch.ones(n, n, dtype=torch.bool, device=buffer.device)
-        else:
-            tau = percentile(buffer, gate_percentile)
-            gate = buffer > _largest_float32_at_most(tau).to(buffer.device)
-        on = normalize_rows(o_ii)
-        torch.mm(on, on.T, out=buffer)  # W_cos, reusing the W_attn memory
-        del on
-    rows, cols = gate.nonzero(as_tuple=True)  # row-major order
-    values = buffer[gate].clamp_min_(0.0)
-    del buffer, gate
+        for start in range(0, n, rows_per_chunk):
+            stop = min(start + rows_per_chunk, n)
+            w = torch.mm(o[start:stop], o.T).div_(o_norms[start:stop, None]).div_(o_norms[None, :])
+            keep = w > 0  # zero weights carry nothing; dropping them keeps the matrix small
+            if w_attn is not None:
+                keep &= w_attn[start:stop] > threshold
+            counts.append(keep.sum(dim=1))
+            cols.append(keep.nonzero()[:, 1].to(index_dtype))
+            values.append(w[keep])
+            del w, keep
+            check()
+    del w_attn, o
+    counts, cols, values = torch.cat(counts), torch.cat(cols), torch.cat(values)
 
-    keep = values > 0  # zero weights carry nothing; dropping them keeps the matrix small
-    rows, cols, values = rows[keep], cols[keep], values[keep]
-    row_sums = torch.zeros(n, dtype=torch.float32, device=values.device).index_add_(0, rows, values)
+    # W_hat = W / rowsum(W); the row sums of W are the column sums of W^T
+    row_sums = torch.zeros(n, dtype=torch.float32, device=device).index_add_(0, cols.long(), values)
     empty = (row_sums == 0).nonzero(as_tuple=True)[0]
     if empty.numel():
         # only if a token's own (diagonal) entry failed the gate: keep the seed where it is
-        rows = torch.cat([rows, empty])
-        cols = torch.cat([cols, empty])
-        values = torch.cat([values, torch.ones_like(empty, dtype=values.dtype)])
+        rows = torch.repeat_interleave(torch.arange(n, device=device), counts)
+        rows, cols, values = torch.cat([rows, empty]), torch.cat([cols, empty.to(index_dtype)]), torch.cat([values, torch.ones_like(empty, dtype=values.dtype)])
+        order = torch.argsort(rows * n + cols.long())
+        rows, cols, values = rows[order], cols[order], values[order]
+        counts = torch.bincount(rows, minlength=n)
         row_sums[empty] = 1.0
-    values = values / row_sums[rows]
-    return GatedGraph(_transposed_csr(rows, cols, values, n), n, tau, int(values.numel()))
-
-
-def _symmetrize_(w: torch.Tensor, block: int = 1024) -> None:
-    """Make w exactly symmetric, in place, block by block.
-
-    W_attn is symmetric by definition, so its order statistics come in equal pairs and the 98th
-    percentile often falls exactly on one: strict `>` must then drop both copies.  Rounding in the
-    matmul can leave the copies an ulp apart; averaging them restores the exact symmetry.
-    """
-    n = w.shape[0]
-    for r in range(0, n, block):
-        for c in range(r, n, block):
-            mean = (w[r : r + block, c : c + block] + w[c : c + block, r : r + block].T) * 0.5
-            w[r : r + block, c : c + block] = mean
-            w[c : c + block, r : r + block] = mean.T
-
-
-def _transposed_csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    """CSR of the transpose of the COO matrix (rows, cols, values)."""
-    order = torch.argsort(cols * n + rows)
-    t_rows, t_cols, t_vals = cols[order], rows[order], values[order]
-    index_dtype = torch.int32 if n * n < 2**31 else torch.int64  # int32 halves index traffic
-    crow = torch.zeros(n + 1, dtype=torch.int64, device=values.device)
-    crow[1:] = torch.bincount(t_rows, minlength=n).cumsum(0)
+    values.div_(row_sums[cols.long()])
+    crow = torch.zeros(n + 1, dtype=torch.int64, device=device)
+    crow[1:] = counts.cumsum(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse_csr_tensor(
-            crow.to(index_dtype), t_cols.to(index_dtype), t_vals, (n, n), check_invariants=False
-        )
+        transition_t = torch.sparse_csr_tensor(crow.to(index_dtype), cols, values, (n, n), check_invariants=False)
+    return GatedGraph(transition_t, n, tau, int(values.numel()))
+
+
+def _layers(x, name: str) -> list[torch.Tensor]:
+    """One map or several layers' maps -> list of 2-D float32 tensors (views where possible)."""
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        x = list(x.unbind(0))
+    elif isinstance(x, (list, tuple)):
+        x = list(x)
+    else:
+        x = [x]
+    if not x:
+        raise ValueError(f"{name}: no layers given")
+    return [as_float_matrix(layer, name) for layer in x]
+
+
+def _layer_mean(layers: list[torch.Tensor], device) -> torch.Tensor:
+    """Mean of the layers on `device`: the input itself for one layer, else one new buffer."""
+    if len(layers) == 1:
+        return layers[0].to(device)
+    mean = layers[0].to(device, copy=True)
+    for layer in layers[1:]:
+        mean.add_(layer.to(device))
+    return mean.div_(len(layers))
+
+
+def _work_per_chunk(device: torch.device) -> int:
+    """Multiply-adds per chunk: ~0.1 s on one CPU core, so interruption is quick; more elsewhere."""
+    return 2**32 if torch.device(device).type == "cpu" else 2**36
+
+
+def _chunk_elements(device: torch.device) -> int:
+    """Entries of one chunk's [rows, N] temporaries: 2 MB of float32 on a CPU (cache-sized, and
+    small next to the N x N buffer), 64 MB elsewhere."""
+    return 2**19 if torch.device(device).type == "cpu" else 2**24
+
+
+def _attention_cosines(a: torch.Tensor, check: Callable[[], None]) -> torch.Tensor:
+    """W_attn = cos(A rows) [N, N], exactly symmetric: tile (i, j) is computed once and mirrored.
+
+    W_attn's order statistics then come in equal pairs, so strict `>` at a tau that falls on one
+    drops both copies.  The upper triangle is half the work of the full product.
+    """
+    n = a.shape[0]
+    norms = a.norm(dim=1).clamp_min(1e-12)
+    tile = max(256, min(n, int(math.sqrt(_work_per_chunk(a.device) / n)), int(math.sqrt(_chunk_elements(a.device)))))
+    out = torch.empty(n, n, dtype=torch.float32, device=a.device)
+    with exact_float32_matmul():
+        for r in range(0, n, tile):
+            for c in range(r, n, tile):
+                block = torch.mm(a[r : r + tile], a[c : c + tile].T)
+                block.div_(norms[r : r + tile, None]).div_(norms[None, c : c + tile])
+                out[r : r + tile, c : c + tile] = block
+                if r == c:  # a + b == b + a: exactly symmetric
+                    out[r : r + tile, c : c + tile].add_(block.T).mul_(0.5)
+                else:
+                    out[c : c + tile, r : r + tile] = block.T
+                del block
+                check()
+    return out

@@ -52,8 +52,9 @@ class AttentionMaps:
     def num_tokens(self) -> int:
         return self.a_ci.shape[-1]
 
-    def graph_inputs(self, index: int, layers=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A_II, O_II) of image `index`, averaged over `layers` (block indices; default all recorded)."""
+    def graph_inputs(self, index: int, layers=None) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """A_II [N, N] and O_II [N, D] of image `index` per chosen layer (block indices; default all
+        recorded): views into the recording, no copy; `build_gated_graph` averages them."""
         chosen = list(self.graph_layers) if not layers else [int(layer) for layer in layers]
         missing = [layer for layer in chosen if layer not in self.graph_layers]
         if missing:
@@ -62,7 +63,7 @@ class AttentionMaps:
                 "Add them to the recorder's graph layers and sample again."
             )
         slots = [self.graph_layers.index(layer) for layer in chosen]
-        return self.a_ii[index, slots].mean(dim=0), self.o_ii[index, slots].mean(dim=0)
+        return tuple(self.a_ii[index, s] for s in slots), tuple(self.o_ii[index, s] for s in slots)
 
     def select(self, indices) -> "AttentionMaps":
         """Maps of a subset of the batch, in the given order."""

@@ -140,15 +140,17 @@ def build_graphs(
     layers: Sequence[int] = (),
     device=None,
     progress: Progress = None,
+    interrupt: Optional[Callable[[], None]] = None,
 ) -> Graphs:
     """One gated graph per image, from A_II / O_II averaged over `layers` (default: all recorded),
-    built on `device` (default: where the maps are; the graph is fastest on the accelerator)."""
+    built on `device` (default: where the maps are; the graph is fastest on the accelerator).
+    `interrupt()` runs between chunks of each graph's work and may raise to stop."""
     chosen = tuple(layers) if layers else maps.graph_layers
     device = maps.a_ii.device if device is None else torch.device(device)
     graphs = []
     for b in range(maps.batch_size):
-        a_ii, o_ii = maps.graph_inputs(b, chosen)
-        graphs.append(build_gated_graph(a_ii.to(device), o_ii.to(device), gate_percentile))
+        a_layers, o_layers = maps.graph_inputs(b, chosen)
+        graphs.append(build_gated_graph(a_layers, o_layers, gate_percentile, interrupt, device))
         if progress is not None:
             progress(b + 1, maps.batch_size)
     return Graphs(maps, tuple(graphs), chosen, gate_percentile)

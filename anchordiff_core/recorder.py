@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .attention import group_mean, image_self_attention, key_column_attention, multihead_attention, query_key_attention
+from .attention import PRECISIONS, group_mean, image_self_attention, key_column_attention, multihead_attention, query_key_attention
 from .baselines import concept_attention_scores
 from .maps import AttentionMaps
 
@@ -28,6 +28,8 @@ class RecordSpec:
     graph_layers: tuple[int, ...]
     seg4diff_layer: Optional[int] = None
     max_chunk_bytes: Optional[int] = None  # None: attention.default_chunk_bytes(device)
+    precision: str = "exact"  # attention.PRECISIONS: "fast" = fused O_II in the model's dtype, TF32 scores
+
 
     def __post_init__(self):
         bad = [layer for layer in self.graph_layers if not 0 <= layer < self.num_blocks]
@@ -39,6 +41,8 @@ class RecordSpec:
             raise ValueError("at least one graph layer is needed")
         if len(self.concepts) == 0:
             raise ValueError("no concepts to record")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}; got '{self.precision}'")
 
 
 class StepRecorder:
@@ -96,10 +100,13 @@ class StepRecorder:
             seg_args = (extra_keys, columns) if seg_here else (None, None)
             if self.a_ii.device == q_img.device:
                 _, _, per_token = image_self_attention(
-                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, self.a_ii[:, slot], self.o_ii[:, slot], *seg_args
+                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, self.a_ii[:, slot], self.o_ii[:, slot], *seg_args,
+                    precision=spec.precision,
                 )
             else:
-                a, o, per_token = image_self_attention(q_img, k_img, v_img, heads, spec.max_chunk_bytes, None, None, *seg_args)
+                a, o, per_token = image_self_attention(
+                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, None, None, *seg_args, precision=spec.precision
+                )
                 self.a_ii[:, slot].copy_(a)
                 self.o_ii[:, slot].copy_(o)
                 del a, o

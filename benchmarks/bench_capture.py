@@ -1,6 +1,13 @@
-"""Benchmark: sampling with the recording patch vs without, tiny SD3 at 1024 x 1024 on this machine.
+"""Benchmark: sampling with the recording patch vs without, on this machine.
 
-    python benchmarks/bench_capture.py [--size 1024] [--steps 8] [--depth 2]
+    python benchmarks/bench_capture.py [--size 1024] [--steps 8] [--depth 2]   # tiny SD3, sampling
+    python benchmarks/bench_capture.py --full sd3-medium [--size 1024] [--threads 1] [--repeats 1]
+
+--full: SD3 Medium's real shape (ComfyUI's MMDiT, depth 24, hidden 1536, 2.03 B parameters,
+random bf16 weights with ComfyUI's float32 manual cast, which is what ComfyUI computes in on a
+CPU), built on the spot; one process runs a plain and a recorded forward (one sampler step,
+cond only) alternately through the real patch, and reports process CPU time and wall time of
+each, and whether the output latent is bit-identical.
 
 Each mode runs in a fresh subprocess (same model file, seed and settings): a warm-up step, then
 the timed sampling.  Peak memory is the growth of the process's peak RSS (CPU) or
@@ -71,14 +78,112 @@ def inner(args):
     print(json.dumps(result))
 
 
+FULL_SHAPES = {  # ComfyUI unet_config of the real models
+    "sd3-medium": {"depth": 24, "pos_embed_max_size": 192, "qk_norm": None, "x_block_self_attn_layers": []},
+    "sd3.5-large": {"depth": 38, "pos_embed_max_size": 192, "qk_norm": "rms", "x_block_self_attn_layers": []},
+}
+
+
+def full_model(name):
+    """A ModelPatcher around ComfyUI's SD3 model of the real shape, random weights (seeded)."""
+    import types
+
+    import torch
+    from fixtures import comfy_env
+    from fixtures.tiny_sd3 import POOLED_DIM, TEXT_DIM, _init_weights
+
+    comfy_env.import_comfy()
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    shape = FULL_SHAPES[name]
+    hidden = 64 * shape["depth"]
+    unet_config = {
+        "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": shape["depth"], "adm_in_channels": POOLED_DIM,
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": TEXT_DIM, "out_features": hidden}},
+        "num_patches": shape["pos_embed_max_size"] ** 2, "pos_embed_max_size": shape["pos_embed_max_size"],
+        "pos_embed_scaling_factor": None, "qk_norm": shape["qk_norm"], "x_block_self_attn_layers": shape["x_block_self_attn_layers"],
+    }
+    config = comfy.supported_models.SD3(unet_config)
+    config.set_inference_dtype(torch.bfloat16, torch.float32)  # bf16 weights, float32 math (ComfyUI on a CPU)
+    model = config.get_model({}, device="cpu")
+    cfg = types.SimpleNamespace(seed=0, hidden=hidden, pos_embed_max_size=shape["pos_embed_max_size"], attn_logit_gain=3.0)
+    _init_weights(model.diffusion_model, cfg)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def full(args):
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from fixtures import comfy_env
+
+    comfy_env.import_comfy()
+    from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
+    assert comfy_env.load_custom_node_pack(ROOT)
+    import comfy.sample
+    import nodes
+
+    t0 = time.perf_counter()
+    model = full_model(args.full)
+    built = time.perf_counter() - t0
+    clip = make_fixture_clip(t5=True)
+    pos = nodes.CLIPTextEncode().encode(clip, "a cat and a dog on a sofa")[0]
+    text, extra = pos[0]
+    pos = [[text.repeat(1, 3, 1)[:, :333], extra]]  # 333 prompt tokens: CLIP 77 + T5 256, as the diffusers pipeline pads
+    concepts = nodes.NODE_CLASS_MAPPINGS["AnchorDiffConcepts"].execute(clip, "cat, dog, sofa, background").args[0]
+    patched, recorder = nodes.NODE_CLASS_MAPPINGS["AnchorDiffRecordAttention"].execute(
+        model, concepts, 0.5, 0, "", -1, 1, args.precision).args
+    latent = torch.zeros(1, 16, args.size // 8, args.size // 8)
+    noise = comfy.sample.prepare_noise(latent, 0)
+
+    def forward(m):  # one Euler step, cfg 1: exactly one model evaluation of the positive row
+        c0, w0 = time.process_time(), time.perf_counter()
+        out = comfy.sample.sample(m, noise, 1, 1.0, "euler", "simple", pos, pos, latent, disable_pbar=True, seed=0)
+        return out, time.process_time() - c0, time.perf_counter() - w0
+
+    rows = {"plain": [], "record": []}
+    outputs = {}
+    for _ in range(args.repeats):
+        for mode, m in (("plain", model), ("record", patched)):  # alternate, so drift hits both
+            out, cpu, wall = forward(m)
+            rows[mode].append({"cpu_s": cpu, "wall_s": wall})
+            outputs[mode] = out
+    maps = nodes.NODE_CLASS_MAPPINGS["AnchorDiffReadMaps"].execute(recorder, {"samples": outputs["record"]}).args[0]
+    result = {
+        "model": args.full, "size": args.size, "threads": args.threads, "precision": args.precision, "build_s": built,
+        "tokens": maps.num_tokens, "text_tokens": int(pos[0][0].shape[1]), "graph_layers": list(maps.graph_layers),
+        "plain": rows["plain"], "record": rows["record"],
+        "identical": bool(torch.equal(outputs["plain"], outputs["record"])),
+        "held_mb": sum(t.numel() * t.element_size() for t in (maps.a_ci, maps.ca_scores, maps.a_ii, maps.o_ii, maps.seg4diff)) / 2**20,
+    }
+    plain_cpu = min(r["cpu_s"] for r in rows["plain"])
+    rec_cpu = min(r["cpu_s"] for r in rows["record"])
+    result["ratio_cpu"] = rec_cpu / plain_cpu
+    result["ratio_wall"] = min(r["wall_s"] for r in rows["record"]) / min(r["wall_s"] for r in rows["plain"])
+    print(json.dumps(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--full", choices=sorted(FULL_SHAPES), default=None)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision", default="exact")
+    p.add_argument("--json", default=None, help="also write the result here (--full)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--mode", default=None)
     args = p.parse_args()
+    if args.full:
+        args.repeats = min(args.repeats, 2)
+        full(args)
+        return
     if args.mode:
         inner(args)
         return

@@ -1,17 +1,29 @@
-"""Benchmark: gated graph build and 160-step propagation, ours vs the naive dense version.
+"""Benchmark: gated graph build and 160-step propagation, ours vs a fair naive dense version.
 
-    python benchmarks/bench_core.py [--n 4096] [--d 1536] [--concepts 1 4 8] [--device cpu|cuda]
+    python benchmarks/bench_core.py [--n 4096] [--d 1536] [--concepts 1 4 8] [--memory-n 4096 9216]
+                                    [--interrupt-n 16384] [--json out.json]
 
-Each measurement runs in a fresh subprocess so peak memory is its own: peak RSS growth on CPU
-(getrusage), torch.cuda.max_memory_allocated on CUDA.  Inputs are random softmax attention rows
-and Gaussian outputs; both versions get the same inputs and their results are compared.
+Each measurement runs in a fresh subprocess, with CPU time (process) next to wall time.  Peak
+memory is a reset high-water mark: on a CPU, after the inputs exist and a warm-up ran, the
+kernel's peak-RSS counter is reset (`echo 5 > /proc/self/clear_refs`, Linux) and the peak
+extra memory is VmHWM minus the RSS at that moment, so nothing allocated before (inputs,
+imports, warm-up) counts and nothing freed since can hide a peak.  Freed memory that the
+allocator keeps would count (an over-estimate, never an under-estimate); the subprocesses run
+with MALLOC_MMAP_THRESHOLD_=65536 so glibc keeps none of significant size.  On CUDA:
+torch.cuda.reset_peak_memory_stats / max_memory_allocated.  The unit "N^2" is one N x N float32.
+
+Inputs: random softmax attention rows and Gaussian outputs.  The dense baseline is a direct
+transcription (dense W_attn, gate, W, W_hat) whose propagation step is written (s^T W_hat)^T,
+the fast form for a dense product with few columns (W_hat^T @ s with 4 columns hits a slow
+BLAS path, 15x slower).  Both versions get the same inputs; their results are compared.
 """
 import argparse
 import json
 import os
-import resource
+import re
 import subprocess
 import sys
+import threading
 import time
 
 import torch
@@ -21,10 +33,15 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
-def inputs(n, d, device):
-    g = torch.Generator().manual_seed(0)
-    a = torch.softmax(torch.randn(n, n, generator=g) * 3, dim=1)
-    o = torch.randn(n, d, generator=g) + 0.5
+# glibc returns every block of 64 KB or more to the system when it is freed (no dynamic threshold),
+# so RSS follows live memory instead of what the heap keeps after a free
+MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def inputs(n, d, device, layers=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.stack([torch.softmax(torch.randn(n, n, generator=g).mul_(3), dim=1) for _ in range(layers)])
+    o = torch.randn(layers, n, d, generator=g).add_(0.5)
     return a.to(device), o.to(device)
 
 
@@ -33,93 +50,186 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def peak_mb(device, rss_before_kb):
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_kb) / 1024
+def _status_kb(key):
+    return int(re.search(key + r":\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+class Peak:
+    """Peak extra memory (bytes) of what runs between start() and stop(), from a reset high-water mark."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def start(self):
+        sync(self.device)
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self.base = _status_kb("VmRSS") * 1024
+
+    def stop(self):
+        sync(self.device)
+        if self.device == "cuda":
+            return torch.cuda.max_memory_allocated() - self.base
+        return _status_kb("VmHWM") * 1024 - self.base
+
+
+def timed(fn, device):
+    sync(device)
+    c0, w0 = time.process_time(), time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.process_time() - c0, time.perf_counter() - w0
+
+
+def node_maps(a, o):
+    """AttentionMaps as a recording holds them: [B=1, G, N, N] / [B=1, G, N, D]."""
+    from anchordiff_core.maps import AttentionMaps
+
+    n = a.shape[-1]
+    w = 1 << (int(n).bit_length() // 2)
+    while n % w:
+        w -= 1
+    zeros = torch.zeros(1, 1, 1, n)
+    return AttentionMaps(("x",), (n // w, w), (8 * n // w, 8 * w), zeros, zeros, a[None], o[None], tuple(range(a.shape[0])))
 
 
 def measure(what, n, d, k, device, repeats):
     """Runs inside the subprocess; prints one JSON line."""
     import naive
     import anchordiff_core as ad
+    from anchordiff_core import pipeline
 
-    a, o = inputs(n, d, device)
+    layers = 2 if what == "graph_node" else 1
+    a, o = inputs(n, d, device, layers)
+    a1, o1 = a[0], o[0]
     anchors = torch.arange(k, device=device) * (n // max(k, 1))
-    # warm up code paths on a small problem, so the peak below is this problem's
-    small_a, small_o = inputs(256, 16, device)
+    small_a, small_o = inputs(256, 16, device, layers)  # warm up code paths on a small problem
     ad.propagate(ad.build_gated_graph(small_a, small_o), torch.tensor([0], device=device), 2)
-    naive.dense_propagate(naive.dense_transition(small_a, small_o), torch.tensor([0], device=device), 2)
+    naive.dense_propagate(naive.dense_transition(small_a[0], small_o[0]), torch.tensor([0], device=device), 2)
     prepared = None
     if what == "propagate_ours":
-        prepared = ad.build_gated_graph(a, o)
+        prepared = ad.build_gated_graph(a1, o1)
     elif what == "propagate_naive":
-        prepared = naive.dense_transition(a, o)
-    sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+        prepared = naive.dense_transition(a1, o1)
+    maps = node_maps(a, o) if what == "graph_node" else None
+    runs = {
+        "graph_ours": lambda: ad.build_gated_graph(a1, o1),
+        "graph_node": lambda: pipeline.build_graphs(maps, 98.0, (), device, None, lambda: None),
+        "graph_naive": lambda: naive.dense_transition(a1, o1),
+        "propagate_ours": lambda: ad.propagate(prepared, anchors, 160),
+        "propagate_naive": lambda: naive.dense_propagate(prepared, anchors, 160),
+        "both_ours": lambda: ad.propagate(ad.build_gated_graph(a1, o1), anchors, 160),
+    }
+    peak = Peak(device)
+    best = None
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        if what == "graph_ours":
-            out = ad.build_gated_graph(a, o)
-        elif what == "graph_naive":
-            out = naive.dense_transition(a, o)
-        elif what == "propagate_ours":
-            out = ad.propagate(prepared, anchors, 160)
-        elif what == "propagate_naive":
-            out = naive.dense_propagate(prepared, anchors, 160)
-        elif what == "both_ours":
-            out = ad.propagate(ad.build_gated_graph(a, o), anchors, 160)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+        peak.start()
+        out, cpu, wall = timed(runs[what], device)
+        used = peak.stop()
+        best = {"cpu_s": cpu, "wall_s": wall, "peak_bytes": used} if best is None or wall < best["wall_s"] else best
+        best["peak_bytes"] = max(best["peak_bytes"], used)
         del out
-    peak = peak_mb(device, rss) - (base if device == "cuda" else 0)
-    result = {"what": what, "k": k, "seconds": min(times), "peak_mb": peak}
+    result = {"what": what, "n": n, "d": d, "k": k, **best, "peak_n2": best["peak_bytes"] / (4 * n * n)}
     if what.startswith("propagate") or what == "both_ours":
-        result["heat"] = (ad.propagate(prepared, anchors, 160) if what == "propagate_ours" else
-                          naive.dense_propagate(prepared, anchors, 160) if what == "propagate_naive" else
-                          ad.propagate(ad.build_gated_graph(a, o), anchors, 160)).cpu().tolist()
+        result["heat"] = runs[what]().cpu().tolist()
     print(json.dumps(result))
 
 
-def run(what, args, k):
-    cmd = [sys.executable, __file__, "--inner", what, "--n", str(args.n), "--d", str(args.d),
+def interrupt_latency(n, d, device):
+    """Build a graph at n tokens and ask it to stop 3 s in: seconds until it raised, and the
+    largest gap between two interrupt checks up to then."""
+    import anchordiff_core as ad
+
+    a, o = inputs(n, d, device)
+    requested = threading.Event()
+    checks = []
+
+    class Stop(Exception):
+        pass
+
+    def check():
+        checks.append(time.perf_counter())
+        if requested.is_set():
+            raise Stop
+
+    timer = threading.Timer(3.0, requested.set)
+    t0 = time.perf_counter()
+    timer.start()
+    try:
+        ad.build_gated_graph(a[0], o[0], interrupt=check)
+        stopped = None
+    except Stop:
+        stopped = time.perf_counter() - (t0 + 3.0)
+    stamps = [t0] + checks
+    gaps = [b - c for c, b in zip(stamps, stamps[1:])]
+    print(json.dumps({"what": "interrupt", "n": n, "latency_s": stopped, "max_gap_s": max(gaps), "checks": len(checks)}))
+
+
+def run(what, args, k, n=None):
+    cmd = [sys.executable, __file__, "--inner", what, "--n", str(n or args.n[0]), "--d", str(args.d),
            "--device", args.device, "--repeats", str(args.repeats), "--concepts", str(k)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    out = subprocess.run(cmd, capture_output=True, text=True, env=MEASURE_ENV)
+    if out.returncode:
+        sys.exit(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--n", type=int, nargs="+", default=[4096])
     p.add_argument("--d", type=int, default=1536)
     p.add_argument("--concepts", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--memory-n", type=int, nargs="*", default=[4096, 9216])
+    p.add_argument("--interrupt-n", type=int, default=16384, help="0 = skip")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--inner", default=None)
+    p.add_argument("--json", default=None)
     args = p.parse_args()
-    if args.inner:
-        measure(args.inner, args.n, args.d, args.concepts[0], args.device, args.repeats)
+    if args.inner == "interrupt":
+        interrupt_latency(args.n[0], args.d, args.device)
         return
-    n2_mb = args.n * args.n * 4 / 2**20
+    if args.inner:
+        measure(args.inner, args.n[0], args.d, args.concepts[0], args.device, args.repeats)
+        return
+    n = args.n[0]
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"AnchorDiff core benchmark: N={args.n}, D={args.d}, device {name}, torch {torch.__version__}")
-    print(f"one N x N float32 buffer = {n2_mb:.0f} MB\n")
+    print(f"AnchorDiff core benchmark: N={n}, D={args.d}, device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    report = {"device": name, "n": n, "d": args.d, "threads": torch.get_num_threads(), "graph": {}, "propagate": []}
+    print(f"{'step':<26}{'ours CPU-s / wall':>20}{'dense CPU-s / wall':>22}{'speed-up (wall)':>17}")
     g_ours, g_naive = run("graph_ours", args, 1), run("graph_naive", args, 1)
-    print(f"{'step':<28}{'ours':>12}{'naive dense':>14}{'speed-up':>10}{'peak ours':>12}{'peak naive':>12}")
-    print(f"{'build_gated_graph':<28}{g_ours['seconds'] * 1e3:>10.1f}ms{g_naive['seconds'] * 1e3:>12.1f}ms"
-          f"{g_naive['seconds'] / g_ours['seconds']:>9.1f}x{g_ours['peak_mb']:>10.0f}MB{g_naive['peak_mb']:>10.0f}MB"
-          f"   (= {g_ours['peak_mb'] / n2_mb:.2f} vs {g_naive['peak_mb'] / n2_mb:.2f} N^2 buffers)")
+    report["graph"] = {"ours": g_ours, "naive": g_naive}
+    print(f"{'build_gated_graph':<26}{g_ours['cpu_s']:>10.2f} / {g_ours['wall_s']:<7.2f}{g_naive['cpu_s']:>12.2f} / {g_naive['wall_s']:<7.2f}"
+          f"{g_naive['wall_s'] / g_ours['wall_s']:>8.1f}x")
     for k in args.concepts:
         ours, naive_ = run("propagate_ours", args, k), run("propagate_naive", args, k)
-        diff = max(abs(x - y) for ro, rn in zip(ours["heat"], naive_["heat"]) for x, y in zip(ro, rn))
+        diff = max(abs(x - y) for ro, rn in zip(ours.pop("heat"), naive_.pop("heat")) for x, y in zip(ro, rn))
         both = run("both_ours", args, k)
-        print(f"{f'propagate(160), K={k}':<28}{ours['seconds'] * 1e3:>10.1f}ms{naive_['seconds'] * 1e3:>12.1f}ms"
-              f"{naive_['seconds'] / ours['seconds']:>9.1f}x{ours['peak_mb']:>10.0f}MB{naive_['peak_mb']:>10.0f}MB"
-              f"   max |diff| {diff:.1e}; graph + propagate {both['seconds'] * 1e3:.1f}ms")
+        both.pop("heat")
+        report["propagate"].append({"k": k, "ours": ours, "naive": naive_, "both": both, "max_diff": diff})
+        print(f"{f'propagate(160), K={k}':<26}{ours['cpu_s'] * 1e3:>8.0f}ms / {ours['wall_s'] * 1e3:<5.0f}ms"
+              f"{naive_['cpu_s'] * 1e3:>9.0f}ms / {naive_['wall_s'] * 1e3:<6.0f}ms{naive_['wall_s'] / ours['wall_s']:>7.1f}x"
+              f"   max |diff| {diff:.1e}; graph + propagate {both['wall_s']:.2f} s wall")
+    report["memory"] = []
+    for m in args.memory_n:
+        row = {"n": m, "core": run("graph_ours", args, 1, m), "node": run("graph_node", args, 1, m)}
+        report["memory"].append(row)
+        print(f"peak extra memory at N={m}: build_gated_graph {row['core']['peak_n2']:.2f} N^2 "
+              f"({row['core']['peak_bytes'] / 2**20:.0f} MB), through Build Gated Graph (2 layers) "
+              f"{row['node']['peak_n2']:.2f} N^2 ({row['node']['peak_bytes'] / 2**20:.0f} MB); "
+              f"{row['core']['cpu_s']:.1f} CPU-s / {row['core']['wall_s']:.1f} s wall")
+    if args.interrupt_n:
+        cmd = [sys.executable, __file__, "--inner", "interrupt", "--n", str(args.interrupt_n), "--d", str(args.d), "--device", args.device]
+        report["interrupt"] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        r = report["interrupt"]
+        print(f"interrupt at N={r['n']}: raised {r['latency_s']:.2f} s after the request; largest gap between checks {r['max_gap_s']:.2f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ def dense_transition(a_ii, o_ii, gate_percentile=98.0):
 def dense_propagate(w_hat, anchors, steps=160):
     s = torch.zeros(w_hat.shape[0], len(anchors), device=w_hat.device)
     s[anchors, torch.arange(len(anchors))] = 1.0
+    s = s.T.contiguous()  # [K, N]: one step is s W_hat, i.e. (W_hat^T s^T)^T, the fast dense form
     for _ in range(steps):
-        s = w_hat.T @ s
-    s = s.T
+        s = s @ w_hat
     lo, hi = s.min(1, keepdim=True).values, s.max(1, keepdim=True).values
     return (s - lo) / (hi - lo)

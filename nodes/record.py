@@ -7,6 +7,7 @@ import comfy.sample
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..anchordiff_core.attention import PRECISIONS
 from ..anchordiff_core.recorder import RecordSpec
 from . import sd3_patch
 from .common import CATEGORY, Concepts, Maps, Recorder
@@ -16,6 +17,11 @@ from .text import encode_concepts
 GRAPH_LAYERS_TIP = (
     "Joint blocks whose image self-attention builds the graph (comma-separated, 0-based). Empty = the paper's "
     "defaults: SD3 Medium 9, 18; SD3.5 Large 23, 31; SD3.5 Medium 14, 19 (our choice, see docs/DESIGN.md)."
+)
+PRECISION_TIP = (
+    "exact: the maps in float32 throughout, kept where ComfyUI keeps intermediates. fast (for GPUs): the image "
+    "self-attention output through the fused attention kernel in the model's dtype, TF32 scores with float32 "
+    "sums, maps kept on the GPU; slower than exact on a CPU. See docs/DESIGN.md."
 )
 SEG4DIFF_TIP = "Joint block for the Seg4Diff baseline map; -1 = block 9 on SD3 Medium (Seg4Diff's expert layer), same relative depth elsewhere."
 
@@ -43,7 +49,7 @@ class AnchorDiffConcepts(io.ComfyNode):
         return io.NodeOutput(encode_concepts(clip, concepts))
 
 
-def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int):
+def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precision: str = "exact"):
     dm = sd3_patch.sd3_diffusion_model(model)
     if concepts is None:
         raise AnchorDiffError("No concepts connected: add an 'AnchorDiff Concepts' node.")
@@ -56,7 +62,7 @@ def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int):
     if seg4diff_layer >= depth:
         raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {sd3_patch.model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")
     seg = sd3_patch.default_seg4diff_layer(dm) if seg4diff_layer < 0 else seg4diff_layer
-    spec = RecordSpec(concepts.names, concepts.token_concept, depth, layers, seg)
+    spec = RecordSpec(concepts.names, concepts.token_concept, depth, layers, seg, precision=precision)
     return spec, sd3_patch.model_variant(dm)
 
 
@@ -90,6 +96,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
                 io.Int.Input("record_step", default=-1, min=-1, max=10000, tooltip="-1: use record_at. Otherwise record this sampled step index (0-based)."),
                 *_common_inputs(),
                 io.Int.Input("keep_runs", default=2, min=1, max=16, tooltip="How many sampling runs' maps to keep in memory."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="exact", optional=True, tooltip=PRECISION_TIP),
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model", tooltip="The patched model: connect it to the sampler."),
@@ -98,8 +105,8 @@ class AnchorDiffRecordAttention(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs) -> io.NodeOutput:
-        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer)
+    def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="exact") -> io.NodeOutput:
+        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision)
         recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), variant)
         return io.NodeOutput(recorder.attach(model), recorder)
 

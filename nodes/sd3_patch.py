@@ -236,7 +236,9 @@ class AttentionRecorder:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
         diffusion_model = executor.class_obj.diffusion_model
-        call = _Call(self, diffusion_model, rows.to(x.device), comfy.model_management.intermediate_device())
+        # fast: the maps stay on the compute device until the graph is built (no host round trip)
+        store = None if self.spec.precision == "fast" else comfy.model_management.intermediate_device()
+        call = _Call(self, diffusion_model, rows.to(x.device), store)
         options = dict(transformer_options)
         patches = dict(options.get("patches_replace", {}))
         dit = dict(patches.get("dit", {}))

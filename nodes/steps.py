@@ -101,6 +101,7 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
         graphs = user_errors(
             pipeline.build_graphs, maps, gate_percentile if gate else None, chosen,
             comfy.model_management.get_torch_device(), progress_callback(maps.batch_size),
+            comfy.model_management.throw_exception_if_processing_interrupted,
         )
         return io.NodeOutput(graphs)
 

@@ -93,3 +93,20 @@ def test_mean_over_layers_selection_and_errors():
 def test_split_heads_rejects_indivisible_width():
     with pytest.raises(ValueError, match="divisible"):
         ad.image_self_attention(*qkv(1, 4, 1, 10), heads=3)
+
+
+@pytest.mark.parametrize("dtype,o_tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2**-7)])
+def test_fast_precision_matches_exact_within_tolerance(dtype, o_tolerance):
+    q, k, v = qkv(2, 40, 4, 16, seed=8, dtype=dtype)
+    extra = qkv(2, 7, 4, 16, seed=9, dtype=dtype)[1]
+    columns = torch.tensor([5, 6])
+    a_e, o_e, x_e = ad.image_self_attention(q, k, v, 4, 40 * 4 * 7, extra_keys=extra, extra_columns=columns)
+    a_f, o_f, x_f = ad.image_self_attention(q, k, v, 4, 40 * 4 * 7, extra_keys=extra, extra_columns=columns, precision="fast")
+    assert o_f.dtype == torch.float32 and a_f.dtype == torch.float32
+    # scores and their sums are float32 in both modes on a CPU (TF32 exists only on CUDA)
+    torch.testing.assert_close(a_f, a_e, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(x_f, x_e, atol=1e-6, rtol=1e-5)
+    # O through the fused kernel in the inputs' dtype: its output rounding (bf16: 8 bits)
+    assert (o_f - o_e).abs().max() <= o_tolerance * o_e.abs().max()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        ad.image_self_attention(q, k, v, 4, precision="half")

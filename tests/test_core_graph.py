@@ -92,14 +92,17 @@ def test_percentile_with_ties_and_2d_input():
 
 
 def test_gate_uses_strict_inequality_at_tau():
-    # identical rows everywhere but two: W_attn is 1 on most entries, so tau == 1 and only
-    # entries strictly above 1 would pass: none. Every row is then empty -> self-loops.
-    a = torch.ones(10, 10) / 10
-    o = torch.randn(10, 4)
+    # identical rows: W_attn is 1 everywhere, so tau == 1 and only entries strictly above 1
+    # would pass: none. Every row is then empty -> self-loops.  The rows are four entries of
+    # 1/4 (zeros elsewhere): every product, partial sum and norm is a power of two, so W_attn
+    # is exactly 1 in any summation order -- the ties do not depend on the CPU's BLAS.  (Rows
+    # of 0.1 did: an AMD EPYC's BLAS summed them to 1 +- 1 ulp at some positions.)
+    a = torch.zeros(10, 10)
+    a[:, 2:6] = 0.25
+    o = torch.randn(10, 4, generator=torch.Generator().manual_seed(0))
     graph = ad.build_gated_graph(a, o, 50.0)
-    assert graph.tau == pytest.approx(1.0, abs=1e-6)
-    dense = graph.transition_t.to_dense()
-    assert torch.allclose(dense, torch.eye(10), atol=1e-6)
+    assert graph.tau == 1.0
+    assert torch.equal(graph.transition_t.to_dense(), torch.eye(10))
     heat = ad.propagate(graph, torch.tensor([3]))
     assert heat[0, 3] == 1 and heat[0].sum() == 1
 
@@ -161,7 +164,7 @@ def test_clear_errors_for_wrong_inputs():
     with pytest.raises(ValueError, match="one row per image token"):
         ad.build_gated_graph(a, o[:8])
     with pytest.raises(ValueError, match="2-D"):
-        ad.build_gated_graph(a[None], o)
+        ad.build_gated_graph(a[None, None], o)
     with pytest.raises(ValueError, match="NaN"):
         ad.build_gated_graph(a * float("nan"), o)
     with pytest.raises(ValueError, match="percentile"):
@@ -207,3 +210,71 @@ def test_gate_is_symmetric_even_when_tau_falls_on_a_pair():
         a, o = random_inputs(144, 16, seed=seed)
         pattern = ad.build_gated_graph(a, o).transition_t.to_dense() > 0
         assert torch.equal(pattern, pattern.T), seed
+
+
+# ---------------------------------------------------------------- layers, interruption, threads
+def test_layers_are_averaged_without_a_stacked_copy():
+    a1, o1 = random_inputs(100, 8, seed=11)
+    a2, o2 = random_inputs(100, 8, seed=12)
+    mean = ad.build_gated_graph((a1 + a2) / 2, (o1 + o2) / 2)
+    for form in ((a1, a2), torch.stack([a1, a2])):
+        got = ad.build_gated_graph(form, torch.stack([o1, o2]))
+        assert got.tau == mean.tau
+        torch.testing.assert_close(got.transition_t.to_dense(), mean.transition_t.to_dense(), atol=1e-6, rtol=0)
+
+
+def test_graph_build_checks_for_interruption_between_chunks(monkeypatch):
+    import anchordiff_core.graph as graph_module
+
+    a, o = random_inputs(400, 24, seed=4)
+    expected = ad.build_gated_graph(a, o)
+    monkeypatch.setattr(graph_module, "_work_per_chunk", lambda device: 300 * 300 * 400)  # small chunks
+    calls = []
+    got = ad.build_gated_graph(a, o, interrupt=lambda: calls.append(1))
+    assert len(calls) >= 6  # W_attn tiles, percentile passes, W row blocks
+    torch.testing.assert_close(got.transition_t.to_dense(), expected.transition_t.to_dense(), atol=1e-6, rtol=0)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_third():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Stop
+
+    calls.clear()
+    with pytest.raises(Stop):
+        ad.build_gated_graph(a, o, interrupt=stop_at_third)
+    assert len(calls) == 3  # nothing ran after the interruption
+
+
+def test_interrupt_checks_are_under_a_cpu_second_apart_at_2048_tokens():
+    import time
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.softmax(torch.randn(2048, 2048, generator=g) * 3, dim=1)
+    o = torch.randn(2048, 256, generator=g)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # all work on this thread, so thread CPU time measures it
+    stamps = [time.thread_time()]
+    try:
+        ad.build_gated_graph(a, o, interrupt=lambda: stamps.append(time.thread_time()))
+    finally:
+        torch.set_num_threads(previous_threads)
+    stamps.append(time.thread_time())
+    gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:])]
+    assert len(gaps) >= 4 and max(gaps) < 1.0, gaps
+
+
+def test_propagation_runs_on_one_cpu_thread_and_restores_the_setting():
+    a, o = random_inputs(64, 8, seed=2)
+    graph = ad.build_gated_graph(a, o)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        ad.propagate(graph, torch.tensor([0]), steps=16, callback=lambda done, total: seen.append(torch.get_num_threads()))
+        assert seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)

@@ -1,0 +1,27 @@
+"""Peak extra memory of the graph build, from a reset high-water mark (see benchmarks/bench_core.py)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core.py"
+
+
+def peak_n2(what, n, d):
+    sys.path.insert(0, str(BENCH.parent))
+    from bench_core import MEASURE_ENV
+
+    cmd = [sys.executable, str(BENCH), "--inner", what, "--n", str(n), "--d", str(d), "--repeats", "1", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=MEASURE_ENV, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_n2"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable peak RSS")
+def test_graph_peak_memory_in_the_core_and_through_the_node():
+    # N x N float32 buffers beyond the inputs: W_attn plus chunk temporaries in the core; the
+    # node's layer mean on top (2 layers averaged without a [G, N, N] copy)
+    assert peak_n2("graph_ours", 4096, 64) <= 1.7
+    assert peak_n2("graph_node", 4096, 64) <= 2.3
