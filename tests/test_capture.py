@@ -52,15 +52,17 @@ def record(env, model, concept_set, record_at=0.5, record_step=-1, graph_layers=
     return run(env, "AnchorDiffRecordAttention", model, concept_set, record_at, record_step, graph_layers, seg4diff_layer, keep_runs)
 
 
-def sample(env, model, seed=0, steps=4, cfg=3.0, size=(32, 32), batch=1, negative=None, denoise=1.0, latent=None, callback=None):
+def sample(env, model, seed=0, steps=4, cfg=3.0, size=(32, 32), batch=1, negative=None, denoise=1.0, latent=None, callback=None,
+           scheduler="simple", last_step=None, positive=None):
     import comfy.sample
     import comfy.samplers
 
     latent = latent if latent is not None else torch.zeros(batch, 16, *size)
     noise = comfy.sample.prepare_noise(latent, seed)
     samples = comfy.sample.sample(
-        model, noise, steps, cfg, "euler", "simple", env.pos, negative if negative is not None else env.neg,
-        latent, denoise=denoise, callback=callback, disable_pbar=True, seed=seed,
+        model, noise, steps, cfg, "euler", scheduler, positive if positive is not None else env.pos,
+        negative if negative is not None else env.neg,
+        latent, denoise=denoise, callback=callback, disable_pbar=True, seed=seed, last_step=last_step,
     )
     return {"samples": samples}
 
@@ -204,22 +206,107 @@ def test_recording_step_that_never_ran_is_reported(env):
     model = load_model(env)
     patched, recorder = record(env, model, concepts(env), record_step=10)
     latent = sample(env, patched, steps=4)
-    with pytest.raises(ValueError, match="recording step 10 never ran: the sampler ran 4 step"):
+    with pytest.raises(ValueError, match=r"recording step 10 never ran: the sampler ran 4 step\(s\) \(0\.\.3\)\. Lower 'record_step'"):
         read_maps(env, recorder, latent)
-    patched, recorder = record(env, model, concepts(env), record_at=0.5)
-    latent = sample(env, patched, steps=4, denoise=0.3, latent=torch.randn(1, 16, 32, 32))
-    with pytest.raises(ValueError, match="never reached: sampling started at sigma"):
-        read_maps(env, recorder, latent)
-    patched, recorder = record(env, model, concepts(env), record_at=0.5)
-    with pytest.raises(ValueError, match="never reached"):
-        read_maps(env, recorder, sample(env, patched, steps=1))
 
 
-def test_default_recording_step_is_the_middle_of_the_trajectory(env):
+# record_at 0.5 -> sigma 0.75 (SD3's shift 3); 0.25 -> 0.9; 0.75 -> 0.5. Expected steps read off
+# ComfyUI's own sigma tables (printed in the failure message): nearest sampled sigma, ties earlier.
+RECORDING_POINTS = [
+    # scheduler, steps, record_at, expected step, its sigma
+    ("simple", 2, 0.5, 1, 0.75), ("simple", 4, 0.5, 2, 0.75), ("simple", 8, 0.5, 4, 0.75), ("simple", 28, 0.5, 14, 0.75),
+    ("sgm_uniform", 2, 0.5, 1, 0.7511), ("sgm_uniform", 4, 0.5, 2, 0.7511), ("sgm_uniform", 8, 0.5, 4, 0.7511),
+    ("sgm_uniform", 28, 0.5, 14, 0.7511),
+    ("beta", 2, 0.5, 1, 0.7507), ("beta", 4, 0.5, 2, 0.7507), ("beta", 8, 0.5, 4, 0.7507), ("beta", 28, 0.5, 14, 0.7507),
+    ("normal", 2, 0.5, 0, 1.0), ("normal", 4, 0.5, 1, 0.8577), ("normal", 8, 0.5, 3, 0.8008), ("normal", 28, 0.5, 14, 0.7371),
+    ("simple", 4, 0.25, 1, 0.9), ("sgm_uniform", 8, 0.25, 2, 0.9004), ("beta", 28, 0.25, 9, 0.8952),
+    ("simple", 4, 0.75, 3, 0.5), ("sgm_uniform", 8, 0.75, 6, 0.503), ("normal", 28, 0.75, 20, 0.5151),
+]
+
+
+@pytest.mark.parametrize("scheduler, steps, record_at, step, sigma", RECORDING_POINTS)
+def test_recording_step_is_the_sampled_sigma_nearest_the_target(env, scheduler, steps, record_at, step, sigma):
+    import comfy.samplers
+
+    sd3_patch = sys.modules[env.pack.__name__ + ".nodes.sd3_patch"]
+    model_sampling = load_model(env).get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).tolist()
+    got, got_sigma, reason = sd3_patch.choose_recording_step(sigmas, record_at, -1, model_sampling.percent_to_sigma)
+    table = [round(s, 4) for s in sigmas]
+    assert (got, reason) == (step, ""), f"{scheduler} {steps} steps, sigmas {table}"
+    assert got_sigma == pytest.approx(sigma, abs=1e-4)
+
+
+def test_recording_step_ties_go_to_the_earlier_step_and_a_far_target_is_refused(env):
+    sd3_patch = sys.modules[env.pack.__name__ + ".nodes.sd3_patch"]
+    choose = sd3_patch.choose_recording_step
+    target = lambda p: 1.5 * (1 - p)  # noqa: E731 -- a schedule where record_at 0.5 is sigma 0.75 exactly
+    assert choose([1.0, 0.8, 0.7, 0.0], 0.5, -1, target)[:2] == (1, 0.8)  # 0.8 and 0.7 are both 0.05 away
+    assert choose([1.0, 0.7, 0.8, 0.0], 0.5, -1, target)[:2] == (1, 0.7)
+    assert choose([1.0, 0.0], 0.5, -1, target)[:2] == (0, 1.0)  # one step: sigma 1 is nearer than the end
+    assert choose([1.0, 0.95, 0.7], 0.5, -1, target)[0] is None  # the run's end (0.7) is nearer the target than its last step
+    assert choose([0.7, 0.55, 0.0], 0.5, -1, target)[:2] == (0, 0.7)  # within half a step above the start
+    step, _, reason = choose([0.7, 0.65, 0.0], 0.5, -1, target)  # 0.05 above a run of 0.05 steps
+    assert step is None and "starts at sigma 0.700" in reason and "raise record_at" in reason
+
+
+def test_recording_point_through_the_samplers(env):
     model = load_model(env)
-    patched, recorder = record(env, model, concepts(env))
-    maps = read_maps(env, recorder, sample(env, patched, steps=8))
-    assert maps.step == 4 and maps.sigma == pytest.approx(0.75, abs=1e-4)  # SD3 shift 3: t=0.5 -> 0.75
+    cs = concepts(env)
+    # the shipped workflows' scheduler: no sampled sigma equals 0.75, step 2 (0.7511) is nearest
+    patched, recorder = record(env, model, cs)
+    latent = sample(env, patched, steps=4, scheduler="sgm_uniform")
+    maps = read_maps(env, recorder, latent)
+    assert (maps.step, round(maps.sigma, 4)) == (2, 0.7511)
+    text = env.N["AnchorDiffReadMaps"].execute(recorder, latent).ui.as_dict()["text"][0]
+    assert text == "recorded step 2 of 4 (0-based) at sigma 0.7511 (record_at=0.5)"
+    # KSamplerAdvanced ending at step 5 of 8: its last sampled step (4) is at 0.7511
+    maps = read_maps(env, recorder, sample(env, patched, steps=8, scheduler="sgm_uniform", last_step=5))
+    assert (maps.step, round(maps.sigma, 4), maps.meta["sampled_steps"]) == (4, 0.7511, 5)
+    # ... ending at step 3 of 8 stops at sigma 0.9004: lower record_at (to 0.24) or sample further
+    latent = sample(env, patched, steps=8, scheduler="sgm_uniform", last_step=3)
+    with pytest.raises(ValueError, match=r"end at sigma 0\.900, with more noise\. Use more steps \(or a later end_at_step\), "
+                                         r"or lower record_at to 0\.24 or less, or use record_step\.$"):
+        read_maps(env, recorder, latent)
+    patched_024, recorder_024 = record(env, model, cs, record_at=0.24)
+    maps = read_maps(env, recorder_024, sample(env, patched_024, steps=8, scheduler="sgm_uniform", last_step=3))
+    assert (maps.step, round(maps.sigma, 4)) == (2, 0.9004)
+
+
+def test_img2img_advice_points_the_right_way(env):
+    """Denoise 0.5 with euler/normal starts at sigma 0.694: record_at 0.4 (sigma 0.818) lies above the
+    run; the advice is to RAISE record_at (or denoise), and following it records."""
+    model = load_model(env)
+    cs = concepts(env)
+    start = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(3))
+
+    def img2img(record_at):
+        patched, recorder = record(env, model, cs, record_at=record_at)
+        return recorder, sample(env, patched, steps=4, scheduler="normal", denoise=0.5, latent=start)
+
+    for record_at in (0.4, 0.3):  # lowering record_at moves the target further above the run
+        recorder, latent = img2img(record_at)
+        with pytest.raises(ValueError, match=r"starts at sigma 0\.694, with less noise \(img2img: denoise below 1\)\. "
+                                             r"Raise denoise, or raise record_at to 0\.57 or more, or use record_step\.$"):
+            read_maps(env, recorder, latent)
+    for record_at in (0.57, 0.6):
+        recorder, latent = img2img(record_at)
+        assert read_maps(env, recorder, latent).step == 0
+
+
+def test_maps_of_different_steps_differ(env):
+    model = load_model(env)
+    cs = concepts(env)
+    recorded = []
+    for step in (0, 2):
+        patched, recorder = record(env, model, cs, record_step=step)
+        recorded.append(read_maps(env, recorder, sample(env, patched, seed=4, steps=4)))
+    assert [m.step for m in recorded] == [0, 2] and recorded[0].sigma > recorded[1].sigma
+    for name in ("a_ci", "a_ii", "o_ii", "ca_scores"):
+        assert (getattr(recorded[0], name) - getattr(recorded[1], name)).abs().max() > 1e-3, name
+    # and record_at=0.5 with 4 "simple" steps gives step 2's maps, not step 0's
+    patched, recorder = record(env, model, cs)
+    assert_maps_close(read_maps(env, recorder, sample(env, patched, seed=4, steps=4)), recorded[1], atol=1e-6)
 
 
 def test_interrupted_run_leaves_no_maps_and_the_next_run_works(env):
