@@ -190,6 +190,25 @@ class _Outcome:
     maps: Optional[AttentionMaps]
     reason: str
     images: dict = field(default_factory=dict)  # fingerprint -> image index
+    denoised: set = field(default_factory=set)  # fingerprints of the last step's denoised prediction
+
+
+def _keep_last_x0(args: tuple, kwargs: dict, keep: dict) -> tuple[tuple, dict]:
+    """outer_sample's (denoise_mask, callback, ...) with the callback also keeping its latest x0."""
+    args, kwargs = list(args), dict(kwargs)
+    callback = args[1] if len(args) > 1 else kwargs.get("callback")
+    if callback is None:
+        return tuple(args), kwargs
+
+    def keeping(step, x0, x, total_steps):
+        keep["x0"] = x0
+        return callback(step, x0, x, total_steps)
+
+    if len(args) > 1:
+        args[1] = keeping
+    else:
+        kwargs["callback"] = keeping
+    return tuple(args), kwargs
 
 
 def latent_fingerprint(image_latent: torch.Tensor) -> str:
@@ -231,12 +250,18 @@ class AttentionRecorder:
         guider = executor.class_obj
         run = _Run(next(self._runs), [float(s) for s in sigmas.detach().cpu()], tuple(noise.shape[-2:]), int(noise.shape[0]))
         self._choose_step(run, guider.model_patcher.get_model_object("model_sampling"))
+        last_x0 = {}
+        args, kwargs = _keep_last_x0(args, kwargs, last_x0)
         self._active = run
         try:
             output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             self._active = None  # an interrupted run leaves nothing behind
         self._file(run, output)
+        if isinstance(last_x0.get("x0"), torch.Tensor) and last_x0["x0"].shape == output.shape:
+            # what SamplerCustomAdvanced returns as 'denoised_output': recognised, to say what to connect instead
+            denoised = guider.model_patcher.model.process_latent_out(last_x0["x0"].cpu())
+            self._outcomes[run.run_id].denoised = {latent_fingerprint(image) for image in denoised}
         return output
 
     def _choose_step(self, run: _Run, model_sampling) -> None:
@@ -329,8 +354,14 @@ class AttentionRecorder:
             raise AnchorDiffError(f"expected a LATENT batch [B, C, H, W]; got shape {tuple(samples.shape)}")
         found = []
         for index in range(samples.shape[0]):
-            run_id = self._by_fingerprint.get(latent_fingerprint(samples[index]))
+            fingerprint = latent_fingerprint(samples[index])
+            run_id = self._by_fingerprint.get(fingerprint)
             if run_id is None:
+                if any(fingerprint in outcome.denoised for outcome in self._outcomes.values()):
+                    raise AnchorDiffError(
+                        "This LATENT is the sampler's denoised prediction (SamplerCustomAdvanced's 'denoised_output'), "
+                        "not the image it sampled. Connect the sampler's 'output' LATENT to Read Maps instead."
+                    )
                 if not self._outcomes:
                     raise AnchorDiffError(
                         "No sampling run has used this recorder's MODEL yet. Connect the MODEL output of "

@@ -215,6 +215,20 @@ def test_maps_always_belong_to_the_latent_they_are_read_with(env):
         read_maps(env, fresh, second)
 
 
+def test_denoised_output_of_sampler_custom_advanced_says_what_to_connect(env):
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env), record_step=1)
+    noise = run(env, "RandomNoise", 5)[0]
+    guider = run(env, "CFGGuider", patched, env.pos, env.neg, 3.0)[0]
+    sigmas = run(env, "BasicScheduler", patched, "sgm_uniform", 4, 1.0)[0][:3]  # the first two steps (SplitSigmas)
+    output, denoised = run(env, "SamplerCustomAdvanced", noise, guider, run(env, "KSamplerSelect", "euler")[0], sigmas,
+                           {"samples": torch.zeros(1, 16, 32, 32)})
+    assert not torch.equal(output["samples"], denoised["samples"])  # (equal when sampling ends at sigma 0)
+    assert read_maps(env, recorder, output).step == 1
+    with refused(r"SamplerCustomAdvanced's 'denoised_output'\), not the image it sampled\. Connect the sampler's 'output' LATENT"):
+        read_maps(env, recorder, denoised)
+
+
 def test_recording_step_that_never_ran_is_reported(env):
     model = load_model(env)
     patched, recorder = record(env, model, concepts(env), record_step=10)
