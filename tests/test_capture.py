@@ -181,6 +181,56 @@ def test_batch_of_two_records_one_set_of_maps_per_image(env):
     assert_maps_close(read_maps(env, recorder, second), maps.select([1]), atol=0)
 
 
+def test_image_k_of_a_batch_equals_image_k_alone_at_every_node(env):
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env, "cat, dog"))
+    both = sample(env, patched, seed=12, batch=2)
+
+    def chain(maps):
+        anchors = run(env, "AnchorDiffAnchorSelect", maps, 2, 4.0, 0.3, "", False)[0]
+        graph = run(env, "AnchorDiffBuildGatedGraph", maps, 98.0, "", True)[0]
+        heat = run(env, "AnchorDiffPropagate", graph, anchors, 20)[0]
+        return {
+            "anchors": anchors.indices, "graph": [g.transition_t.to_dense() for g in graph.graphs], "heat": heat.values,
+            "mask": run(env, "AnchorDiffMask", heat, "", "mean", 0.5), "dog": run(env, "AnchorDiffMask", heat, "dog", "otsu", 0.5),
+            "cross_attention": run(env, "AnchorDiffCrossAttentionHeat", maps, "")[0].values,
+            "conceptattention": run(env, "AnchorDiffConceptAttentionHeat", maps, True, "")[0].values,
+            "seg4diff": run(env, "AnchorDiffSeg4DiffHeat", maps)[0].values,
+        }
+
+    batch = chain(read_maps(env, recorder, both))
+    assert batch["mask"][0].shape == (4, 256, 256)  # image-major: image 1's cat, dog, then image 2's
+    assert not torch.equal(batch["mask"][0][:2], batch["mask"][0][2:])  # the two images differ
+    assert not torch.equal(batch["graph"][0], batch["graph"][1])
+    for k in range(2):
+        alone = chain(read_maps(env, recorder, env.nodes.LatentFromBatch().frombatch(both, k, 1)[0]))
+        assert torch.equal(alone["anchors"][0], batch["anchors"][k]), k
+        assert torch.equal(alone["graph"][0], batch["graph"][k]), k
+        for name in ("heat", "cross_attention", "conceptattention", "seg4diff"):
+            assert torch.equal(alone[name][0], batch[name][k]), (name, k)
+        for output in range(2):  # mask and soft_mask
+            assert torch.equal(alone["mask"][output], batch["mask"][output][2 * k:2 * k + 2]), k
+            assert torch.equal(alone["dog"][output][0], batch["dog"][output][k]), k
+
+
+def test_several_positive_conditionings_record_their_mean(env):
+    """ConditioningCombine: both prompts go through one model call; the maps are the mean of the
+    two prompts' maps (the design's promise). Step 0: every run sees the same noisy latent."""
+    model = load_model(env)
+    cs = concepts(env)
+    prompt_a = env.pos
+    prompt_b = env.nodes.CLIPTextEncode().encode(env.clip, "a dog next to a cat")[0]
+    combined = env.nodes.ConditioningCombine().combine(prompt_a, prompt_b)[0]
+    maps = {}
+    for name, positive in (("a", prompt_a), ("b", prompt_b), ("both", combined)):
+        patched, recorder = record(env, model, cs, record_step=0)
+        maps[name] = read_maps(env, recorder, sample(env, patched, seed=6, positive=positive))
+    for field in ("a_ci", "ca_scores", "a_ii", "o_ii", "seg4diff"):
+        a, b, both = (getattr(maps[n], field) for n in ("a", "b", "both"))
+        assert (a - b).abs().max() > 1e-3, field  # the prompts' maps differ
+        torch.testing.assert_close(both, (a + b) / 2, atol=1e-5, rtol=1e-4, msg=field)
+
+
 def test_odd_latent_and_non_square_image(env):
     model = load_model(env)
     patched, recorder = record(env, model, concepts(env))
