@@ -219,7 +219,8 @@ def test_several_positive_conditionings_record_their_mean(env):
     model = load_model(env)
     cs = concepts(env)
     prompt_a = env.pos
-    prompt_b = env.nodes.CLIPTextEncode().encode(env.clip, "a dog next to a cat")[0]
+    prompt_b = env.nodes.CLIPTextEncode().encode(env.clip, "a red car on a wet road")[0]  # (the same words reordered
+    # would give the same maps: SD3's prompt tokens carry no position)
     combined = env.nodes.ConditioningCombine().combine(prompt_a, prompt_b)[0]
     maps = {}
     for name, positive in (("a", prompt_a), ("b", prompt_b), ("both", combined)):
