@@ -5,8 +5,8 @@
     heat    = propagate(graph, anchors, steps=160)         # [K, N] in [0, 1]
     mask    = to_mask(heat, grid=(h, w), size=(H, W))      # [K, H, W] float32 0/1
 
-No ComfyUI import anywhere in this package.  Names are imported on first use (PEP 562), so
-`python -m anchordiff_core.comfy_client` starts without loading torch.
+No ComfyUI import anywhere in this package (the HTTP client for ComfyUI servers is the separate
+package `anchordiff_client`).  Names are imported on first use (PEP 562).
 """
 import importlib
 

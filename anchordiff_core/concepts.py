@@ -29,20 +29,45 @@ class ConceptSet:
             raise ValueError("every concept needs at least one token")
 
 
+# Separators between concepts: commas, semicolons and new lines, ASCII and full-width (，、；､).
+SEPARATORS = re.compile(r"[,;\n\uff0c\u3001\uff1b\uff64]")
+# How the concepts are joined into the one string the text encoder sees. The spaces matter: CLIP's
+# tokenizer splits at white space and between letters and other characters, but keeps a run of
+# symbols together, so "c++, python" would encode "++," as one piece that "c++" alone never gives;
+# with " , " every concept is tokenised exactly as on its own.
+JOINER = " , "
+
+
 def parse_concepts(text: str) -> list[str]:
     """Concept names from "cat, dog" or one per line; blanks dropped, order and case kept."""
     if not isinstance(text, str):
         raise TypeError("concepts must be text")
-    names = [part.strip() for part in re.split(r"[,\n;]", text)]
+    names = [part.strip() for part in SEPARATORS.split(text)]
     names = [name for name in names if name]
     if not names:
         raise ValueError("No concepts given: type at least one concept, e.g. 'cat, dog' or one per line.")
     if len(names) > MAX_CONCEPTS:
         raise ValueError(f"{len(names)} concepts given; at most {MAX_CONCEPTS} are supported in one recording.")
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise ValueError(f"Concept(s) listed twice: {', '.join(duplicates)}.")
+    folded = [name.casefold() for name in names]
+    duplicates = [name for i, name in enumerate(names) if folded.index(folded[i]) < i]
+    if duplicates:  # the text encoder ignores case, and so do concept look-ups
+        raise ValueError(f"Concept(s) listed twice (case is ignored): {', '.join(duplicates)}.")
     return names
+
+
+def join_concepts(names) -> str:
+    """The concept string the text encoder sees (see JOINER)."""
+    return JOINER.join(names)
+
+
+def concept_index(names, name: str) -> int:
+    """Index of concept `name` in `names`, ignoring case and surrounding spaces ("Cat" finds "cat");
+    -1 if absent. Names never differ only by case (parse_concepts refuses that)."""
+    wanted = name.strip().casefold()
+    for index, candidate in enumerate(names):
+        if candidate.casefold() == wanted:
+            return index
+    return -1
 
 
 def locate_tokens(sequence: list[int], pieces: list[list[int]], names: list[str]) -> list[list[int]]:

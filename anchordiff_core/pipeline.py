@@ -18,6 +18,7 @@ import torch
 from .anchors import PIXELS_PER_TOKEN, point_to_token, select_anchors
 from .attention import mean_over_layers
 from .baselines import concept_attention_heat, cross_attention_heat, seg4diff_heat
+from .concepts import concept_index
 from .graph import GatedGraph, build_gated_graph
 from .maps import AttentionMaps
 from .masks import Threshold, soft_map, to_mask
@@ -94,9 +95,9 @@ def parse_manual_points(text: str, concepts: Sequence[str]) -> dict[int, list[tu
             concept = int(who) - 1
             if not 0 <= concept < len(concepts):
                 raise ValueError(f"manual anchor '{line}': concept number {who} is not between 1 and {len(concepts)}")
-        elif who in concepts:
-            concept = list(concepts).index(who)
         else:
+            concept = concept_index(concepts, who)
+        if concept < 0:
             raise ValueError(f"manual anchor '{line}': unknown concept '{who}'; the concepts are {', '.join(concepts)}")
         try:
             x, y = (float(v) for v in where.split(","))

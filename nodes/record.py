@@ -5,7 +5,7 @@ import torch
 
 import comfy.sample
 import comfy.samplers
-from comfy_api.latest import io
+from comfy_api.latest import io, ui
 
 from ..anchordiff_core.attention import PRECISIONS
 from ..anchordiff_core.recorder import RecordSpec
@@ -91,7 +91,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
                 io.Float.Input(
                     "record_at", default=0.5, min=0.01, max=0.99, step=0.01,
                     tooltip="Where in the trajectory to record, as a fraction of the noise schedule (0.5 = the paper's midpoint). "
-                    "The first sampled step at or below that noise level is recorded.",
+                    "The sampled step whose noise level is nearest to it is recorded; 'AnchorDiff Read Maps' shows which.",
                 ),
                 io.Int.Input("record_step", default=-1, min=-1, max=10000, tooltip="-1: use record_at. Otherwise record this sampled step index (0-based)."),
                 *_common_inputs(),
@@ -130,7 +130,16 @@ class AnchorDiffReadMaps(io.ComfyNode):
     def execute(cls, recorder, latent) -> io.NodeOutput:
         if not isinstance(recorder, AttentionRecorder):
             raise AnchorDiffError("'recorder' must come from 'AnchorDiff Record Attention'.")
-        return io.NodeOutput(recorder.maps_for(latent["samples"]))
+        maps = recorder.maps_for(latent["samples"])
+        return io.NodeOutput(maps, ui=ui.PreviewText(recorded_text(maps)))
+
+
+def recorded_text(maps) -> str:
+    """Which step and noise level the maps come from, for the node's output text and the log."""
+    steps = maps.meta.get("sampled_steps")
+    of = f" of {steps}" if steps else ""
+    asked = f" ({maps.meta['asked']})" if maps.meta.get("asked") else ""
+    return f"recorded step {maps.step}{of} (0-based) at sigma {maps.sigma:.4f}{asked}"
 
 
 class AnchorDiffLookAtImage(io.ComfyNode):

@@ -110,6 +110,61 @@ def parse_layers(text: str, num_blocks: int, what: str, model: str) -> tuple[int
 
 
 # ------------------------------------------------------------------------------ recording
+def choose_recording_step(sigmas, record_at: float, record_step: int, percent_to_sigma) -> tuple[Optional[int], float, str]:
+    """(step, its sigma, "") for a sampling run over `sigmas` (the run's N+1 sigmas; the model is
+    evaluated at the first N), or (None, nan, why not) -- worded for the user, the right way round.
+
+    record_step >= 0 picks that step.  Otherwise the target noise level is
+    percent_to_sigma(record_at) (record_at up = later = less noise) and the sampled step whose sigma
+    is nearest to it is recorded (ties: the earlier step), provided the target lies within the run:
+    no further above its first sampled sigma than half the first step, and no nearer to the run's
+    final sigma (never evaluated) than to its last sampled one.
+    """
+    sigmas = [float(s) for s in sigmas]
+    steps = len(sigmas) - 1
+    if record_step >= 0:
+        if record_step >= steps:
+            return None, math.nan, (
+                f"the recording step {record_step} never ran: the sampler ran {steps} step(s) "
+                f"(0..{max(steps - 1, 0)}). Lower 'record_step' or set it to -1 to use 'record_at'"
+            )
+        return record_step, sigmas[record_step], ""
+    target = float(percent_to_sigma(record_at))
+    where = f"the recording point (record_at={record_at:g}, sigma {target:.3f}) is outside this sampling run"
+    if steps <= 0:
+        return None, math.nan, f"{where}: the sampler ran no step. Use at least one step"
+    first, last = sigmas[0], sigmas[steps - 1]
+    if target > first + (first - sigmas[1]) / 2:
+        at_least = _record_at_for(first, percent_to_sigma, upward=True)
+        return None, math.nan, (
+            f"{where}: it starts at sigma {first:.3f}, with less noise (img2img: denoise below 1). "
+            f"Raise denoise, or raise record_at to {at_least:.2f} or more, or use record_step"
+        )
+    if target < (last + sigmas[steps]) / 2:
+        at_most = _record_at_for(last, percent_to_sigma, upward=False)
+        return None, math.nan, (
+            f"{where}: its {steps} sampled step(s) end at sigma {last:.3f}, with more noise. "
+            f"Use more steps (or a later end_at_step), or lower record_at to {at_most:.2f} or less, or use record_step"
+        )
+    step = min(range(steps), key=lambda i: (abs(sigmas[i] - target), i))
+    return step, sigmas[step], ""
+
+
+def _record_at_for(sigma: float, percent_to_sigma, upward: bool) -> float:
+    """The record_at (rounded to the node's 0.01 steps, towards the safe side) whose target sigma is
+    `sigma`: percent_to_sigma falls as record_at rises, so a record_at at or above it targets at most
+    `sigma` (upward=True), one at or below it targets at least `sigma` (upward=False)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if float(percent_to_sigma(mid)) > sigma:
+            lo = mid
+        else:
+            hi = mid
+    value = math.ceil(hi * 100 - 1e-6) / 100 if upward else math.floor(lo * 100 + 1e-6) / 100
+    return min(max(value, 0.01), 0.99)
+
+
 @dataclass(frozen=True)
 class RecordSettings:
     record_at: float = 0.5  # fraction of the trajectory (noise level, as ComfyUI's start/end percent)
@@ -135,6 +190,25 @@ class _Outcome:
     maps: Optional[AttentionMaps]
     reason: str
     images: dict = field(default_factory=dict)  # fingerprint -> image index
+    denoised: set = field(default_factory=set)  # fingerprints of the last step's denoised prediction
+
+
+def _keep_last_x0(args: tuple, kwargs: dict, keep: dict) -> tuple[tuple, dict]:
+    """outer_sample's (denoise_mask, callback, ...) with the callback also keeping its latest x0."""
+    args, kwargs = list(args), dict(kwargs)
+    callback = args[1] if len(args) > 1 else kwargs.get("callback")
+    if callback is None:
+        return tuple(args), kwargs
+
+    def keeping(step, x0, x, total_steps):
+        keep["x0"] = x0
+        return callback(step, x0, x, total_steps)
+
+    if len(args) > 1:
+        args[1] = keeping
+    else:
+        kwargs["callback"] = keeping
+    return tuple(args), kwargs
 
 
 def latent_fingerprint(image_latent: torch.Tensor) -> str:
@@ -176,44 +250,33 @@ class AttentionRecorder:
         guider = executor.class_obj
         run = _Run(next(self._runs), [float(s) for s in sigmas.detach().cpu()], tuple(noise.shape[-2:]), int(noise.shape[0]))
         self._choose_step(run, guider.model_patcher.get_model_object("model_sampling"))
+        last_x0 = {}
+        args, kwargs = _keep_last_x0(args, kwargs, last_x0)
         self._active = run
         try:
             output = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
         finally:
             self._active = None  # an interrupted run leaves nothing behind
         self._file(run, output)
+        if isinstance(last_x0.get("x0"), torch.Tensor) and last_x0["x0"].shape == output.shape:
+            # what SamplerCustomAdvanced returns as 'denoised_output': recognised, to say what to connect instead
+            denoised = guider.model_patcher.model.process_latent_out(last_x0["x0"].cpu())
+            self._outcomes[run.run_id].denoised = {latent_fingerprint(image) for image in denoised}
         return output
 
     def _choose_step(self, run: _Run, model_sampling) -> None:
-        steps = len(run.sigmas) - 1
+        run.target_step, run.target_sigma, run.reason = choose_recording_step(
+            run.sigmas, self.settings.record_at, self.settings.record_step, model_sampling.percent_to_sigma
+        )
+        if run.target_step is not None:
+            log.info("AnchorDiff: recording step %d of %d (sigma %.4f; %s)", run.target_step, len(run.sigmas) - 1,
+                     run.target_sigma, self._asked())
+            run.reason = f"the sampler never evaluated the model at the recording step {run.target_step} (sigma {run.target_sigma:.4f})"
+
+    def _asked(self) -> str:
         if self.settings.record_step >= 0:
-            if self.settings.record_step >= steps:
-                run.reason = (
-                    f"the recording step {self.settings.record_step} never ran: the sampler ran {steps} step(s) "
-                    f"(0..{steps - 1}). Lower 'record_step' or set it to -1 to use 'record_at'."
-                )
-                return
-            run.target_step = self.settings.record_step
-        else:
-            # the first sampled step at or below the target noise level, if the run started above it
-            target = float(model_sampling.percent_to_sigma(self.settings.record_at))
-            tolerance = 1e-5 * max(1.0, target)
-            if steps == 0 or run.sigmas[0] < target - tolerance:
-                run.reason = (
-                    f"the recording point (record_at={self.settings.record_at:g}, sigma {target:.3f}) was never reached: "
-                    f"sampling started at sigma {run.sigmas[0]:.3f}. Raise denoise, or lower record_at / use record_step."
-                )
-                return
-            below = [i for i in range(steps) if run.sigmas[i] <= target + tolerance]
-            if not below:
-                run.reason = (
-                    f"the recording point (record_at={self.settings.record_at:g}, sigma {target:.3f}) was never reached: "
-                    f"the {steps} sampled step(s) end at sigma {run.sigmas[steps - 1]:.3f}. Use more steps, or record_step."
-                )
-                return
-            run.target_step = below[0]
-        run.target_sigma = run.sigmas[run.target_step]
-        run.reason = f"the sampler never evaluated the model at the recording step {run.target_step} (sigma {run.target_sigma:.4f})"
+            return f"record_step={self.settings.record_step}"
+        return f"record_at={self.settings.record_at:g}"
 
     def _file(self, run: _Run, output: torch.Tensor) -> None:
         outcome = _Outcome(run.run_id, run.maps, "" if run.maps is not None else run.reason)
@@ -261,7 +324,8 @@ class AttentionRecorder:
             image_size=(h_lat * PIXELS_PER_LATENT, w_lat * PIXELS_PER_LATENT),
             sigma=run.target_sigma,
             step=run.target_step,
-            meta={"id": uuid.uuid4().hex, "recorder": self.recorder_id, "run": run.run_id, "model": self.variant},
+            meta={"id": uuid.uuid4().hex, "recorder": self.recorder_id, "run": run.run_id, "model": self.variant,
+                  "sampled_steps": len(run.sigmas) - 1, "asked": self._asked()},
         )
         return output
 
@@ -292,8 +356,14 @@ class AttentionRecorder:
             raise AnchorDiffError(f"expected a LATENT batch [B, C, H, W]; got shape {tuple(samples.shape)}")
         found = []
         for index in range(samples.shape[0]):
-            run_id = self._by_fingerprint.get(latent_fingerprint(samples[index]))
+            fingerprint = latent_fingerprint(samples[index])
+            run_id = self._by_fingerprint.get(fingerprint)
             if run_id is None:
+                if any(fingerprint in outcome.denoised for outcome in self._outcomes.values()):
+                    raise AnchorDiffError(
+                        "This LATENT is the sampler's denoised prediction (SamplerCustomAdvanced's 'denoised_output'), "
+                        "not the image it sampled. Connect the sampler's 'output' LATENT to Read Maps instead."
+                    )
                 if not self._outcomes:
                     raise AnchorDiffError(
                         "No sampling run has used this recorder's MODEL yet. Connect the MODEL output of "

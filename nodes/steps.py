@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..anchordiff_core import pipeline
 from ..anchordiff_core.anchors import PIXELS_PER_TOKEN
+from ..anchordiff_core.concepts import concept_index
 from . import preview
 from .common import (
     CATEGORY, MAPS_TIP, Anchors, Graph, Heat, Maps, check_image, heat_preview, parse_block_list, preview_ui, progress_callback,
@@ -141,7 +142,7 @@ class AnchorDiffMask(io.ComfyNode):
             description="Turn heat maps (AnchorDiff or a baseline) into ComfyUI MASKs at image resolution.",
             inputs=[
                 Heat.Input("heat", tooltip="From 'Propagate' or a baseline node."),
-                io.String.Input("concept", default="", tooltip="Which concept: its name or number (1-based). Empty = all, as a batch (image-major: image 1's concepts, then image 2's...)."),
+                io.String.Input("concept", default="", tooltip="Which concept: its name (any case) or number (1-based). Empty = all, as a batch (image-major: image 1's concepts, then image 2's...)."),
                 io.Combo.Input("threshold", options=["mean", "otsu", "fixed"], default="mean", tooltip="mean = the paper (above the map's mean); otsu = automatic two-class split; fixed = the value below."),
                 io.Float.Input("fixed_threshold", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Threshold for 'fixed' (heat is in 0..1)."),
                 io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview."),
@@ -181,6 +182,7 @@ def _pick_concepts(heat: pipeline.Heat, concept: str) -> list[int]:
         if not 0 <= index < len(heat.concepts):
             raise AnchorDiffError(f"concept {text} does not exist: there are {len(heat.concepts)} concepts ({', '.join(heat.concepts)}).")
         return [index]
-    if text not in heat.concepts:
+    index = concept_index(heat.concepts, text)
+    if index < 0:
         raise AnchorDiffError(f"Unknown concept '{text}'; the recorded concepts are: {', '.join(heat.concepts)}.")
-    return [heat.concepts.index(text)]
+    return [index]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..anchordiff_core.concepts import ConceptSet, locate_tokens, parse_concepts
+from ..anchordiff_core.concepts import ConceptSet, join_concepts, locate_tokens, parse_concepts
 from .sd3_patch import AnchorDiffError
 
 CLIP_SPECIAL = {49406, 49407}  # start / end-and-padding tokens of CLIP-L
@@ -27,7 +27,7 @@ def encode_concepts(clip, text: str) -> ConceptSet:
         raise AnchorDiffError(str(error)) from None
     if clip is None:
         raise AnchorDiffError("No CLIP connected: connect SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint's CLIP).")
-    tokens = clip.tokenize(", ".join(names))
+    tokens = clip.tokenize(join_concepts(names))
     if not isinstance(tokens, dict) or "l" not in tokens or "g" not in tokens:
         keys = ", ".join(sorted(tokens)) if isinstance(tokens, dict) else type(tokens).__name__
         raise AnchorDiffError(
@@ -36,8 +36,11 @@ def encode_concepts(clip, text: str) -> ConceptSet:
         )
     chunks = _clip_l_ids(tokens)
     if len(chunks) > 1:
+        used = sum(1 for chunk in chunks for i in chunk if i not in CLIP_SPECIAL)
+        given = f"{len(names)} concept{'s' if len(names) != 1 else ''}"
         raise AnchorDiffError(
-            f"The concepts are too long for one CLIP window (75 tokens): {len(names)} concepts given. Use fewer or shorter concepts."
+            f"The concepts are too long for one CLIP window (75 tokens): {given} given, {used} tokens with the separators. "
+            "Use fewer or shorter concepts."
         )
     pieces = [[i for i in _clip_l_ids(clip.tokenize(name))[0] if i not in CLIP_SPECIAL] for name in names]
     try:

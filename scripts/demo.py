@@ -28,7 +28,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
 
-from anchordiff_core.comfy_client import ComfyClient, find_node, prepare_prompt, run_prompt  # noqa: E402
+from anchordiff_client import ComfyClient, find_node, prepare_prompt, run_prompt  # noqa: E402
 from fixtures.comfy_base import link_anchordiff_pack, populate_base_dir  # noqa: E402
 from fixtures.comfy_server import start_server, stop_server  # noqa: E402
 from fixtures.substitute import TOY_MODELS, substituted  # noqa: E402

@@ -1,4 +1,4 @@
-"""anchordiff_core.comfy_client without a server: workflow files, overrides, error texts.
+"""anchordiff_client without a server: workflow files, overrides, error texts.
 (tests/test_server.py runs it against a real ComfyUI.)"""
 import json
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from anchordiff_core import comfy_client as cc
+import anchordiff_client as cc
 
 PROMPT = {
     "3": {"class_type": "KSampler", "inputs": {"seed": 1, "steps": 20, "cfg": 4, "denoise": 1.0, "model": ["4", 0]}},
@@ -94,3 +94,68 @@ def test_unreachable_server_exits_4(tmp_path):
     api = tmp_path / "api.json"
     api.write_text(json.dumps(PROMPT))
     assert cc.main([str(api), "--server", "http://127.0.0.1:9", "-q"]) == 4
+
+
+# ------------------------------------------------------------------------------ servers that are not ComfyUI
+@pytest.fixture
+def html_server():
+    """A web server that is not ComfyUI: HTML pages for GET, 501 for POST."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"<!DOCTYPE html><html><head><title>Router</title></head><body>Welcome</body></html>"
+            self.send_response(404 if self.path.startswith("/ws") else 200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.mark.parametrize("with_websocket", [True, False])
+def test_a_server_that_is_not_comfyui_gets_one_clear_line(html_server, tmp_path, capsys, monkeypatch, with_websocket):
+    if not with_websocket:
+        monkeypatch.setattr(cc, "websocket", None)
+    api = tmp_path / "api.json"
+    api.write_text(json.dumps(PROMPT))
+    assert cc.main([str(api), "--server", html_server, "-q"]) == 4
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: {html_server} does not look like a ComfyUI server: ")
+    assert "HTML page" in lines[0] and "<" not in lines[0] and "Content-Type" not in lines[0]
+
+
+@pytest.mark.parametrize("with_websocket", [True, False])
+def test_timeout_is_honoured_while_connecting(tmp_path, capsys, monkeypatch, with_websocket):
+    """A port that accepts connections and never answers: --timeout 2 gives up in about 2 s."""
+    import socket
+    import time
+
+    if not with_websocket:
+        monkeypatch.setattr(cc, "websocket", None)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    api = tmp_path / "api.json"
+    api.write_text(json.dumps(PROMPT))
+    try:
+        t0 = time.monotonic()
+        code = cc.main([str(api), "--server", f"http://127.0.0.1:{silent.getsockname()[1]}", "--timeout", "2", "-q"])
+        seconds = time.monotonic() - t0
+    finally:
+        silent.close()
+    assert code == 4
+    assert seconds < 4.5, f"gave up after {seconds:.1f} s with --timeout 2"
+    assert "cannot reach ComfyUI" in capsys.readouterr().err

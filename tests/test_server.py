@@ -3,7 +3,7 @@
 One server for the module: this repository linked into custom_nodes/ (loaded by ComfyUI's own
 loader, as users install it) plus the test node pack (fixture CLIP). Models are the tiny
 fixtures: UNETLoader "tiny_sd3" / "tiny_wan21" (non-SD3), VAELoader "taesd3".
-Prompts go through anchordiff_core.comfy_client (the library the CLI wraps); errors are checked
+Prompts go through anchordiff_client (the library the CLI wraps); errors are checked
 against ComfyUI's raw event data. Timings land in the pytest summary (fixtures.timings).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anchordiff_core import comfy_client as cc
+import anchordiff_client as cc
 from fixtures.comfy_base import REPO_ROOT, link_anchordiff_pack, populate_base_dir
 from fixtures.comfy_server import get_json, start_server, stop_server
 from fixtures.timings import record
@@ -36,7 +36,7 @@ class Server:
         return (self.base / "server.log").read_text(errors="replace")[-chars:]
 
     def run(self, prompt: dict, name: str, out: Path, **kwargs) -> cc.RunResult:
-        """Queue, follow, download (anchordiff_core.comfy_client); the wall time goes to the summary."""
+        """Queue, follow, download (anchordiff_client); the wall time goes to the summary."""
         t0 = time.monotonic()
         try:
             return cc.run_prompt(prompt, self.url, output_dir=out, quiet=True, **kwargs)
@@ -296,7 +296,7 @@ def test_interrupt_during_propagate(server, tmp_path):
 # ------------------------------------------------------------------------------ the command-line client
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "anchordiff_core.comfy_client", *map(str, args)],
+    proc = subprocess.run([sys.executable, "-m", "anchordiff_client", *map(str, args)],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
     record(f"CLI exit {proc.returncode}: {' '.join(str(a) for a in args[1:4])}", time.monotonic() - t0)
     return proc
@@ -357,6 +357,34 @@ def test_cli_failures_print_comfyui_errors(server, tmp_path):
 
     proc = run_cli(workflow, "--server", server.url, "--set", "Mask.no_such_input=1")
     assert proc.returncode == 2 and "has no input 'no_such_input'" in proc.stderr
+
+
+@pytest.mark.parametrize("assignment, error", [
+    ("Build Gated Graph.gate_percentile=150", 'node 11 (AnchorDiffBuildGatedGraph "Build Gated Graph"): Value 150.0 bigger than max of 100.0: gate_percentile'),
+    ("Propagate.steps=-5", 'node 12 (AnchorDiffPropagate "Propagate"): Value -5 smaller than min of 0: steps'),
+])
+def test_cli_fails_when_comfyui_drops_an_output_chain(server, tmp_path, assignment, error):
+    """ComfyUI answers HTTP 200 with node_errors and runs only the valid outputs: the generated image
+    is saved, the masks are not. The client downloads what ran, then exits 1 with ComfyUI's text."""
+    prompt = chain(steps=2)
+    prompt.update({
+        "20": {"class_type": "VAELoader", "inputs": {"vae_name": "taesd3"}},
+        "21": {"class_type": "VAEDecode", "inputs": {"samples": ["8", 0], "vae": ["20", 0]}},
+        "22": {"class_type": "SaveImage", "inputs": {"images": ["21", 0], "filename_prefix": "generated"},
+               "_meta": {"title": "Save Generated"}},
+    })
+    workflow = tmp_path / "two_outputs_api.json"
+    workflow.write_text(json.dumps(prompt))
+    proc = run_cli(workflow, "--server", server.url, "--set", assignment, "--out", tmp_path / "out", "--no-previews")
+    assert proc.returncode == 1, proc.stderr
+    files = [Path(line) for line in proc.stdout.splitlines()]
+    assert len(files) == 1 and files[0].name.startswith("generated") and files[0].is_file()  # what did run is kept
+    assert 'error: ComfyUI did not run output node(s) node 15 (SaveImage "Save Image"): it dropped their chains' in proc.stderr
+    assert error in proc.stderr
+    # the same prompt without the bad value: both outputs, exit 0
+    proc = run_cli(workflow, "--server", server.url, "--out", tmp_path / "ok", "--no-previews")
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.splitlines()) == 3  # the generated image and two masks
 
 
 # ------------------------------------------------------------------------------ the example workflows

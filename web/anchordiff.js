@@ -289,6 +289,29 @@ function addStyles() {
   document.head.append(link);
 }
 
+/** Read Maps: the recorded step and sigma (its `text` output) drawn under the node's sockets; drawn,
+ * not a widget, so nothing is added to the saved workflow. */
+function showRecordedStep(nodeType) {
+  const onExecuted = nodeType.prototype.onExecuted;
+  nodeType.prototype.onExecuted = function (output) {
+    onExecuted?.apply(this, arguments);
+    this.anchordiffRecorded = output?.text?.[0] ?? "";
+    const height = this.computeSize()[1] + 16;  // room for the line under the sockets
+    if (this.size[1] < height) this.setSize([this.size[0], height]);
+    this.setDirtyCanvas?.(true, false);
+  };
+  const onDrawForeground = nodeType.prototype.onDrawForeground;
+  nodeType.prototype.onDrawForeground = function (ctx) {
+    onDrawForeground?.apply(this, arguments);
+    if (!this.anchordiffRecorded || this.flags?.collapsed) return;
+    ctx.save();
+    ctx.font = "11px sans-serif";
+    ctx.fillStyle = "#9ab";
+    ctx.fillText(this.anchordiffRecorded, 8, this.size[1] - 6, this.size[0] - 16);
+    ctx.restore();
+  };
+}
+
 const EXTENSION_NAME = "AnchorDiff.Previews";
 
 // ComfyUI serves web/ twice when the pack's folder is not named like the project ("anchordiff"):
@@ -310,6 +333,7 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION_NAME)) app
   },
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name === "AnchorDiffReadMaps") showRecordedStep(nodeType);
     if (!PREVIEW_NODES.has(nodeData.name)) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {

@@ -1,11 +1,13 @@
 """Run a ComfyUI workflow (API format) against a running server, from the command line or Python.
 
-    python -m anchordiff_core.comfy_client workflow_api.json --server http://127.0.0.1:8188 \\
+    python -m anchordiff_client workflow_api.json --server http://127.0.0.1:8188 \\
         --concepts "cat, dog" --seed 7 --set "12.steps=20" --out masks/
 
 Queues the prompt (POST /prompt), follows it on the websocket (/ws), downloads every image it
 produced (SaveImage and previews, via /view) and exits non-zero with ComfyUI's own error text
-when the server rejects the prompt or a node fails. See docs/CLIENT.md.
+when the server rejects the prompt, a node fails, or an output node of the prompt produced
+nothing (ComfyUI queues a prompt whose other outputs are valid and drops the invalid chains).
+See docs/CLIENT.md.
 
 Standard library only, plus `websocket-client` when installed (extra `anchordiff[client]`) for
 live progress; without it the client polls /history instead. No torch, no ComfyUI imports.
@@ -67,6 +69,20 @@ class ExecutionFailed(ClientError):
         super().__init__(format_execution_error(data, prompt))
 
 
+class OutputsMissing(ClientError):
+    """The prompt ran, but output nodes it holds never ran: ComfyUI dropped their chains (HTTP 200
+    with `node_errors`) or skipped them. `.result` holds what did run and was downloaded."""
+
+    exit_code = 1
+
+    def __init__(self, missing: list, node_errors: dict, prompt: dict, result: "RunResult"):
+        self.missing, self.node_errors, self.result = missing, node_errors, result
+        lines = [f"ComfyUI did not run output node(s) {', '.join(node_label(prompt, n) for n in missing)}"
+                 + (": it dropped their chains for these errors" if node_errors else "")]
+        lines += node_error_lines(node_errors, prompt)
+        super().__init__("\n".join(lines))
+
+
 class ExecutionInterrupted(ClientError):
     """The prompt was interrupted (POST /interrupt, or Ctrl-C here)."""
 
@@ -89,10 +105,13 @@ def format_rejection(body: dict, prompt: dict) -> str:
     if isinstance(error, str):
         error = {"message": error}
     lines = [f"ComfyUI rejected the prompt: {_message(error) or 'invalid prompt'}"]
-    for node_id, info in (body.get("node_errors") or {}).items():
-        for item in info.get("errors", []):
-            lines.append(f"  {node_label(prompt, node_id)}: {_message(item)}")
-    return "\n".join(lines)
+    return "\n".join(lines + node_error_lines(body.get("node_errors") or {}, prompt))
+
+
+def node_error_lines(node_errors: dict, prompt: dict) -> list[str]:
+    """ComfyUI's per-node validation errors, one indented line each."""
+    return [f"  {node_label(prompt, node_id)}: {_message(item)}"
+            for node_id, info in node_errors.items() for item in (info or {}).get("errors", [])]
 
 
 def format_execution_error(data: dict, prompt: dict) -> str:
@@ -218,6 +237,8 @@ class RunResult:
     outputs: dict = field(default_factory=dict)  # /history outputs: node id -> {"images": [...], ...}
     node_seconds: dict = field(default_factory=dict)  # node id -> wall time between its 'executing' and the next event
     cached: list = field(default_factory=list)
+    executed: list = field(default_factory=list)  # node ids ComfyUI said it was executing (websocket)
+    node_errors: dict = field(default_factory=dict)  # POST /prompt's node_errors: chains ComfyUI dropped
     seconds: float = 0.0
 
 
@@ -241,26 +262,46 @@ class ComfyClient:
             reason = getattr(error, "reason", error)
             raise ServerError(f"cannot reach ComfyUI at {self.server}: {reason}") from None
 
+    def not_comfyui(self, what: str, status, body: bytes = b"") -> ServerError:
+        """One line for an answer no ComfyUI server gives (an HTML page, another service)."""
+        looks = " with an HTML page" if body.lstrip()[:1] == b"<" else ""
+        return ServerError(f"{self.server} does not look like a ComfyUI server: {what} answered HTTP {status}{looks}. "
+                           "Check --server (ComfyUI's address, e.g. http://127.0.0.1:8188).")
+
     def get_json(self, path: str):
         status, body = self.request(path)
         if status != 200:
-            raise ServerError(f"GET {path} answered {status}: {body[:300]!r}")
-        return json.loads(body)
+            raise self.not_comfyui(f"GET {path.split('?')[0]}", status, body)
+        try:
+            return json.loads(body)
+        except json.JSONDecodeError:
+            raise self.not_comfyui(f"GET {path.split('?')[0]}", status, body) from None
 
     def post_json(self, path: str, payload) -> tuple[int, bytes]:
         return self.request(path, json.dumps(payload).encode(), {"Content-Type": "application/json"})
 
-    def queue_prompt(self, prompt: dict) -> str:
+    def queue_prompt(self, prompt: dict) -> dict:
+        """POST /prompt: ComfyUI's answer {prompt_id, number, node_errors}. `node_errors` is not
+        empty when ComfyUI queued the prompt without the chains of some invalid outputs."""
         status, body = self.post_json("/prompt", {"prompt": prompt, "client_id": self.client_id})
         try:
             answer = json.loads(body)
         except json.JSONDecodeError:
-            answer = {"error": body.decode("utf-8", "replace")}
-        if status == 400:
+            raise self.not_comfyui("POST /prompt", status, body) from None
+        if status == 400 and isinstance(answer, dict) and ("error" in answer or "node_errors" in answer):
             raise PromptRejected(answer, prompt)
-        if status != 200 or "prompt_id" not in answer:
-            raise ServerError(f"POST /prompt answered {status}: {body[:500]!r}")
-        return answer["prompt_id"]
+        if status != 200 or not isinstance(answer, dict) or "prompt_id" not in answer:
+            raise self.not_comfyui("POST /prompt", status, body)
+        return answer
+
+    def output_classes(self, prompt: dict) -> set:
+        """The prompt's class types that are output nodes (GET /object_info/<class>)."""
+        found = set()
+        for class_type in sorted({node["class_type"] for node in prompt.values()}):
+            info = self.get_json(f"/object_info/{urllib.parse.quote(class_type)}").get(class_type) or {}
+            if info.get("output_node"):
+                found.add(class_type)
+        return found
 
     def interrupt(self, prompt_id: Optional[str] = None) -> None:
         self.post_json("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
@@ -283,8 +324,14 @@ class ComfyClient:
         ).encode() + content + f"\r\n--{boundary}--\r\n".encode()
         status, answer = self.request("/upload/image", body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
         if status != 200:
-            raise ServerError(f"uploading {path} answered {status}: {answer[:300]!r}")
-        info = json.loads(answer)
+            if answer.lstrip()[:1] == b"<":
+                raise self.not_comfyui("POST /upload/image", status, answer)
+            text = answer.decode("utf-8", "replace").strip().splitlines()
+            raise ServerError(f"uploading {path} answered HTTP {status}" + (f": {text[0][:200]}" if text else ""))
+        try:
+            info = json.loads(answer)
+        except json.JSONDecodeError:
+            raise self.not_comfyui("POST /upload/image", status, answer) from None
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
     def download(self, image: dict, dest: Path) -> Path:
@@ -305,8 +352,11 @@ class ComfyClient:
         scheme = "wss" if url.scheme == "https" else "ws"
         try:
             return websocket.create_connection(f"{scheme}://{url.netloc}{url.path}/ws?clientId={self.client_id}", timeout=timeout)
+        except websocket.WebSocketBadStatusException as error:
+            raise self.not_comfyui("the websocket /ws", error.status_code, error.resp_body or b"") from None
         except (OSError, websocket.WebSocketException) as error:
-            raise ServerError(f"cannot reach ComfyUI at {self.server} (websocket /ws): {error}") from None
+            reason = "no answer within the time limit" if isinstance(error, (TimeoutError, websocket.WebSocketTimeoutException)) else error
+            raise ServerError(f"cannot reach ComfyUI at {self.server} (websocket /ws): {reason}") from None
 
 
 # ------------------------------------------------------------------------------ following a prompt
@@ -393,6 +443,7 @@ def follow(client: ComfyClient, ws, prompt_id: str, prompt: dict, deadline: floa
             if data.get("node") is None:  # end of the prompt (older servers send only this)
                 return
             started[data["node"]] = now
+            result.executed.append(str(data["node"]))
             progress.say(f"  {node_label(prompt, data['node'])}")
         elif kind == "progress":
             progress.progress(data.get("node"), int(data.get("value", 0)), int(data.get("max", 0)))
@@ -466,16 +517,19 @@ def run_prompt(prompt: dict, server: str = DEFAULT_SERVER, output_dir="comfy_out
 
     Raises PromptRejected / ExecutionFailed / ExecutionInterrupted (messages: ComfyUI's own text),
     ServerError, ClientError. `on_event(type, data)` sees every websocket event of this prompt."""
-    client = client or ComfyClient(server)
+    client = client or ComfyClient(server, http_timeout=min(60.0, timeout))
     progress = Progress(prompt, stream, quiet)
     t0 = time.monotonic()
-    ws = client.connect()
+    ws = client.connect(timeout=min(10.0, timeout))
     if ws is None:
         progress.say("websocket-client is not installed: no live progress, polling /history")
     try:
-        prompt_id = client.queue_prompt(prompt)
-        result = RunResult(prompt_id)
+        answer = client.queue_prompt(prompt)
+        prompt_id = answer["prompt_id"]
+        result = RunResult(prompt_id, node_errors=answer.get("node_errors") or {})
         progress.say(f"queued prompt {prompt_id} on {client.server}")
+        for line in node_error_lines(result.node_errors, prompt):
+            progress.say(f"  dropped for a validation error:{line[1:]}")
         try:
             follow(client, ws, prompt_id, prompt, t0 + timeout, progress, result, on_event)
         except KeyboardInterrupt:
@@ -500,8 +554,19 @@ def run_prompt(prompt: dict, server: str = DEFAULT_SERVER, output_dir="comfy_out
             result.files.append(path)
             result.node_files.setdefault(node_id, []).append(path)
     result.seconds = round(time.monotonic() - t0, 3)
+    ran = set(result.executed) | set(map(str, result.cached)) | set(result.outputs) | _cached_in(entry)
+    outputs = client.output_classes(prompt)
+    missing = [node_id for node_id, node in prompt.items() if node["class_type"] in outputs and node_id not in ran]
+    if missing or result.node_errors:
+        raise OutputsMissing(missing, result.node_errors, prompt, result)
     progress.say(f"done in {result.seconds:.1f} s: {len(result.files)} file(s) in {out}")
     return result
+
+
+def _cached_in(entry: dict) -> set:
+    """Node ids /history reports as served from ComfyUI's cache."""
+    return {str(node) for kind, data in entry.get("status", {}).get("messages", [])
+            if kind == "execution_cached" for node in (data or {}).get("nodes", [])}
 
 
 def _unused(path: Path) -> Path:
@@ -526,9 +591,10 @@ def run_workflow(workflow, server: str = DEFAULT_SERVER, sets=(), concepts: Opti
 # ------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m anchordiff_core.comfy_client",
+        prog="python -m anchordiff_client",
         description="Run a ComfyUI workflow (API format) on a server, follow its progress, download its images.",
-        epilog="Exit codes: 0 success; 1 ComfyUI rejected the prompt or a node failed; 2 bad arguments or workflow; "
+        epilog="Exit codes: 0 success; 1 ComfyUI rejected the prompt, a node failed, or an output node produced nothing; "
+        "2 bad arguments or workflow; "
         "3 interrupted; 4 server unreachable or time limit.",
     )
     p.add_argument("workflow", help="workflow file in API format (ComfyUI: Workflow > Export (API))")
@@ -563,13 +629,18 @@ def main(argv=None) -> int:
         if args.list:
             print(list_nodes(prompt))
             return 0
-        client = ComfyClient(args.server)
+        client = ComfyClient(args.server, http_timeout=min(60.0, args.timeout))
         if args.dry_run:
             print(json.dumps(prepare_prompt(prompt, args.sets, args.concepts, args.seed, (), None), indent=2))
             return 0
         result = run_workflow(prompt, sets=args.sets, concepts=args.concepts, seed=args.seed, images=args.images,
                               client=client, output_dir=args.out, timeout=args.timeout,
                               previews=not args.no_previews, quiet=args.quiet)
+    except OutputsMissing as error:
+        for path in error.result.files:
+            print(path)
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
