@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import logging
 import math
+import threading
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -182,6 +183,7 @@ class _Run:
     target_sigma: float = math.nan
     reason: str = ""  # why nothing was (or will be) recorded
     maps: Optional[AttentionMaps] = None
+    recording: bool = False  # a model call is recording now (claimed under the recorder's lock)
 
 
 @dataclass
@@ -212,7 +214,10 @@ def _keep_last_x0(args: tuple, kwargs: dict, keep: dict) -> tuple[tuple, dict]:
 
 
 def latent_fingerprint(image_latent: torch.Tensor) -> str:
-    data = image_latent.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    """The key a run's maps are filed under. Computed on the latent rounded to fp16, so it survives
+    the cast ComfyUI applies to the sampler's output (`--fp16-intermediates` hands on an fp16 LATENT;
+    casting fp32 -> fp16 rounds exactly the same way whoever does it)."""
+    data = image_latent.detach().to("cpu", torch.float16).contiguous().view(torch.int16).numpy().tobytes()
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
 
@@ -234,6 +239,9 @@ class AttentionRecorder:
         self._active: Optional[_Run] = None
         self._outcomes: "OrderedDict[int, _Outcome]" = OrderedDict()
         self._by_fingerprint: dict[str, int] = {}
+        # ComfyUI >= 0.33 runs the model calls of one step in threads for multi-GPU work units:
+        # one of them claims the recording, under this lock.
+        self._lock = threading.Lock()
 
     def __deepcopy__(self, memo):
         return self
@@ -295,9 +303,26 @@ class AttentionRecorder:
     def _apply_model(self, executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         run = self._active
         rows, row_image = self._rows_to_record(run, x, t, transformer_options)
-        if rows is None:
+        if rows is None or not self._claim(run):
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        try:
+            return self._record_call(run, rows, row_image, executor, x, t, c_concat, c_crossattn, control,
+                                     transformer_options, **kwargs)
+        finally:
+            with self._lock:
+                run.recording = False
 
+    def _claim(self, run: _Run) -> bool:
+        """Whether this model call records: the first one at the recording point that finds no maps
+        and no other call recording (calls may run concurrently, one thread per device)."""
+        with self._lock:
+            if run.maps is not None or run.recording:
+                return False
+            run.recording = True
+            return True
+
+    def _record_call(self, run: _Run, rows, row_image, executor, x, t, c_concat, c_crossattn, control,
+                     transformer_options, **kwargs):
         diffusion_model = executor.class_obj.diffusion_model
         # fast: the maps stay on the compute device until the graph is built (no host round trip)
         store = None if self.spec.precision == "fast" else comfy.model_management.intermediate_device()

@@ -1,12 +1,14 @@
 """Regenerate workflows/api/<name>.json from the UI workflows workflows/<name>.json.
 
-    .venv/bin/python scripts/sync_workflows.py            # rewrite the API files
-    .venv/bin/python scripts/sync_workflows.py --check    # exit 1 if any API file is stale
+    .venv-comfy033/bin/python scripts/sync_workflows.py            # rewrite the API files
+    .venv-comfy033/bin/python scripts/sync_workflows.py --check    # exit 1 if any API file is stale
 
 The UI files are the source: edit a workflow in ComfyUI, export it over workflows/<name>.json
 (Workflow > Export), then run this. The node definitions come from GET /object_info of a real
-ComfyUI server with this pack loaded: a throwaway test server (needs scripts/setup_env.sh), or
---server URL for one you run (it must have this pack installed).
+ComfyUI server with this pack loaded: a throwaway test server of the venv's ComfyUI (0.33.0 in
+.venv-comfy033, from scripts/setup_comfy033.sh), or --server URL for one you run (it must have this
+pack installed). The files are made with the newest ComfyUI we test (SYNC_COMFYUI in
+tests/fixtures/workflow_format.py): older ones ignore the inputs they lack, so one file serves both.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fixtures.workflow_format import api_path_for, dump, ui_to_api  # noqa: E402
+from fixtures.workflow_format import SYNC_COMFYUI, api_path_for, dump, ui_to_api  # noqa: E402
 
 import json  # noqa: E402
 
@@ -30,17 +32,27 @@ def ui_files() -> list[Path]:
 def object_info(server: str | None) -> dict:
     from fixtures.comfy_server import get_json, start_server
     if server:
-        return get_json(server.rstrip("/") + "/object_info")
+        return checked_object_info(server.rstrip("/"))
     from fixtures.comfy_base import link_anchordiff_pack, populate_base_dir
     with tempfile.TemporaryDirectory(prefix="anchordiff-sync-") as base:
         populate_base_dir(base)
         link_anchordiff_pack(base)
         proc, url = start_server(base)
         try:
-            return get_json(url + "/object_info")
+            return checked_object_info(url)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
+
+
+def checked_object_info(url: str) -> dict:
+    from fixtures.comfy_server import get_json
+    version = get_json(url + "/system_stats")["system"]["comfyui_version"]
+    if version != SYNC_COMFYUI:
+        sys.exit(f"sync_workflows: the server runs ComfyUI {version}; the API files are made with {SYNC_COMFYUI}. "
+                 "Run this with .venv-comfy033/bin/python (scripts/setup_comfy033.sh), or --server a "
+                 f"ComfyUI {SYNC_COMFYUI} with this pack.")
+    return get_json(url + "/object_info")
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,10 @@ the test node pack, tiny models) and Debian's Chromium driven by playwright-pyth
 
 Needs Chromium (scripts/install_browser.sh). Without it these tests skip, saying so; with
 ANCHORDIFF_REQUIRE_BROWSER=1 (CI) a missing browser fails instead.
+Every test runs in both of the frontend's modes: classic (canvas-drawn nodes) and Nodes 2.0 (Vue
+nodes, the setting Comfy.VueNodes.Enabled). The frontend is the venv's comfyui-frontend-package, or
+ANCHORDIFF_FRONTEND=<version> for one installed in <venv>/frontends/<version>/ (scripts/setup_comfy033.sh),
+which the server serves with --front-end-root.
 Screenshots go to test-artifacts/. ANCHORDIFF_UPDATE_DOCS=1 also refreshes docs/images/nodes.png.
 """
 from __future__ import annotations
@@ -11,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -25,12 +30,33 @@ ARTIFACTS = REPO / "test-artifacts"
 DOCS_SCREENSHOT = REPO / "docs" / "images" / "nodes.png"
 PACK_NAME = "anchordiff"  # folder name in custom_nodes/: the JS is served under /extensions/anchordiff/
 EXTENSION = "AnchorDiff.Previews"
+RESET_BUTTON = "reset to automatic"
 CHROMIUM_FLAGS = [  # the headless flags that work here (team notes on ComfyUI)
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run",
 ]
 VIEWPORT = {"width": 1600, "height": 1000}
 RUN_TIMEOUT = 180.0  # s for one queued prompt of the tiny chain (about 2-15 s here)
+MODES = {"classic": False, "nodes2": True}  # value of the frontend setting Comfy.VueNodes.Enabled
+
+
+def frontend() -> tuple[str, Path | None]:
+    """(version, --front-end-root or None for the venv's own package) of the frontend under test."""
+    import importlib.metadata
+    own = importlib.metadata.version("comfyui-frontend-package")
+    wanted = os.environ.get("ANCHORDIFF_FRONTEND") or own
+    if wanted == own:
+        return own, None
+    root = Path(sys.prefix) / "frontends" / wanted / "comfyui_frontend_package" / "static"
+    if not (root / "index.html").is_file():
+        raise RuntimeError(f"ANCHORDIFF_FRONTEND={wanted}: no {root} (scripts/setup_comfy033.sh installs it)")
+    return wanted, root
+
+
+FRONTEND, FRONTEND_ROOT = frontend()
+# Nodes 2.0 leaves a node's `images` outputs to the node where it honours node.hideOutputImages
+# (1.49.6 does; 1.32.9's Vue nodes have no such flag and show the core preview under ours).
+VUE_HIDES_OUTPUT_IMAGES = tuple(int(p) for p in FRONTEND.split(".")[:3]) >= (1, 49, 6)
 
 
 def find_chromium() -> str | None:
@@ -78,7 +104,7 @@ def server(tmp_path_factory):
 
     base = populate_base_dir(tmp_path_factory.mktemp("comfy_browser"))
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
-    proc, url = start_server(base)
+    proc, url = start_server(base, extra_args=("--front-end-root", str(FRONTEND_ROOT)) if FRONTEND_ROOT else ())
     try:
         info = http_json(url + "/object_info")
         assert "AnchorDiffAnchorSelect" in info, f"our nodes did not load; see {base / 'server.log'}"
@@ -178,11 +204,21 @@ class Page:
         return [m for m in self.messages if m.startswith(("error", "pageerror")) and ours in m]
 
 
+@pytest.fixture(scope="module", params=list(MODES))
+def mode(request, server) -> str:
+    """The frontend's node renderer for the tests that use it: "classic" or "nodes2" (Nodes 2.0)."""
+    http_json(server + "/api/settings/Comfy.VueNodes.Enabled", MODES[request.param])
+    return request.param
+
+
 @pytest.fixture
-def ui(browser_context, server):
+def ui(browser_context, server, mode):
     page = browser_context.pages[0] if browser_context.pages else browser_context.new_page()
     p = Page(page, server)
+    p.mode = mode
     p.open()
+    assert p.js("() => window.__COMFYUI_FRONTEND_VERSION__") == FRONTEND
+    assert p.js("() => window.comfyAPI.app.app.extensionManager.setting.get('Comfy.VueNodes.Enabled')") is MODES[mode]
     return p
 
 
@@ -264,6 +300,12 @@ def wait_loaded(ui: Page, node_id: str, not_src: str | None = None) -> str:
     return preview_img(ui, node_id).get_attribute("src")
 
 
+def picture(src: str) -> dict:
+    """The file a /view URL shows (its cache-busting `rand` aside)."""
+    query = urllib.parse.parse_qs(urllib.parse.urlparse(src).query)
+    return {k: query.get(k) for k in ("filename", "subfolder", "type")}
+
+
 def show_node(ui: Page, node_id: str):
     """Centre the canvas on a node (DOM widgets off screen are hidden)."""
     ui.js("""(id) => { const c = window.comfyAPI.app.app.canvas;
@@ -278,7 +320,8 @@ def widget_value(ui: Page, node_id: str, name: str):
 
 def run(ui: Page) -> dict:
     before = set(history(ui.url))
-    ui.page.get_by_role("button", name="Run", exact=True).click()
+    button = ui.page.get_by_test_id("queue-button")  # newer frontends also have a "Run" menu trigger
+    (button if button.count() else ui.page.get_by_role("button", name="Run", exact=True)).click()
     return wait_for_new_run(ui.url, before)
 
 
@@ -311,7 +354,7 @@ def assert_anchor_line(text: str, name: str, expected: tuple[int, int], toleranc
 
 def screenshot(ui: Page, name: str, clip: dict | None = None) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
+    path = ARTIFACTS / f"{FRONTEND}-{ui.mode}-{name}"
     ui.page.screenshot(path=str(path), clip=clip)
     return path
 
@@ -327,6 +370,42 @@ def small_png(src: Path, dst: Path, limit: int = 300_000, width: int = 1200) -> 
             break
     assert dst.stat().st_size < limit, dst.stat().st_size
     return dst
+
+
+def click_reset(ui: Page, node_id: str):
+    if ui.mode == "nodes2":
+        ui.page.locator(f'[data-node-id="{node_id}"]:not(.anchordiff-preview)').get_by_role(
+            "button", name=RESET_BUTTON).click()
+        return
+    button = ui.js("""(id) => { const app = window.comfyAPI.app.app, node = app.graph.getNodeById(Number(id));
+        const w = node.widgets.find((w) => w.name === 'reset to automatic');
+        return app.canvasPosToClientPos([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + 10]); }""", node_id)
+    ui.page.mouse.click(*button)
+
+
+def other_pictures(ui: Page, node_id: str) -> list[str]:
+    """What shows the node's output pictures besides our preview: the frontend's own image preview
+    (classic: node.imgs / its canvas preview widget; Nodes 2.0: <img> in the Vue node)."""
+    return ui.js("""(id) => {
+        const node = window.comfyAPI.app.app.graph.getNodeById(Number(id));
+        const found = [];
+        if (node.imgs?.length) found.push(`node.imgs: ${node.imgs.length}`);
+        for (const w of node.widgets ?? []) if (w.name?.startsWith('$$')) found.push(`widget ${w.name}`);
+        for (const el of document.querySelectorAll(`[data-node-id="${id}"]:not(.anchordiff-preview) img:not(.anchordiff-image), [data-node-id="${id}"]:not(.anchordiff-preview) video`))
+            found.push(`<${el.tagName.toLowerCase()} ${el.getAttribute('src') ?? ''}>`);
+        return found; }""", node_id)
+
+
+def assert_previews_once(ui: Page, ids: dict, names=("anchors", "prop", "mask", "baseline")):
+    for name in names:
+        node_id = ids[name]
+        assert ui.page.locator(f'.anchordiff-preview[data-node-id="{node_id}"]').count() == 1, name
+        assert ui.page.locator(f'.anchordiff-preview[data-node-id="{node_id}"] img.anchordiff-image').count() == 1, name
+        others = other_pictures(ui, node_id)
+        if ui.mode == "nodes2" and not VUE_HIDES_OUTPUT_IMAGES:  # the known limit of that frontend
+            assert others and all(o.startswith("<img") for o in others), (name, others)
+        else:
+            assert others == [], (name, others)
 
 
 # ---- the tests ---------------------------------------------------------------------------
@@ -361,6 +440,7 @@ def test_chain_previews_and_click_to_anchor(ui, server):
         legend = page.locator(f'.anchordiff-preview[data-node-id="{node_id}"] .anchordiff-legend-item')
         assert legend.all_inner_texts() == ["1: cat", "2: dog"]
         assert preview_img(ui, node_id).is_visible()
+    assert_previews_once(ui, ids)
     info = first["outputs"][ids["anchors"]]["anchordiff"][0]
     assert info["panels"] == 2 and info["image_size"] == [256, 256] and info["manual"] == [False, False]
     _, dog0 = output_images(server, first, ids["save"])
@@ -394,11 +474,8 @@ def test_chain_previews_and_click_to_anchor(ui, server):
     lines = widget_value(ui, ids["anchors"], "manual_anchors").split("\n")
     assert [line.split(":")[0] for line in lines] == ["dog", "dog", "cat"], lines
 
-    # "reset to automatic" (a canvas-drawn button widget) clears it all
-    button = ui.js("""(id) => { const app = window.comfyAPI.app.app, node = app.graph.getNodeById(Number(id));
-        const w = node.widgets.find((w) => w.name === 'reset to automatic');
-        return app.canvasPosToClientPos([node.pos[0] + node.size[0] / 2, node.pos[1] + w.y + 10]); }""", ids["anchors"])
-    page.mouse.click(*button)
+    # "reset to automatic" (a button widget: drawn on the canvas, or a Vue node's button) clears it all
+    click_reset(ui, ids["anchors"])
     assert widget_value(ui, ids["anchors"], "manual_anchors") == ""
     assert page.locator(f'.anchordiff-preview[data-node-id="{ids["anchors"]}"] circle.anchordiff-pending').count() == 0
 
@@ -442,6 +519,43 @@ def test_chain_previews_and_click_to_anchor(ui, server):
     # --- the saved workflow loads back with the anchor text ---
     ui.js("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, 'roundtrip'); }", saved)
     assert widget_value(ui, ids["anchors"], "manual_anchors") == text
+    assert not ui.our_errors(), ui.our_errors()
+
+
+def test_previews_survive_tab_switch_and_reload(ui, server):
+    """The pictures stay with their nodes (once each) when the user opens another workflow tab and
+    comes back, and after a page reload."""
+    ids = ui.js(BUILD_GRAPH, CHAIN)
+    run(ui)
+    previewed = ("anchors", "prop", "mask", "baseline")
+    srcs = {n: wait_loaded(ui, ids[n]) for n in previewed}
+    assert_previews_once(ui, ids)
+    command = "(id) => window.comfyAPI.app.app.extensionManager.command.execute(id)"
+    graph_size = "() => window.comfyAPI.app.app.graph.nodes.length"
+
+    ui.js(command, "Comfy.NewBlankWorkflow")
+    ui.page.wait_for_function(f"({graph_size})() === 0", timeout=20_000)
+    assert ui.page.locator(".anchordiff-preview img").count() == 0
+    ui.js(command, "Workspace.PreviousOpenedWorkflow")
+    ui.page.wait_for_function(f"({graph_size})() === {len(CHAIN)}", timeout=20_000)
+    for n in previewed:
+        show_node(ui, ids[n])
+        assert picture(wait_loaded(ui, ids[n])) == picture(srcs[n]), f"{n}: not the stored preview after the tab switch"
+    assert_previews_once(ui, ids)
+    screenshot(ui, "browser_after_tab_switch.png")
+
+    # a reload: the frontend may not keep node outputs over it (then no node shows its pictures);
+    # a run answered from ComfyUI's cache brings them back, once each
+    ui.page.reload()
+    ui.open()
+    ui.page.wait_for_function(f"({graph_size})() === {len(CHAIN)}", timeout=20_000)
+    if not ui.js("(id) => !!window.comfyAPI.app.app.nodeOutputs?.[id]", ids["anchors"]):
+        assert ui.page.locator(".anchordiff-preview img").count() == 0
+        run(ui)
+    for n in previewed:
+        show_node(ui, ids[n])
+        wait_loaded(ui, ids[n])
+    assert_previews_once(ui, ids)
     assert not ui.our_errors(), ui.our_errors()
 
 

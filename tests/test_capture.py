@@ -7,6 +7,7 @@ see, and the whole node chain through ComfyUI's own executor.
 import contextlib
 import re
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -451,6 +452,92 @@ def test_concept_names_ignore_case_in_mask_and_manual_anchors(env):
     assert torch.equal(run(env, "AnchorDiffMask", heat, "CAT", "mean", 0.5)[0], both[0:1])
 
 
+def test_maps_are_found_for_an_fp16_latent(env, monkeypatch):
+    """ComfyUI's --fp16-intermediates (0.12 and later) hands the sampler's LATENT on in fp16; Read Maps
+    must still find its maps, and still refuse a latent that differs by more than that rounding."""
+    import comfy.cli_args
+    import comfy.model_management
+
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env))
+    if hasattr(comfy.model_management, "intermediate_dtype"):  # this ComfyUI has the option: use it
+        monkeypatch.setattr(comfy.cli_args.args, "fp16_intermediates", True)
+        latent = sample(env, patched, seed=6)
+    else:  # older ComfyUI: the same cast, done here
+        latent = {"samples": sample(env, patched, seed=6)["samples"].half()}
+    assert latent["samples"].dtype == torch.float16
+    maps = read_maps(env, recorder, latent)
+    assert maps is recorder.last_run_maps()
+    # the fp32 latent of the same run (a node casting back up) finds the same maps
+    assert read_maps(env, recorder, {"samples": latent["samples"].float()}) is maps
+    nudged = latent["samples"].float() + 1e-2 * latent["samples"].float().abs().max()
+    with pytest.raises(ValueError, match="not produced by a sampler using this recorder"):
+        read_maps(env, recorder, {"samples": nudged.half()})
+
+
+def test_concurrent_model_calls_record_once_and_completely(env, monkeypatch):
+    """ComfyUI 0.33 runs a step's model calls in threads for multi-GPU work units
+    (_calc_cond_batch_multigpu). Here, as there, each conditioning entry is evaluated by a thread of
+    its own; a barrier inside the recorder's wrapper holds a step's calls until all have passed its
+    decision, so two positive calls and the negative one run the recording step at once."""
+    import comfy.patcher_extension as ext
+    import comfy.sample
+
+    def calc_cond_batch_in_threads(executor, model, conds, x_in, timestep, model_options):
+        jobs = [(i, entry) for i, cond in enumerate(conds) if cond is not None for entry in cond]
+        barrier = threading.Barrier(len(jobs), timeout=120)
+        options = {**model_options, "transformer_options": {**model_options.get("transformer_options", {}),
+                                                            "test_barrier": barrier}}
+        outputs, errors = [[] for _ in conds], []
+
+        def job(i, entry):
+            try:
+                only = [[entry] if j == i else None for j in range(len(conds))]
+                outputs[i].append(executor(model, only, x_in, timestep, options)[i])
+            except BaseException as error:  # noqa: BLE001  (re-raised in the sampler's thread)
+                errors.append(error)
+                barrier.abort()
+
+        threads = [threading.Thread(target=job, args=j) for j in jobs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return [torch.stack(out).mean(0) if out else torch.zeros_like(x_in) for out in outputs]  # full-image entries
+
+    def held(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        transformer_options["test_barrier"].wait()
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+
+    step_recorder = sys.modules[env.pack.__name__ + ".nodes.sd3_patch"].StepRecorder
+    finish, finished = step_recorder.finish, []
+    monkeypatch.setattr(step_recorder, "finish", lambda self, *a, **kw: finished.append(1) or finish(self, *a, **kw))
+
+    model, cs = load_model(env), concepts(env)
+    other = env.nodes.CLIPTextEncode().encode(env.clip, "a dog on a sofa")[0]
+
+    def maps_of(positive, threads: bool):
+        patched, recorder = record(env, model, cs, record_step=0)
+        if threads:  # added after the recorder's wrappers, so inside them
+            patched.add_wrapper_with_key(ext.WrappersMP.CALC_COND_BATCH, "test", calc_cond_batch_in_threads)
+            patched.add_wrapper_with_key(ext.WrappersMP.APPLY_MODEL, "test", held)
+        latent = torch.zeros(1, 16, 32, 32)
+        samples = comfy.sample.sample(patched, comfy.sample.prepare_noise(latent, 13), 2, 3.0, "euler", "simple",
+                                      positive, env.neg, latent, disable_pbar=True, seed=13)
+        return read_maps(env, recorder, {"samples": samples})
+
+    both = maps_of(env.pos + other, threads=True)  # two full-image positive entries, as ConditioningCombine makes
+    assert len(finished) == 1, f"{len(finished)} concurrent model calls recorded the step"
+    # the maps are those of one positive call, complete: that entry recorded alone
+    alone = [maps_of(env.pos, threads=False), maps_of(other, threads=False)]
+    diffs = [max((getattr(both, f) - getattr(a, f)).abs().max().item() for f in ("a_ci", "a_ii", "o_ii")) for a in alone]
+    assert min(diffs) < 1e-5 and max(diffs) > 1e-3, diffs  # one of them, and the two differ
+    # cond and uncond in two threads (the usual multi-GPU split) record what one batched call does
+    torch.testing.assert_close(maps_of(env.pos, threads=True).a_ii, alone[0].a_ii, atol=1e-5, rtol=1e-4)
+
+
 # ------------------------------------------------------------------ errors users see
 def test_clear_errors(env):
     model = load_model(env)
@@ -545,7 +632,8 @@ def chain_prompt(seed, concepts_text="cat, dog"):
 def test_whole_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
     import execution
 
-    executor = execution.PromptExecutor(_Server(), cache_args={"ram": 16.0, "lru": 0})
+    # "ram_inactive": read by ComfyUI 0.33's executor (0.3.75 ignores it)
+    executor = execution.PromptExecutor(_Server(), cache_args={"ram": 16.0, "ram_inactive": 0.0, "lru": 0})
 
     def masks(seed):
         executor.execute(chain_prompt(seed), f"p{seed}", {}, ["13"])

@@ -17,7 +17,7 @@ EXPECTED = {  # what ComfyUI's detection must read back from each file
 # --- ComfyUI in-process ---------------------------------------------------------
 
 def test_import_comfy_is_idempotent_and_cpu(comfy):
-    from fixtures.comfy_env import comfyui_dir, get_nodes, import_comfy, torchvision_is_stub
+    from fixtures.comfy_env import comfyui_dir, get_nodes, import_comfy, is_stub
     assert import_comfy() is comfy and import_comfy() is comfy
     assert sys.path[0] == str(comfyui_dir())
     import comfy.model_management as mm
@@ -28,7 +28,7 @@ def test_import_comfy_is_idempotent_and_cpu(comfy):
             "EmptySD3LatentImage"} <= set(nodes.NODE_CLASS_MAPPINGS)
     import utils.install_util  # noqa: F401  (ComfyUI's utils package, not comfy/utils.py)
     import torchvision
-    if torchvision_is_stub():
+    if is_stub("torchvision"):
         assert "transformers" in sys.modules  # imported before the stub went in
         from torchvision.models import efficientnet_v2_s
         with pytest.raises(AttributeError):

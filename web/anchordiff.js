@@ -340,17 +340,27 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION_NAME)) app
       onExecuted?.apply(this, arguments);
       this.anchordiffPreview?.show(output);
     };
-    // The frontend draws `images` outputs itself (in onDrawBackground); our widget shows them
-    // instead, so this node type skips that default preview and picks up stored outputs (after
-    // a workflow tab switch, say) for its own widget.
-    nodeType.prototype.onDrawBackground = function () {
-      const locator = this.graph && !this.graph.isRootGraph ? `${this.graph.id}:${this.id}` : String(this.id);
-      const output = app.nodeOutputs?.[locator];
-      if (output && this.anchordiffPreview && !this.anchordiffPreview.key) this.anchordiffPreview.show(output);
-    };
+    // The canvas (classic mode) draws `images` outputs itself in onDrawBackground; our widget
+    // shows them instead, so this node type skips that default preview.
+    nodeType.prototype.onDrawBackground = function () {};
   },
 
   nodeCreated(node) {
-    if (PREVIEW_NODES.has(node.comfyClass)) addPreview(node);
+    if (!PREVIEW_NODES.has(node.comfyClass)) return;
+    // Nodes 2.0 (Vue nodes) shows `images` outputs under the widgets unless the node opts out,
+    // as core nodes with their own picture widget do.
+    node.hideOutputImages = true;
+    addPreview(node);
+  },
+
+  // The frontend replaced its stored outputs: a workflow tab shown again, a run loaded from the
+  // queue. Our nodes there were created anew, without their pictures: show the stored ones.
+  onNodeOutputsUpdated(nodeOutputs) {
+    const graph = app.canvas?.graph ?? app.graph;
+    for (const node of graph?.nodes ?? []) {
+      if (!node.anchordiffPreview) continue;
+      const output = nodeOutputs?.[graph.isRootGraph === false ? `${graph.id}:${node.id}` : String(node.id)];
+      if (output) node.anchordiffPreview.show(output);
+    }
   },
 });
