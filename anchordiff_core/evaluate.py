@@ -74,36 +74,35 @@ def refined(heat: np.ndarray, image: np.ndarray, radius: int, eps: float) -> np.
     return refine_edges(maps, torch.from_numpy(np.ascontiguousarray(image)), radius, eps).numpy()
 
 
-def evaluate_dir(directory, edges: bool = False, edge_radius: int | None = None, edge_eps: float | None = None,
-                 boundary_tolerance: int | None = None) -> dict:
-    """Run both protocols over every ``.npz`` file in ``directory``; returns the JSON-able results.
-    With ``edges``, also for the image-guided refinement of every map (results under "edges")."""
+def evaluate_maps(items, edges: bool = False, edge_radius: int | None = None, edge_eps: float | None = None,
+                  boundary_tolerance: int | None = None) -> dict:
+    """Both protocols over in-memory images: `items` yields ``(name, heat [K, H, W], gt [K, H, W],
+    image [H, W, 3] or None)`` (name is only for error messages). With ``edges`` (every item needs its
+    image) everything is scored again for the image-guided refinement of each map, under "edges"."""
     from .masks import EDGE_EPS, EDGE_RADIUS
 
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise ValueError(f"{directory} is not a directory")
-    files = sorted(directory.glob("*.npz"))
-    if not files:
-        raise ValueError(f"no .npz files in {directory}")
     radius = EDGE_RADIUS if edge_radius is None else edge_radius
     eps = EDGE_EPS if edge_eps is None else edge_eps
     variants = ["heat"] + (["edges"] if edges else [])
     meters = {v: (BinarySegmentationMeter(boundary_tolerance), MultiConceptMeter()) for v in variants}
-    for path in files:
-        heat, gt, names, *image = load_npz(path, with_image=edges)
+    n_items = 0
+    for name, heat, gt, image in items:
+        n_items += 1
         try:
+            if edges and image is None:
+                raise ValueError("edges needs the image")
             for variant in variants:
-                maps = refined(heat, image[0], radius, eps) if variant == "edges" else heat
+                maps = refined(heat, image, radius, eps) if variant == "edges" else heat
                 binary, multi = meters[variant]
                 for k in range(maps.shape[0]):
                     binary.update(maps[k], gt[k])
                 if maps.shape[0] > 1:
                     multi.update(maps, gt)
         except ValueError as e:  # say which file and concept
-            what = f"{path.name}" + (f" (concepts {names})" if names else "")
-            raise ValueError(f"{what}: {e}") from None
-    out = {"n_files": len(files)}
+            raise ValueError(f"{name}: {e}") from None
+    if not n_items:
+        raise ValueError("no images to evaluate")
+    out = {"n_files": n_items}
     for variant in variants:
         binary, multi = meters[variant]
         res = {"binary": binary.compute(), "multi_concept": multi.compute() if multi.n_images else None}
@@ -112,6 +111,24 @@ def evaluate_dir(directory, edges: bool = False, edge_radius: int | None = None,
         else:
             out["edges"] = {"radius": radius, "eps": eps, **res}
     return out
+
+
+def evaluate_dir(directory, edges: bool = False, edge_radius: int | None = None, edge_eps: float | None = None,
+                 boundary_tolerance: int | None = None) -> dict:
+    """`evaluate_maps` over every ``.npz`` file in ``directory``; returns the JSON-able results."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory} is not a directory")
+    files = sorted(directory.glob("*.npz"))
+    if not files:
+        raise ValueError(f"no .npz files in {directory}")
+
+    def items():
+        for path in files:
+            heat, gt, names, *image = load_npz(path, with_image=edges)
+            yield f"{path.name}" + (f" (concepts {names})" if names else ""), heat, gt, image[0] if image else None
+
+    return evaluate_maps(items(), edges, edge_radius, edge_eps, boundary_tolerance)
 
 
 def _pct(v: float) -> str:

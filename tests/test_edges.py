@@ -186,6 +186,16 @@ def test_evaluate_edges_reports_with_and_without(tmp_path, capsys):
     assert res["edges"]["radius"] == 16 and plain["n_images"] == edged["n_images"] == 2
     assert edged["bf"] > 0.85 and plain["bf"] < 0.1
     assert edged["miou"] > plain["miou"] + 0.05
+    # the same from memory (what a benchmark calls)
+    from anchordiff_core.evaluate import evaluate_maps
+
+    items = []
+    for seed, centre in enumerate([(60.0, 70.0), (50.0, 45.0)]):
+        image, soft, truth = disc_scene(centre=centre, seed=seed)
+        items.append((f"s{seed}", soft.numpy(), truth[None].numpy(), (image.numpy() * 255).round().astype(np.uint8)))
+    in_memory = evaluate_maps(items, edges=True)
+    assert in_memory["edges"]["binary"] == pytest.approx(res["edges"]["binary"])
+    assert in_memory["binary"] == pytest.approx(res["binary"])
     assert main([str(tmp_path), "--edges"]) == 0
     table = capsys.readouterr().out
     assert "heat (as given)" in table and "edges r=16 eps=0.001" in table and "BF" in table
