@@ -135,7 +135,9 @@ def imagenet_segmentation(mat_path, names: dict, background: Sequence[str] = IMA
                     f"--imagenet-names has no entry for image {i} ({ident}): add \"{synset}\": \"<class word>\" "
                     f"(its WordNet synset) to the JSON file"
                 )
-            image = np.asarray(f[f["/value/img"][i, 0]]).transpose(2, 1, 0)
+            image = np.asarray(f[f["/value/img"][i, 0]]).T  # MATLAB column-major: [3, W, H] -> [H, W, 3]
+            if image.ndim == 2:  # a grey image
+                image = np.repeat(image[..., None], 3, axis=2)
             gt = np.asarray(f[f[f["/value/gt"][i, 0]][0, 0]]).transpose(1, 0) > 0
             if image.ndim != 3 or image.shape[2] != 3 or image.shape[:2] != gt.shape:
                 raise DatasetError(f"{mat_path}: image {i} ({ident}) has shape {image.shape} but its mask {gt.shape}")
