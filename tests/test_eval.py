@@ -2,7 +2,6 @@
 (ImageNet-Segmentation's MATLAB v7.3 .mat, a PascalVOC 2012 tree, the folder format) and the tiny
 SD3 fixture loaded by ComfyUI from files, as a user's model would be."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
