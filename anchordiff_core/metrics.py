@@ -32,6 +32,14 @@ every target concept c (the others are the non-targets):
   * every metric is averaged over image-concept pairs. A pair whose target mask is empty cannot be
     scored (no target pixels) and is skipped, counted in ``n_skipped_pairs``.
 
+Boundary F-score (``boundary_f_score``, ``BinarySegmentationMeter``'s ``bf``), as in the DAVIS benchmark
+(Perazzi et al. 2016; Martin et al. 2004): the boundary of a mask is its foreground pixels that have a
+4-neighbour in the background (the image border is not an edge); a predicted boundary pixel is correct when
+a true boundary pixel lies within ``tolerance`` pixels (Euclidean), and the other way round for recall;
+``bf = 2 P R / (P + R)``. Default tolerance: DAVIS's ``ceil(0.008 * image diagonal)`` pixels (2 px at
+128 x 128, 12 px at 1024 x 1024). No boundary in either mask: P = R = 1; in one only: the empty side's
+P (or R) is 1 and the other 0. ``bf`` is averaged over images (masks: the method's ``heat > mean``).
+
 IoU convention everywhere: a class whose union is empty (absent from both truth and prediction) has
 IoU NaN and is left out of the mean over classes.
 
@@ -53,6 +61,8 @@ __all__ = [
     "minmax_normalize",
     "mean_threshold",
     "average_precision",
+    "boundary_f_score",
+    "mask_boundary",
     "confusion_pair_metrics",
     "BinarySegmentationMeter",
     "MultiConceptMeter",
@@ -151,17 +161,72 @@ def _mean_defined(*values: float) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
+def mask_boundary(mask) -> np.ndarray:
+    """Inner boundary of a binary mask [H, W]: foreground pixels with a 4-neighbour in the background.
+    Outside the image counts as the pixel itself, so the image border is not an edge."""
+    m = _mask(mask, "mask")
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {m.shape}")
+    p = np.pad(m, 1, mode="edge")
+    inner = p[:-2, 1:-1] & p[2:, 1:-1] & p[1:-1, :-2] & p[1:-1, 2:]
+    return m & ~inner
+
+
+def boundary_tolerance(shape) -> int:
+    """DAVIS's default boundary tolerance in pixels: ceil(0.008 * image diagonal)."""
+    return int(math.ceil(0.008 * math.hypot(*shape[-2:])))
+
+
+def _near(boundary: np.ndarray, radius: int) -> np.ndarray:
+    """Pixels within `radius` (Euclidean) of a boundary pixel: dilation with a disk."""
+    if radius <= 0 or not boundary.any():
+        return boundary
+    import cv2  # a package dependency; only this metric needs it
+
+    r = int(radius)
+    yy, xx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = ((yy**2 + xx**2) <= r * r).astype(np.uint8)
+    return cv2.dilate(boundary.astype(np.uint8), disk).astype(bool)
+
+
+def boundary_f_score(pred, gt, tolerance: int | None = None) -> dict:
+    """Boundary precision, recall and F of a predicted mask against the truth (see module docstring).
+
+    ``tolerance`` in pixels; None = DAVIS's ceil(0.008 * diagonal)."""
+    p, g = _mask(pred, "pred"), _mask(gt, "gt")
+    if p.shape != g.shape or p.ndim != 2:
+        raise ValueError(f"boundary_f_score: pred {p.shape} and gt {g.shape} must be the same 2-D shape")
+    tol = boundary_tolerance(g.shape) if tolerance is None else int(tolerance)
+    if tol < 0:
+        raise ValueError(f"tolerance must be >= 0 pixels, got {tolerance}")
+    bp, bg = mask_boundary(p), mask_boundary(g)
+    n_p, n_g = int(bp.sum()), int(bg.sum())
+    if n_p == 0 and n_g == 0:
+        precision = recall = 1.0
+    elif n_g == 0:
+        precision, recall = 0.0, 1.0
+    elif n_p == 0:
+        precision, recall = 1.0, 0.0
+    else:
+        precision = int((bp & _near(bg, tol)).sum()) / n_p
+        recall = int((bg & _near(bp, tol)).sum()) / n_g
+    f = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
+    return {"bf": f, "bf_precision": precision, "bf_recall": recall, "tolerance": tol}
+
+
 # ----------------------------------------------------------------------------- binary protocol
 
 class BinarySegmentationMeter:
     """Dataset-level binary foreground metrics (see module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, boundary_tolerance: int | None = None) -> None:
+        self.boundary_tolerance = boundary_tolerance  # pixels; None = DAVIS's default per image
         self.reset()
 
     def reset(self) -> None:
         self.n_images = 0
         self.n_pixels = 0
+        self.bf_sum = 0.0
         self.correct = 0
         self.inter_fg = self.union_fg = 0
         self.inter_bg = self.union_bg = 0
@@ -169,17 +234,30 @@ class BinarySegmentationMeter:
         self.n_map_images = 0
         self.n_map_skipped = 0
 
-    def update(self, heat, gt) -> dict:
-        """Add one image: heat [H, W] (any float), gt [H, W] (bool or 0/1). Returns per-image values."""
+    def update(self, heat, gt, valid=None) -> dict:
+        """Add one image: heat [H, W] (any float), gt [H, W] (bool or 0/1). Returns per-image values.
+
+        ``valid`` [H, W] (optional, bool or 0/1): only these pixels are scored (e.g. PascalVOC's
+        "void" outlines). The method's mask is still ``heat > mean`` over the whole image; the boundary
+        F-score compares whole masks (void pixels count as background of the truth)."""
         h, g = _pair(heat, gt, 2, "BinarySegmentationMeter.update")
         h = minmax_normalize(h)
         p = h > h.mean()
+        bf = boundary_f_score(p, g, self.boundary_tolerance)["bf"]
+        if valid is not None:
+            v = _mask(valid, "valid")
+            if v.shape != g.shape:
+                raise ValueError(f"BinarySegmentationMeter.update: valid shape {v.shape} does not match gt shape {g.shape}")
+            if not v.any():
+                raise ValueError("BinarySegmentationMeter.update: no valid pixel to score")
+            h, g, p = h[v], g[v], p[v]
         i_fg, u_fg = int((p & g).sum()), int((p | g).sum())
         i_bg, u_bg = int((~p & ~g).sum()), int((~p | ~g).sum())
         ap = average_precision(h, g)
 
         self.n_images += 1
         self.n_pixels += g.size
+        self.bf_sum += bf
         self.correct += i_fg + i_bg
         self.inter_fg += i_fg
         self.union_fg += u_fg
@@ -190,7 +268,7 @@ class BinarySegmentationMeter:
         else:
             self.ap_sum += ap
             self.n_map_images += 1
-        return {"acc": (i_fg + i_bg) / g.size, "iou_fg": _iou(i_fg, u_fg), "iou_bg": _iou(i_bg, u_bg), "ap": ap}
+        return {"acc": (i_fg + i_bg) / g.size, "iou_fg": _iou(i_fg, u_fg), "iou_bg": _iou(i_bg, u_bg), "ap": ap, "bf": bf}
 
     def compute(self) -> dict:
         if self.n_images == 0:
@@ -204,6 +282,7 @@ class BinarySegmentationMeter:
             "map": self.ap_sum / self.n_map_images if self.n_map_images else float("nan"),
             # Summed over both classes before dividing (ConceptAttention's code); = acc / (2 - acc).
             "miou_conceptattention_protocol": (self.inter_fg + self.inter_bg) / (self.union_fg + self.union_bg),
+            "bf": self.bf_sum / self.n_images,
             "n_images": self.n_images,
             "n_map_images": self.n_map_images,
             "n_map_skipped": self.n_map_skipped,

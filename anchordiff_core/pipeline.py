@@ -21,7 +21,7 @@ from .baselines import concept_attention_heat, cross_attention_heat, seg4diff_he
 from .concepts import concept_index
 from .graph import GatedGraph, build_gated_graph
 from .maps import AttentionMaps
-from .masks import Threshold, soft_map, to_mask
+from .masks import EDGE_EPS, EDGE_RADIUS, Threshold, refine_edges, soft_map, thresholds_for, to_mask
 from .propagation import propagate
 
 Progress = Optional[Callable[[int, int], None]]
@@ -190,12 +190,30 @@ def baseline_heat(maps: AttentionMaps, method: str, layers: Sequence[int] = (), 
     return Heat(torch.stack(values).cpu(), maps.grid, maps.image_size, maps.concepts, method, recording_id(maps))
 
 
-def heat_masks(heat: Heat, threshold: Threshold = "mean", soft: bool = False) -> torch.Tensor:
-    """[B, K, H, W] float32 at image resolution (the token grid's padding cropped away)."""
+def heat_masks(
+    heat: Heat,
+    threshold: Threshold = "mean",
+    soft: bool = False,
+    image: Optional[torch.Tensor] = None,
+    edge_radius: int = EDGE_RADIUS,
+    edge_eps: float = EDGE_EPS,
+) -> torch.Tensor:
+    """[B, K, H, W] float32 at image resolution (the token grid's padding cropped away).
+
+    With `image` (IMAGE [B or 1, H, W, C] at the recorded image size) the soft maps are first refined
+    along the image's edges (`masks.refine_edges`), then thresholded as usual."""
     h, w = heat.grid
     padded = (h * PIXELS_PER_TOKEN, w * PIXELS_PER_TOKEN)
-    convert = (lambda v: soft_map(v, heat.grid, padded, heat.image_size)) if soft else (
-        lambda v: to_mask(v, heat.grid, padded, threshold, heat.image_size)
-    )
-    return torch.stack([convert(v) for v in heat.values])
+    if image is None:
+        convert = (lambda v: soft_map(v, heat.grid, padded, heat.image_size)) if soft else (
+            lambda v: to_mask(v, heat.grid, padded, threshold, heat.image_size)
+        )
+        return torch.stack([convert(v) for v in heat.values])
+    if image.dim() != 4 or image.shape[0] not in (1, heat.values.shape[0]):
+        raise ValueError(f"the image batch {tuple(image.shape)} does not match the {heat.values.shape[0]} recorded image(s)")
+    out = []
+    for b, v in enumerate(heat.values):
+        maps = refine_edges(soft_map(v, heat.grid, padded, heat.image_size), image[min(b, image.shape[0] - 1)], edge_radius, edge_eps)
+        out.append(maps if soft else (maps > thresholds_for(maps, threshold).view(-1, 1, 1)).float())
+    return torch.stack(out)
 

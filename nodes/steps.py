@@ -7,6 +7,7 @@ from comfy_api.latest import io
 from ..anchordiff_core import pipeline
 from ..anchordiff_core.anchors import PIXELS_PER_TOKEN
 from ..anchordiff_core.concepts import concept_index
+from ..anchordiff_core.masks import EDGE_RADIUS
 from . import preview
 from .common import (
     CATEGORY, MAPS_TIP, Anchors, Graph, Heat, Maps, check_image, heat_preview, parse_block_list, preview_ui, progress_callback,
@@ -145,7 +146,12 @@ class AnchorDiffMask(io.ComfyNode):
                 io.String.Input("concept", default="", tooltip="Which concept: its name (any case) or number (1-based). Empty = all, as a batch (image-major: image 1's concepts, then image 2's...)."),
                 io.Combo.Input("threshold", options=["mean", "otsu", "fixed"], default="mean", tooltip="mean = the paper (above the map's mean); otsu = automatic two-class split; fixed = the value below."),
                 io.Float.Input("fixed_threshold", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Threshold for 'fixed' (heat is in 0..1)."),
-                io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview."),
+                io.Boolean.Input(
+                    "refine_edges", default=False, optional=True,
+                    tooltip="Snap the mask to the image's edges (guided filter of the heat by the image) instead of 16 px token blocks. Needs 'image'.",
+                ),
+                io.Int.Input("edge_radius", default=EDGE_RADIUS, min=1, max=256, optional=True, tooltip="Edge refinement window radius in pixels (16 = one token)."),
+                io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview; needed by refine_edges."),
             ],
             outputs=[
                 io.Mask.Output("mask", display_name="mask", tooltip="Binary MASK [B, H, W], 1 = the concept."),
@@ -154,12 +160,17 @@ class AnchorDiffMask(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, heat, concept, threshold, fixed_threshold, image=None) -> io.NodeOutput:
+    def execute(cls, heat, concept, threshold, fixed_threshold, image=None, refine_edges=False, edge_radius=EDGE_RADIUS) -> io.NodeOutput:
         picked = _pick_concepts(heat, concept)
         rule = fixed_threshold if threshold == "fixed" else threshold
-        masks = user_errors(pipeline.heat_masks, heat, rule)  # [B, K, H, W]
-        soft = pipeline.heat_masks(heat, soft=True)
         image = check_image(image, heat.values.shape[0])
+        guide = None
+        if refine_edges:
+            if image is None:
+                raise AnchorDiffError("refine_edges needs the image: connect the image the heat was recorded from to 'image', or turn refine_edges off.")
+            guide = image
+        masks = user_errors(pipeline.heat_masks, heat, rule, False, guide, edge_radius)  # [B, K, H, W]
+        soft = user_errors(pipeline.heat_masks, heat, soft=True, image=guide, edge_radius=edge_radius)
         pictures = [
             preview.mask_overlay(masks[b], heat.concepts, None if image is None else image[min(b, image.shape[0] - 1)])
             for b in range(masks.shape[0])

@@ -245,6 +245,16 @@ def test_odd_latent_and_non_square_image(env):
     heat = run(env, "AnchorDiffPropagate", graph, anchors, 40)[0]
     mask, soft = run(env, "AnchorDiffMask", heat, "", "mean", 0.5)
     assert mask.shape == (2, 264, 200) and soft.shape == (2, 264, 200)
+    # refine_edges: the mask follows the image's edges (here a vertical one at x = 100), not 16 px tokens
+    image = torch.zeros(1, 264, 200, 3)
+    image[:, :, 100:] = 1.0
+    edged, edged_soft = run(env, "AnchorDiffMask", heat, "", "mean", 0.5, image, True, 16)
+    assert edged.shape == (2, 264, 200) and set(edged.unique().tolist()) <= {0.0, 1.0}
+    assert not torch.equal(edged, mask) and not torch.equal(edged_soft, soft)
+    across = (edged[:, :, 1:] != edged[:, :, :-1]).float().mean((0, 1))  # how often the mask switches per column
+    assert across[99] > 0.1 and across[99] == across.max()
+    with pytest.raises(ValueError, match="refine_edges needs the image"):
+        run(env, "AnchorDiffMask", heat, "", "mean", 0.5, None, True, 16)
 
 
 # ------------------------------------------------------------------ stale maps, step selection
