@@ -16,8 +16,12 @@ from toyworld.grounding import central_token, iou, token_coverage
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "toyworld" / "weights"
 SCENES = 12                   # validation scenes (never the test split)
-FLOOR_IC_PHRASE = None        # filled from the committed model's measurement, see below
-FLOOR_GRAPH_IOU = None
+# Measured on these 12 validation scenes (35 phrases) with the committed model at RECORD_AT:
+# concept-to-image anchors 0.43, image-to-concept 0.54, chance 0.05; true-centre mask IoU 0.58.
+# Near pure noise (record_at 0.02): 0.06, 0.00 and 0.09.
+FLOOR_CI_PHRASE = 0.25
+FLOOR_IC_PHRASE = 0.30
+FLOOR_GRAPH_IOU = 0.40
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,10 @@ def test_vae_encoder_is_the_closed_form_pca(toy):
     np.testing.assert_allclose(seen, encode_fast(scene.image, pca["mean"], pca["comps"], pca["scale"]), atol=2e-2)  # fp16 weights
 
 
-def measure(toy, record_at=0.5, n=SCENES):
+RECORD_AT = 0.85             # the toy's best recording point on the validation split (toyworld/README.md)
+
+
+def measure(toy, record_at=RECORD_AT, n=SCENES):
     """Phrase anchor accuracy per source, chance, and AnchorDiff mask IoU from the true centre."""
     from anchordiff_core import build_gated_graph, propagate, to_mask
     from anchordiff_core.pipeline import anchor_map
@@ -72,6 +79,7 @@ def measure(toy, record_at=0.5, n=SCENES):
 def test_attention_grounds_phrases_and_the_graph_follows_objects(toy):
     acc, chance, graph_iou = measure(toy)
     print(f"anchor accuracy {acc}, chance {chance:.3f}, true-centre mask IoU {graph_iou:.3f}")
+    assert acc["concept_to_image"] >= FLOOR_CI_PHRASE, (acc, chance)
     assert acc["image_to_concept"] >= FLOOR_IC_PHRASE, (acc, chance)
     assert graph_iou >= FLOOR_GRAPH_IOU
 
@@ -79,4 +87,5 @@ def test_attention_grounds_phrases_and_the_graph_follows_objects(toy):
 def test_recording_near_pure_noise_loses_the_grounding(toy):
     # a recording at the wrong end of the trajectory sees almost only noise
     acc, chance, graph_iou = measure(toy, record_at=0.02, n=6)
-    assert acc["image_to_concept"] < FLOOR_IC_PHRASE
+    assert acc["concept_to_image"] < FLOOR_CI_PHRASE and acc["image_to_concept"] < FLOOR_IC_PHRASE
+    assert graph_iou < FLOOR_GRAPH_IOU
