@@ -16,7 +16,7 @@ from PIL import Image
 
 from fixtures.comfy_base import PACK_NAME, link_anchordiff_pack, populate_base_dir
 from fixtures.comfy_server import get_json, run_prompt, start_server, view_bytes
-from fixtures.substitute import DEFAULT_MODELS, SubstitutionError, substituted
+from fixtures.substitute import DEFAULT_MODELS, TOY_MODELS, SubstitutionError, substituted
 from fixtures.workflow_format import (SYNC_COMFYUI, VIRTUAL_NODES, api_path_for, comparable, is_api_format, is_ui_format,
                                      ui_to_api, widget_values_seen)
 
@@ -71,6 +71,19 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def toy_server(tmp_path_factory):
+    """A server whose models dir also holds the trained toy SD3 and, as "taesd3", the toy VAE."""
+    from toyworld import SPLITS, make_scene
+    base = populate_base_dir(tmp_path_factory.mktemp("comfy_toy_base"), toy=True)
+    link_anchordiff_pack(base)
+    Image.fromarray(make_scene(SPLITS["val"].start, 256).image).save(base / "input" / TOY_IMAGE)
+    proc, url = start_server(base)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
 def object_info(server):
     return get_json(server + "/object_info")
 
@@ -79,6 +92,9 @@ def object_info(server):
 def newest(server) -> bool:
     """Whether the server is the ComfyUI the API files are made for (else an older one we support)."""
     return get_json(server + "/system_stats")["system"]["comfyui_version"] == SYNC_COMFYUI
+
+
+TOY_IMAGE = "toy_scene.png"
 
 
 def make_test_photo(path: Path) -> None:
@@ -288,3 +304,22 @@ def test_workflow_runs_and_saves_masks(name, server):
     for i, (a, mask_a) in enumerate(items):
         for b, mask_b in items[i + 1:]:
             assert not np.array_equal(mask_a, mask_b), f"{a} and {b} are the same mask"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_on_the_trained_toy_model(name, toy_server):
+    """The same workflow files on the toy SD3 (toyworld/), whose text side is the toy CLIP."""
+    prompt = substituted(load(ROOT / "workflows" / "api" / f"{name}.json"), TOY_MODELS, size=(256, 256), max_steps=4,
+                         input_image=TOY_IMAGE)
+    loaders = [n for n in prompt.values() if n["class_type"] in ("AnchorDiffTestCheckpoint", "UNETLoader")]
+    assert loaders and all(n["inputs"]["unet_name"] == "toy_sd3.safetensors" for n in loaders)
+    assert all(n["inputs"].get("text_encoders", "toy") == "toy" for n in loaders)
+    assert all(n["inputs"]["context"] and not n["inputs"]["t5"] for n in prompt.values() if n["class_type"] == "AnchorDiffTestCLIP")
+    entry = run_prompt(toy_server, prompt, timeout=300)
+    for prefix, node_id in saved_by_prefix(prompt).items():
+        images = entry["outputs"][node_id]["images"]
+        assert len(images) == 1, prefix
+        pixels = read_png(toy_server, images[0])
+        if prefix in MASKS[name]:
+            mask = pixels[..., 0] == 255
+            assert set(np.unique(pixels)) <= {0, 255} and 0 < mask.mean() < 1, prefix
