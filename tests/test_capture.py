@@ -4,7 +4,9 @@ Checks the recording patch against an independent implementation (diffusers), th
 changes the image, the CFG / batch / odd-size layouts, stale-map protection, the errors users
 see, and the whole node chain through ComfyUI's own executor.
 """
+import asyncio
 import contextlib
+import inspect
 import re
 import sys
 import threading
@@ -648,7 +650,10 @@ def test_whole_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
     def masks(seed):
         executor.execute(chain_prompt(seed), f"p{seed}", {}, ["13"])
         assert executor.success, executor.status_messages
-        return executor.caches.outputs.get("13").outputs[0][0]
+        cached = executor.caches.outputs.get("13")
+        if inspect.isawaitable(cached):  # ComfyUI 0.33's caches are async
+            cached = asyncio.run(cached)
+        return cached.outputs[0][0]
 
     first = masks(1)
     assert first.shape == (2, 256, 256) and first.dtype == torch.float32
