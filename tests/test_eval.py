@@ -292,7 +292,7 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path):
     clip = make_fixture_clip()
     model = comfy.sd.load_diffusion_model(str(data["unet"]))
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(data["vae"])))
-    pixels = torch.from_numpy(resize_square(sample.image, 64)).float().div(255)[None]
+    pixels = torch.from_numpy(np.array(resize_square(sample.image, 64), dtype=np.float32)).div(255)[None]
     latent = N["VAEEncode"]().encode(vae, pixels)[0]
     concepts = N["AnchorDiffConcepts"].execute(clip, "red box, orange box").args[0]
     positive = N["CLIPTextEncode"]().encode(clip, "a red box and an orange box")[0]
