@@ -299,10 +299,15 @@ def test_workflow_runs_and_saves_masks(name, server):
         else:
             assert pixels.shape[:2] == IMAGES[name][prefix], prefix
     assert set(masks) == set(MASKS[name])
-    # different concepts (and, in the comparison, different methods) give different masks
+    # smoke check: different concepts (and, in the comparison, different methods) give different
+    # masks. Not for concepts that share a word ("left dog", "right dog"): each is the mean of its
+    # tokens' maps, and on random weights the shared word's map can decide both anchors alike.
     items = list(masks.items())
     for i, (a, mask_a) in enumerate(items):
         for b, mask_b in items[i + 1:]:
+            concept_a, concept_b = MASKS[name][a][0], MASKS[name][b][0]
+            if concept_a != concept_b and set(concept_a.split()) & set(concept_b.split()):
+                continue
             assert not np.array_equal(mask_a, mask_b), f"{a} and {b} are the same mask"
 
 
