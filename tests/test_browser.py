@@ -401,11 +401,9 @@ def assert_previews_once(ui: Page, ids: dict, names=("anchors", "prop", "mask", 
         node_id = ids[name]
         assert ui.page.locator(f'.anchordiff-preview[data-node-id="{node_id}"]').count() == 1, name
         assert ui.page.locator(f'.anchordiff-preview[data-node-id="{node_id}"] img.anchordiff-image').count() == 1, name
-        others = other_pictures(ui, node_id)
-        if ui.mode == "nodes2" and not VUE_HIDES_OUTPUT_IMAGES:  # the known limit of that frontend
-            assert others and all(o.startswith("<img") for o in others), (name, others)
-        else:
-            assert others == [], (name, others)
+        if ui.mode == "nodes2" and not VUE_HIDES_OUTPUT_IMAGES:
+            continue  # that frontend's Vue nodes show the core preview too: a known limit (README)
+        assert other_pictures(ui, node_id) == [], (name, other_pictures(ui, node_id))
 
 
 # ---- the tests ---------------------------------------------------------------------------
