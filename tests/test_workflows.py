@@ -242,7 +242,7 @@ def test_substitution_table():
     assert ckpt == {"class_type": "AnchorDiffTestCheckpoint", "_meta": prompt["1"]["_meta"],
                     "inputs": {"unet_name": "tiny_sd35m.safetensors", "text_encoders": "none", "vae_name": "taesd3"}}
     clip = next(sub[k] for k in changed if prompt[k]["class_type"] == "TripleCLIPLoader")
-    assert clip["class_type"] == "AnchorDiffTestCLIP" and clip["inputs"] == {"t5": True}
+    assert clip["class_type"] == "AnchorDiffTestCLIP" and clip["inputs"] == {"t5": True, "context": False}
     assert all(sub[k]["inputs"]["steps"] == 3 for k in sub if sub[k]["class_type"] == "KSampler")
     # links are never rewritten: every [id, slot] input is the same
     for k in sub:
