@@ -1,8 +1,8 @@
 """The AnchorDiff chain over a batch of recorded images: the values that flow between the nodes.
 
     anchors = pick_anchors(maps)                 # Anchors   (per image [K, M] token indices)
-    graphs  = build_graphs(maps)                 # Graphs    (per image sparse W_hat^T)
-    heat    = propagate_anchors(graphs, anchors) # Heat      [B, K, N]
+    graphs  = build_graphs(maps)                 # Graphs    (per image sparse W_hat^T; gate "auto")
+    heat    = propagate_anchors(graphs, anchors) # Heat      [B, K, N]  (steps "auto")
     masks   = heat_masks(heat)                   # [B, K, H, W]
 
 Each value remembers which recording it came from, so values of different recordings are never
@@ -17,6 +17,7 @@ import torch
 
 from .anchors import PIXELS_PER_TOKEN, point_to_token, select_anchors
 from .attention import mean_over_layers
+from .auto import AUTO, Setting, gate_percentile_for, steps_for
 from .baselines import concept_attention_heat, cross_attention_heat, seg4diff_heat
 from .concepts import concept_index
 from .graph import GatedGraph, build_gated_graph
@@ -137,7 +138,7 @@ def pick_anchors(
 
 def build_graphs(
     maps: AttentionMaps,
-    gate_percentile: Optional[float] = 98.0,
+    gate_percentile: Optional[Setting] = AUTO,
     layers: Sequence[int] = (),
     device=None,
     progress: Progress = None,
@@ -145,8 +146,11 @@ def build_graphs(
 ) -> Graphs:
     """One gated graph per image, from A_II / O_II averaged over `layers` (default: all recorded),
     built on `device` (default: where the maps are; the graph is fastest on the accelerator).
+    `gate_percentile`: "auto" (for the recording's token grid, `auto.auto_gate_percentile`), "paper"
+    (98), a percentile, or None (no gate).
     `interrupt()` runs between chunks of each graph's work and may raise to stop."""
     chosen = tuple(layers) if layers else maps.graph_layers
+    gate_percentile = None if gate_percentile is None else gate_percentile_for(gate_percentile, maps.grid)
     device = maps.a_ii.device if device is None else torch.device(device)
     graphs = []
     for b in range(maps.batch_size):
@@ -157,11 +161,13 @@ def build_graphs(
     return Graphs(maps, tuple(graphs), chosen, gate_percentile)
 
 
-def propagate_anchors(graphs: Graphs, anchors: Anchors, steps: int = 160, progress: Progress = None) -> Heat:
-    """Propagate every image's anchors over its graph; all concepts of an image in one batch."""
+def propagate_anchors(graphs: Graphs, anchors: Anchors, steps: Setting = AUTO, progress: Progress = None) -> Heat:
+    """Propagate every image's anchors over its graph; all concepts of an image in one batch.
+    `steps`: "auto" (for the token grid, `auto.auto_steps`), "paper" (160) or a number."""
     if recording_id(graphs.maps) != recording_id(anchors.maps):
         raise ValueError("The graph and the anchors come from different recordings; connect both to the same maps.")
     maps = graphs.maps
+    steps = steps_for(steps, maps.grid)
     total = maps.batch_size * max(steps, 1)
     out = []
     for b, graph in enumerate(graphs.graphs):
