@@ -5,6 +5,7 @@ import comfy.model_management
 from comfy_api.latest import io
 
 from ..anchordiff_core import pipeline
+from ..anchordiff_core import auto
 from ..anchordiff_core.anchors import PIXELS_PER_TOKEN
 from ..anchordiff_core.concepts import concept_index
 from ..anchordiff_core.masks import EDGE_RADIUS
@@ -80,6 +81,20 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
         return io.NodeOutput(anchors, ui=ui)
 
 
+GATE_SETTINGS = {"auto": auto.AUTO, "paper (98th percentile)": auto.PAPER, "custom": None}
+STEPS_SETTINGS = {"auto": auto.AUTO, "paper (160 steps)": auto.PAPER, "custom": None}
+AUTO_TIP = (
+    "auto = scaled to the image's token grid (the paper's value at 1024 x 1024 px = 64 x 64 tokens; measured on "
+    "the toy world at 128-1024 px, see the README)."
+)
+
+
+def _setting(choice: str, custom, options: dict, what: str):
+    if choice not in options:
+        raise AnchorDiffError(f"{what} must be one of {', '.join(options)}; got '{choice}'.")
+    return custom if options[choice] is None else options[choice]
+
+
 class AnchorDiffBuildGatedGraph(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -90,18 +105,24 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
             description="Build the sparse affinity graph: output-space similarity, gated by row-wise attention similarity (top 2%).",
             inputs=[
                 Maps.Input("maps", tooltip=MAPS_TIP),
-                io.Float.Input("gate_percentile", default=98.0, min=0.0, max=100.0, step=0.1, tooltip="Keep pairs whose attention-row similarity is above this percentile (98 = the paper's top 2%)."),
+                io.Float.Input("gate_percentile", default=98.0, min=0.0, max=100.0, step=0.1, tooltip="Used when gate_setting is 'custom': keep pairs whose attention-row similarity is above this percentile (98 = the paper's top 2%)."),
                 io.String.Input("layers", default="", tooltip="Recorded graph layers to average (e.g. '9' for one); empty = all recorded."),
                 io.Boolean.Input("gate", default=True, tooltip="Off = the paper's 'w/o gate' ablation (dense, leaks onto look-alikes; slow)."),
+                io.Combo.Input(
+                    "gate_setting", options=list(GATE_SETTINGS), default="auto", optional=True,
+                    tooltip="The gate's percentile. " + AUTO_TIP + " paper = the 98th percentile at every size (about 5 "
+                    "neighbours per token at 256 px). custom = the gate_percentile value.",
+                ),
             ],
             outputs=[Graph.Output("graph", display_name="graph", tooltip="Graph for 'Propagate'.")],
         )
 
     @classmethod
-    def execute(cls, maps, gate_percentile, layers, gate) -> io.NodeOutput:
+    def execute(cls, maps, gate_percentile, layers, gate, gate_setting="auto") -> io.NodeOutput:
         chosen = parse_block_list(layers, maps, "layers")
+        percentile = _setting(gate_setting, gate_percentile, GATE_SETTINGS, "gate_setting")
         graphs = user_errors(
-            pipeline.build_graphs, maps, gate_percentile if gate else None, chosen,
+            pipeline.build_graphs, maps, percentile if gate else None, chosen,
             comfy.model_management.get_torch_device(), progress_callback(maps.batch_size),
             comfy.model_management.throw_exception_if_processing_interrupted,
         )
@@ -119,13 +140,18 @@ class AnchorDiffPropagate(io.ComfyNode):
             inputs=[
                 Graph.Input("graph", tooltip="From 'Build Gated Graph'."),
                 Anchors.Input("anchors", tooltip="From 'Anchor Select' (same maps as the graph)."),
-                io.Int.Input("steps", default=160, min=0, max=10000, tooltip="Propagation steps. 160 is the paper's value for 1024 x 1024 images (64 x 64 tokens); smaller images need fewer (the heat spreads over a small grid sooner). More spreads further and leaks more."),
+                io.Int.Input("steps", default=160, min=0, max=10000, tooltip="Used when steps_setting is 'custom': propagation steps. More spreads further and leaks more."),
+                io.Combo.Input(
+                    "steps_setting", options=list(STEPS_SETTINGS), default="auto", optional=True,
+                    tooltip="Propagation steps. " + AUTO_TIP + " paper = 160 at every size. custom = the steps value.",
+                ),
             ],
             outputs=[Heat.Output("heat", display_name="heat", tooltip="Heat maps for 'Mask'.")],
         )
 
     @classmethod
-    def execute(cls, graph, anchors, steps) -> io.NodeOutput:
+    def execute(cls, graph, anchors, steps, steps_setting="auto") -> io.NodeOutput:
+        steps = user_errors(auto.steps_for, _setting(steps_setting, steps, STEPS_SETTINGS, "steps_setting"), graph.maps.grid)
         total = graph.maps.batch_size * max(steps, 1)
         heat = user_errors(pipeline.propagate_anchors, graph, anchors, steps, progress_callback(total))
         soft = pipeline.heat_masks(heat, soft=True)
