@@ -74,9 +74,15 @@ def test_pipeline_defaults_are_auto_and_paper_is_one_word_away():
     assert pipeline.build_graphs(maps, 90.0).gate_percentile == 90.0
     assert pipeline.build_graphs(maps, None).gate_percentile is None
     graph = default.graphs[0]
-    expected = ad.propagate(graph, anchors.indices[0], auto.auto_steps((16, 16)))
-    assert torch.equal(pipeline.propagate_anchors(default, anchors).values[0], expected)
-    assert torch.equal(pipeline.propagate_anchors(default, anchors, "paper").values[0], ad.propagate(graph, anchors.indices[0], 160))
+
+    def steps_run(*setting):
+        seen = []
+        heat = pipeline.propagate_anchors(default, anchors, *setting, progress=lambda done, total: seen.append(total))
+        return heat.values[0], set(seen)
+
+    heat, seen = steps_run()
+    assert seen == {auto.auto_steps((16, 16))} and torch.equal(heat, ad.propagate(graph, anchors.indices[0], seen.pop()))
+    assert steps_run("paper")[1] == {160} and steps_run(7)[1] == {7}
     with pytest.raises(ValueError, match="'auto', 'paper'"):
         pipeline.build_graphs(maps, "strict")
     with pytest.raises(ValueError, match="'auto', 'paper'"):
@@ -94,7 +100,7 @@ def nodes(comfy):
     return found.NODE_CLASS_MAPPINGS
 
 
-def test_nodes_default_to_auto_with_paper_and_custom_choices(nodes):
+def test_nodes_default_to_auto_with_paper_and_custom_choices(nodes, monkeypatch):
     build, prop = nodes["AnchorDiffBuildGatedGraph"], nodes["AnchorDiffPropagate"]
     for node, name, paper in ((build, "gate_setting", "paper (98th percentile)"), (prop, "steps_setting", "paper (160 steps)")):
         inputs = node.GET_SCHEMA().get_v1_info(node).input
@@ -109,12 +115,14 @@ def test_nodes_default_to_auto_with_paper_and_custom_choices(nodes):
     assert build.execute(maps, 93.0, "", True, "paper (98th percentile)").args[0].gate_percentile == 98.0
     assert build.execute(maps, 93.0, "", True, "custom").args[0].gate_percentile == 93.0
     assert build.execute(maps, 93.0, "", False, "auto").args[0].gate_percentile is None
+    node_pipeline = prop.execute.__func__.__globals__["pipeline"]   # the pack's own import of the pipeline
+    real, used = node_pipeline.propagate_anchors, []
+    monkeypatch.setattr(node_pipeline, "propagate_anchors", lambda g, a, steps, *rest: used.append(steps) or real(g, a, steps, *rest))
     heat = prop.execute(old_saved, anchors, 7).args[0].values[0]
     assert torch.equal(heat, ad.propagate(old_saved.graphs[0], anchors.indices[0], auto.auto_steps((16, 16))))
-    paper = prop.execute(old_saved, anchors, 7, "paper (160 steps)").args[0].values[0]
-    assert torch.equal(paper, ad.propagate(old_saved.graphs[0], anchors.indices[0], 160))
-    custom = prop.execute(old_saved, anchors, 7, "custom").args[0].values[0]
-    assert torch.equal(custom, ad.propagate(old_saved.graphs[0], anchors.indices[0], 7))
+    prop.execute(old_saved, anchors, 7, "paper (160 steps)")
+    prop.execute(old_saved, anchors, 7, "custom")
+    assert used == [auto.auto_steps((16, 16)), 160, 7]
     from comfy_api.latest import io  # noqa: F401  (the pack's errors come from its own module)
     with pytest.raises(Exception, match="gate_setting must be one of auto"):
         build.execute(maps, 98.0, "", True, "strict")
