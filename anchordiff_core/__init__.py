@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "anchors": ["anchor_seeds", "point_to_token", "select_anchors"],
+    "auto": ["auto_gate_percentile", "auto_steps"],
     "attention": ["group_mean", "image_self_attention", "key_column_attention", "mean_over_layers", "multihead_attention", "query_key_attention"],
     "baselines": ["concept_attention_heat", "concept_attention_scores", "cross_attention_heat", "seg4diff_heat"],
     "graph": ["GatedGraph", "build_gated_graph", "cosine_similarity_rows", "percentile"],

@@ -102,7 +102,7 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
             node_id="AnchorDiffBuildGatedGraph",
             display_name="Build Gated Graph",
             category=CATEGORY,
-            description="Build the sparse affinity graph: output-space similarity, gated by row-wise attention similarity (top 2%).",
+            description="Build the sparse affinity graph: output-space similarity, gated by row-wise attention similarity (auto: sized to the image; the paper keeps the top 2% of pairs at 1024 px).",
             inputs=[
                 Maps.Input("maps", tooltip=MAPS_TIP),
                 io.Float.Input("gate_percentile", default=98.0, min=0.0, max=100.0, step=0.1, tooltip="Used when gate_setting is 'custom': keep pairs whose attention-row similarity is above this percentile (98 = the paper's top 2%)."),
