@@ -1,6 +1,6 @@
 """How AnchorDiff's gate and step count should scale with the image size: a grid search on the toy world.
 
-    .venv/bin/python benchmarks/bench_sizes.py --sizes 128 256 384 512 --scenes 16 --out benchmarks/results
+    .venv/bin/python benchmarks/bench_sizes.py        # 128 256 384 512 px x 20 scenes, 1024 px x 6
 
 VALIDATION scenes only (toyworld SPLITS["val"]; the test split is never used for this choice). For
 each size, every scene is recorded once through the real ComfyUI capture path (AnchorDiff Look At
@@ -185,8 +185,30 @@ def best(by_gate: dict, metric: str = "miou") -> tuple[str, int, float]:
     return label, steps, value
 
 
+def _at(per: dict, steps: int) -> dict:
+    return per[steps] if steps in per else per[str(steps)]
+
+
+def summary(r: dict) -> str:
+    """The short table (README): paper's fixed values vs auto, per size."""
+    lines = ["| image (tokens) | neighbours per token: paper / auto | steps: paper / auto | mIoU, true-centre anchor: paper / auto "
+             "| look-alike mIoU_fg (NAR), true-centre: paper / auto | mIoU, paper's anchor: paper / auto |",
+             "|---|---|---|---|---|---|"]
+    for size, s in r.items():
+        grid, n = tuple(s["grid"]), s["tokens"]
+        a_steps = auto_steps(grid)
+        tc, pa = s["scores"]["true centre"], s["scores"]["paper"]
+        p_tc, a_tc = _at(tc["paper"], PAPER_STEPS), _at(tc["auto"], a_steps)
+        p_pa, a_pa = _at(pa["paper"], PAPER_STEPS), _at(pa["auto"], a_steps)
+        lines.append(f"| {size} px ({grid[0]} x {grid[1]}), {s['scenes']} scenes | {0.02 * n:.1f} / {(1 - s['gates']['auto'] / 100) * n:.1f} "
+                     f"| {PAPER_STEPS} / {a_steps} | {_f(p_tc['miou'])} / {_f(a_tc["miou"])} "
+                     f"| {_f(p_tc['lookalike_miou_fg'])} ({_f(p_tc['lookalike_nar'])}) / {_f(a_tc['lookalike_miou_fg'])} ({_f(a_tc['lookalike_nar'])}) "
+                     f"| {_f(p_pa['miou'])} / {_f(a_pa['miou'])} |")
+    return "\n".join(lines)
+
+
 def markdown(r: dict) -> str:
-    lines = []
+    lines = [summary(r), ""]
     for anchor in ANCHORS:
         lines += [f"**{anchor} anchor**" + (" (upper bound: isolates the graph)" if anchor == "true centre" else " (argmax of A_CI over all blocks)"),
                   "",
@@ -228,7 +250,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 384, 512, 1024])
     p.add_argument("--scenes", type=int, default=20, help="val scenes per size")
-    p.add_argument("--scenes-1024", type=int, default=6, help="val scenes at 1024 px (64 x 64 tokens: ~1 min each to record)")
+    p.add_argument("--scenes-at", nargs="*", default=["1024=6"], metavar="SIZE=N",
+                   help="fewer scenes at some sizes (default 1024=6: 64 x 64 tokens take ~1 min each to record, ~3 to search)")
     p.add_argument("--record-at", type=float, default=0.85)
     p.add_argument("--cache", default=str(ROOT / ".cache" / "bench_sizes"), help="recorded maps ('' = no cache)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -237,7 +260,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     w0, c0 = time.perf_counter(), time.process_time()
     cache = Path(args.cache) if args.cache else None
-    scenes = {s: (args.scenes_1024 if s >= 1024 else args.scenes) for s in args.sizes}
+    scenes = {s: args.scenes for s in args.sizes}
+    for item in args.scenes_at:
+        size, _, count = item.partition("=")
+        if not (size.isdigit() and count.isdigit()):
+            p.error(f"--scenes-at takes SIZE=N items, e.g. 1024=6; got '{item}'")
+        if int(size) in scenes:
+            scenes[int(size)] = int(count)
     need = [s for s in args.sizes for seed in SPLITS["val"].seeds(scenes[s])
             if cache is None or not (cache / f"s{s}_r{args.record_at}_{seed}.pt").is_file()]
     toy = None
