@@ -1,7 +1,5 @@
 """The "auto" gate and step count (anchordiff_core.auto): the rule, its defaults in the pipeline and the
 nodes, and on the trained toy model that it beats the paper's fixed values where the measurement says so."""
-import math
-
 import pytest
 import torch
 
@@ -123,19 +121,18 @@ def test_nodes_default_to_auto_with_paper_and_custom_choices(nodes, monkeypatch)
     prop.execute(old_saved, anchors, 7, "paper (160 steps)")
     prop.execute(old_saved, anchors, 7, "custom")
     assert used == [auto.auto_steps((16, 16)), 160, 7]
-    from comfy_api.latest import io  # noqa: F401  (the pack's errors come from its own module)
     with pytest.raises(Exception, match="gate_setting must be one of auto"):
         build.execute(maps, 98.0, "", True, "strict")
     with pytest.raises(Exception, match="steps_setting must be one of auto"):
         prop.execute(old_saved, anchors, 7, "forever")
-    assert not math.isnan(old_saved.gate_percentile)
 
 
 # On the trained toy SD3, VALIDATION scenes, maps recorded once here through ComfyUI (Look At Image,
 # record_at 0.85), scored by the benchmark's own code (benchmarks/bench_sizes.py) with the true object
 # centre as the anchor (isolates the graph). Measured with the committed model: at 256 px (16 x 16 tokens)
 # auto 0.634 vs paper 0.595 mean phrase mIoU on these 8 scenes (6 of 8 better); at 128 px (8 x 8) auto
-# 0.453 vs paper 0.456 on the first 4 scenes. benchmarks/results/sizes.md has the full grid.
+# 0.424 vs paper 0.431 on the first 4 scenes (the toy grounds worse off its training size; auto may not lose
+# more than 0.01 there). benchmarks/results/sizes.md has the full grid.
 TOY_SCENES = {256: 8, 128: 4}
 
 
@@ -157,10 +154,10 @@ def toy_scores(comfy):
             rec = bench_sizes.record(toy, seed, size, 0.85, None)
             scene = make_scene(seed, size)
             grid = tuple(rec["grid"])
-            a_steps = pipeline_steps = auto.steps_for("auto", grid)
+            a_steps = auto.steps_for("auto", grid)
             a = bench_sizes.scene_scores(rec, scene, auto.gate_percentile_for("auto", grid), [a_steps])
             p = bench_sizes.scene_scores(rec, scene, auto.gate_percentile_for("paper", grid), [auto.steps_for("paper", grid)])
-            auto_m.append(np.mean(a["true centre"][pipeline_steps]["miou"]))
+            auto_m.append(np.mean(a["true centre"][a_steps]["miou"]))
             paper_m.append(np.mean(p["true centre"][auto.PAPER_STEPS]["miou"]))
         out[size] = (float(np.mean(auto_m)), float(np.mean(paper_m)))
     return out
