@@ -219,7 +219,7 @@ def markdown(r: dict) -> str:
             f"mask IoU between the two paths mean {agree['paper mask IoU (per concept)']['mean']:.4f}, min "
             f"{agree['paper mask IoU (per concept)']['min']:.4f}.\n\n"
             "Share of concepts whose heat equals the paper row's (|diff| < 1e-6 on every token): "
-            + ", ".join(f"{m.replace('AnchorDiff, ', '').replace('AnchorDiff ', '')} {v:.1%}" for m, v in same.items()) + ".")
+            + ", ".join(f"{'diffusers capture' if m == DIFFUSERS else m.replace('AnchorDiff, ', '')} {v:.1%}" for m, v in same.items()) + ".")
     edge_head = ("\n\n| edge refinement (every phrase, image resolution) | mIoU | IoU_fg | boundary F | mIoU, refined | IoU_fg, refined | boundary F, refined |\n"
                  "|---|---|---|---|---|---|---|")
     edge_rows = []
