@@ -4,6 +4,10 @@ W_attn = cos(A_II rows), gate G = 1[W_attn > tau] with tau the `gate_percentile`
 all N*N entries (numpy's default linear interpolation), W_cos = max(cos(O_II rows), 0),
 W = W_cos * G, W_hat = W / rowsum(W).  Only the gated entries (about 2% at the default) are
 kept, as the transposed transition matrix W_hat^T in CSR form, ready for propagation.
+
+`weights="attention"` is the paper's "w/o W_cos" ablation (Table 5): W = max(W_attn, 0) * G, the
+graph from the attention rows alone (O_II is then not used; the paper does not spell out the
+ablation's weights, and W_attn is the only affinity left).
 """
 from __future__ import annotations
 
@@ -16,6 +20,9 @@ import torch
 
 from ._checks import as_float_matrix
 from .attention import float32_matmul
+
+
+WEIGHTS = ("output", "attention")  # the edge weights: W_cos (the paper) or W_attn ("w/o W_cos")
 
 
 @dataclass(frozen=True)
@@ -153,13 +160,15 @@ def build_gated_graph(
     gate_percentile: Optional[float] = 98.0,
     interrupt: Optional[Callable[[], None]] = None,
     device=None,
+    weights: str = "output",
 ) -> GatedGraph:
     """AnchorDiff's gated graph from head-averaged A_II [N, N] and O_II [N, D].
 
     `a_ii` / `o_ii` may also be several layers' maps ([G, N, N] / [G, N, D] tensors, or sequences
     of [N, N] / [N, D] tensors, e.g. views into a recording): they are averaged here, so no
     stacked copy is ever made.  `gate_percentile=None` drops the gate (the paper's "w/o A_II gate"
-    ablation; dense, slow).  `interrupt()` is called between chunks of work (each well under a
+    ablation; dense, slow).  `weights`: "output" (the paper: W_cos from O_II) or "attention" (the
+    "w/o W_cos" ablation: W_attn itself as the weights).  `interrupt()` is called between chunks of work (each well under a
     second at 2048 x 2048 on a CPU core) and may raise to stop.  The graph is built on `device`
     (default: where `a_ii` is).
 
@@ -179,27 +188,38 @@ def build_gated_graph(
         if o.shape[0] != n or o.shape != o_layers[0].shape:
             raise ValueError(f"o_ii must have one row per image token ({n}); got shape {tuple(o.shape)}")
 
-    if gate_percentile is None:
-        w_attn, tau, threshold = None, -math.inf, None
-    else:
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS} ('output' = the paper's W_cos); got {weights!r}")
+    attention_weights = weights == "attention"
+    if gate_percentile is not None:
         _check_percentile(gate_percentile)
-        w_attn = _attention_cosines(_layer_mean(a_layers, device), check)
+    w_attn = _attention_cosines(_layer_mean(a_layers, device), check) if gate_percentile is not None or attention_weights else None
+    if gate_percentile is None:
+        tau, threshold = -math.inf, None
+    else:
         tau = percentile(w_attn, gate_percentile, check)
         threshold = _largest_float32_at_most(tau).to(device)
-    o = _layer_mean(o_layers, device)
-    o_norms = o.norm(dim=1).clamp_min(1e-12)
+    if attention_weights:
+        o = None
+    else:
+        o = _layer_mean(o_layers, device)
+        o_norms = o.norm(dim=1).clamp_min(1e-12)
 
     # W = W_cos * G row block by row block; W is symmetric (W_attn exactly, by construction),
     # so row j of W is column j of W: the blocks come out as rows of W^T, in CSR order.
     counts, cols, values = [], [], []
     index_dtype = torch.int32 if n * n < 2**31 else torch.int64  # int32 halves index traffic
-    rows_per_chunk = max(1, min(_work_per_chunk(device) // max(1, n * o.shape[1]), _chunk_elements(device) // n))
+    width = 1 if attention_weights else o.shape[1]
+    rows_per_chunk = max(1, min(_work_per_chunk(device) // max(1, n * width), _chunk_elements(device) // n))
     with exact_float32_matmul():
         for start in range(0, n, rows_per_chunk):
             stop = min(start + rows_per_chunk, n)
-            w = torch.mm(o[start:stop], o.T).div_(o_norms[start:stop, None]).div_(o_norms[None, :])
+            if attention_weights:
+                w = w_attn[start:stop].clone()
+            else:
+                w = torch.mm(o[start:stop], o.T).div_(o_norms[start:stop, None]).div_(o_norms[None, :])
             keep = w > 0  # zero weights carry nothing; dropping them keeps the matrix small
-            if w_attn is not None:
+            if threshold is not None:
                 keep &= w_attn[start:stop] > threshold
             counts.append(keep.sum(dim=1))
             cols.append(keep.nonzero()[:, 1].to(index_dtype))

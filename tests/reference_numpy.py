@@ -13,7 +13,7 @@ def cosine_rows(x):
     return xn @ xn.T
 
 
-def gated_transition(a_ii, o_ii, gate_percentile=98.0):
+def gated_transition(a_ii, o_ii, gate_percentile=98.0, weights="output"):
     w_attn = cosine_rows(a_ii)                      # eq. 8
     w_attn = (w_attn + w_attn.T) / 2                # symmetric by definition: exactly so
     if gate_percentile is None:                     # the "w/o gate" ablation
@@ -22,6 +22,8 @@ def gated_transition(a_ii, o_ii, gate_percentile=98.0):
         tau = np.percentile(w_attn, gate_percentile)  # eq. 9, 98th percentile of all entries
         gate = (w_attn > tau).astype(np.float64)
     w_cos = np.maximum(cosine_rows(o_ii), 0.0)      # eq. 10, negatives clamped
+    if weights == "attention":                      # the "w/o W_cos" ablation: W_attn as the weights
+        w_cos = np.maximum(w_attn, 0.0)
     w = w_cos * gate                                # eq. 11
     sums = w.sum(axis=1, keepdims=True)
     for i in np.where(sums[:, 0] == 0)[0]:          # documented guard: empty row keeps a self-loop

@@ -73,6 +73,24 @@ def test_no_gate_ablation_matches_reference():
     np.testing.assert_allclose(ad.propagate(graph, torch.tensor([4])).numpy(), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("gate", [98.0, None])
+def test_no_w_cos_ablation_matches_reference_and_differs_from_the_paper(gate):
+    n = 144
+    a, o = random_inputs(n, 16, seed=5)
+    graph = ad.build_gated_graph(a, o, gate_percentile=gate, weights="attention")
+    w_hat, tau, _ = ref.gated_transition(a.numpy(), o.numpy(), gate, weights="attention")
+    np.testing.assert_allclose(graph.transition_t.to_dense().numpy(), w_hat.T, atol=1e-6, rtol=0)
+    expected = ref.propagate(w_hat, ref.one_hot([4, 70], n), 160)
+    np.testing.assert_allclose(ad.propagate(graph, torch.tensor([4, 70])).numpy(), expected, atol=1e-5)
+    # O_II is not used at all, and the weights are not the paper's
+    assert torch.equal(ad.build_gated_graph(a, o * -3 + 1, gate_percentile=gate, weights="attention").transition_t.to_dense(),
+                       graph.transition_t.to_dense())
+    paper = ad.build_gated_graph(a, o, gate_percentile=gate).transition_t.to_dense()
+    assert (paper - graph.transition_t.to_dense()).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="weights must be one of"):
+        ad.build_gated_graph(a, o, weights="cosine")
+
+
 @pytest.mark.parametrize("size", [1, 2, 7, 1000, 4097])
 @pytest.mark.parametrize("q", [0.0, 2.0, 37.5, 50.0, 97.5, 98.0, 99.99, 100.0])
 def test_percentile_equals_numpy(size, q):

@@ -63,3 +63,25 @@ def encode_lg(l_ids: list[int], g_ids: list[int], l_weights=None, g_weights=None
     g = encode_stream("g", g_ids, g_weights, CLIP_G_DIM, context)
     n = min(len(l), len(g))  # as SD3ClipModel: cut to the shorter stream
     return torch.nn.functional.pad(torch.cat([l[:n], g[:n]], -1), (0, TEXT_DIM - CLIP_L_DIM - CLIP_G_DIM))
+
+
+def tokenizer():
+    """text -> (CLIP-L ids, CLIP-G ids) of the first 77-token chunk, by ComfyUI's SD3Tokenizer (CLIP's BPE
+    vocabulary, padded to 77 as SD3 pads): the token ids the toy was trained on."""
+    from .comfy_import import import_comfy
+    import_comfy()
+    from comfy.text_encoders.sd3_clip import SD3Tokenizer
+    tok = SD3Tokenizer()
+
+    def ids(text: str) -> tuple[list[int], list[int]]:
+        r = tok.tokenize_with_weights(text)
+        return [i[0] for i in r["l"][0]], [i[0] for i in r["g"][0]]
+    return ids
+
+
+def encode_prompt(text: str, ids=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The toy model's conditioning for a prompt, without ComfyUI's CLIP object: (context [1, 77, 4096],
+    pooled [1, 2048]), diffusers' `prompt_embeds` / `pooled_prompt_embeds`. Equal to what CLIPTextEncode
+    gives with the fixture CLIP (`context=True`). `ids`: a `tokenizer()` to reuse."""
+    l_ids, g_ids = (ids or tokenizer())(text)
+    return encode_lg(l_ids, g_ids, context=True)[None], pooled_vector(l_ids, g_ids)[None]

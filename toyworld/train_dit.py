@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .comfy_import import import_comfy
-from .text import encode_lg, pooled_vector
+from .text import encode_lg, pooled_vector, tokenizer
 from .world import SPLITS, make_scene
 
 SHIFT = 3.0
@@ -71,17 +71,6 @@ def build_model(depth: int, seed: int = 0) -> torch.nn.Module:
             if key.startswith("t_embedder.mlp") and key.endswith("weight"):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.02)
     return model
-
-
-def tokenizer():
-    import_comfy()
-    from comfy.text_encoders.sd3_clip import SD3Tokenizer
-    tok = SD3Tokenizer()
-
-    def ids(text: str) -> tuple[list[int], list[int]]:
-        r = tok.tokenize_with_weights(text)
-        return [i[0] for i in r["l"][0]], [i[0] for i in r["g"][0]]
-    return ids
 
 
 def scene_batch(seeds, size: int, pca, ids):
