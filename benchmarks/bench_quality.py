@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from anchordiff_core import build_gated_graph, propagate, select_anchors, soft_map  # noqa: E402
+from anchordiff_core.auto import auto_gate_percentile, auto_steps  # noqa: E402
 from anchordiff_core.baselines import concept_attention_heat, cross_attention_heat, seg4diff_heat  # noqa: E402
 from anchordiff_core.masks import refine_edges  # noqa: E402
 from anchordiff_core.metrics import BinarySegmentationMeter, boundary_tolerance, confusion_pair_metrics, mean_threshold  # noqa: E402
@@ -61,6 +62,8 @@ def methods(maps, truths, gate=98.0, steps=160) -> dict:
 
     paper = lambda: a.mean(0).argmax(1)  # noqa: E731
     anchordiff(PAPER, paper)
+    auto = dict(gate=auto_gate_percentile(maps.grid), steps=auto_steps(maps.grid))  # the nodes' default
+    anchordiff("AnchorDiff, auto gate and steps (the nodes' default)", paper, **auto)
     anchordiff("AnchorDiff, anchors without pre_only block", lambda: a[:-1].mean(0).argmax(1))
     anchordiff("AnchorDiff, no gate", paper, gate=None)
     anchordiff("AnchorDiff, no W_cos (W_attn weights)", paper, weights="attention")
@@ -69,7 +72,9 @@ def methods(maps, truths, gate=98.0, steps=160) -> dict:
             anchordiff(f"AnchorDiff, graph layer {layer} only", paper, layers=[layer])
     if maps.seg4diff is not None:
         anchordiff("AnchorDiff, image-to-concept anchor", lambda: maps.seg4diff[0].argmax(1))
-    anchordiff(TRUE_CENTRE, lambda: torch.tensor([central_token(t, maps.grid) for t in truths]))
+    centre = lambda: torch.tensor([central_token(t, maps.grid) for t in truths])  # noqa: E731
+    anchordiff(TRUE_CENTRE, centre)
+    anchordiff("AnchorDiff, true-centre anchor, auto gate and steps", centre, **auto)
     anchordiff("AnchorDiff, multi-anchor (3)", lambda: select_anchors(a.mean(0), 3, 4.0, 0.5, maps.grid))
     out["Cross-attention (A_CI alone)"] = lambda: (cross_attention_heat(a), None)
     out["ConceptAttention"] = lambda: (concept_attention_heat(maps.ca_scores[0]), None)
@@ -233,7 +238,7 @@ def markdown(r: dict) -> str:
     return head + "\n" + "\n".join(rows) + foot + edge_head + "\n" + "\n".join(edge_rows) + edge_foot
 
 
-def figure(r: dict, path: Path, show=(PAPER, DIFFUSERS, "AnchorDiff, no W_cos (W_attn weights)", "AnchorDiff, image-to-concept anchor",
+def figure(r: dict, path: Path, show=(PAPER, "AnchorDiff, auto gate and steps (the nodes' default)", DIFFUSERS, "AnchorDiff, no W_cos (W_attn weights)", "AnchorDiff, image-to-concept anchor",
                                        TRUE_CENTRE, "Cross-attention (A_CI alone)", "ConceptAttention", "Seg4Diff")) -> None:
     from PIL import Image, ImageDraw
     rows = r["_figure"]
