@@ -34,7 +34,7 @@ def _tokens(grid) -> tuple[int, int]:
 
 
 PAPER_NEIGHBOURS = (100.0 - PAPER_GATE_PERCENTILE) / 100.0 * PAPER_GRID[0] * PAPER_GRID[1]  # 81.92 per token
-MAX_NEIGHBOUR_SHARE = 1 / 16   # never gate in more than 1/16 of the tokens (measured: more leaks at <= 24 x 24)
+MAX_NEIGHBOUR_SHARE = 1 / 16   # never gate in more than 1/16 of the tokens (measured: a looser cap loses at 8 x 8)
 STEPS_PER_SIDE = PAPER_STEPS / PAPER_GRID[0]                                                 # 2.5
 
 

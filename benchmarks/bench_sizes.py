@@ -201,7 +201,7 @@ def summary(r: dict) -> str:
         p_tc, a_tc = _at(tc["paper"], PAPER_STEPS), _at(tc["auto"], a_steps)
         p_pa, a_pa = _at(pa["paper"], PAPER_STEPS), _at(pa["auto"], a_steps)
         lines.append(f"| {size} px ({grid[0]} x {grid[1]}), {s['scenes']} scenes | {0.02 * n:.1f} / {(1 - s['gates']['auto'] / 100) * n:.1f} "
-                     f"| {PAPER_STEPS} / {a_steps} | {_f(p_tc['miou'])} / {_f(a_tc["miou"])} "
+                     f"| {PAPER_STEPS} / {a_steps} | {_f(p_tc['miou'])} / {_f(a_tc['miou'])} "
                      f"| {_f(p_tc['lookalike_miou_fg'])} ({_f(p_tc['lookalike_nar'])}) / {_f(a_tc['lookalike_miou_fg'])} ({_f(a_tc['lookalike_nar'])}) "
                      f"| {_f(p_pa['miou'])} / {_f(a_pa['miou'])} |")
     return "\n".join(lines)

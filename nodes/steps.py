@@ -83,10 +83,7 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
 
 GATE_SETTINGS = {"auto": auto.AUTO, "paper (98th percentile)": auto.PAPER, "custom": None}
 STEPS_SETTINGS = {"auto": auto.AUTO, "paper (160 steps)": auto.PAPER, "custom": None}
-AUTO_TIP = (
-    "auto = scaled to the image's token grid (the paper's value at 1024 x 1024 px = 64 x 64 tokens; measured on "
-    "the toy world at 128-1024 px, see the README)."
-)
+AUTO_TIP = "(measured on the toy world at 128-1024 px: README, 'Gate and steps at other image sizes')"
 
 
 def _setting(choice: str, custom, options: dict, what: str):
@@ -110,8 +107,9 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
                 io.Boolean.Input("gate", default=True, tooltip="Off = the paper's 'w/o gate' ablation (dense, leaks onto look-alikes; slow)."),
                 io.Combo.Input(
                     "gate_setting", options=list(GATE_SETTINGS), default="auto", optional=True,
-                    tooltip="The gate's percentile. " + AUTO_TIP + " paper = the 98th percentile at every size (about 5 "
-                    "neighbours per token at 256 px). custom = the gate_percentile value.",
+                    tooltip="The gate's percentile. auto = keep the paper's 81.92 neighbours per token, but at most 1/16 of "
+                    "the tokens: the 98th percentile at 1024 x 1024 px, 93.75th at 576 px and smaller " + AUTO_TIP + ". paper = the "
+                    "98th percentile at every size (about 5 neighbours per token at 256 px). custom = the gate_percentile value.",
                 ),
             ],
             outputs=[Graph.Output("graph", display_name="graph", tooltip="Graph for 'Propagate'.")],
@@ -143,7 +141,8 @@ class AnchorDiffPropagate(io.ComfyNode):
                 io.Int.Input("steps", default=160, min=0, max=10000, tooltip="Used when steps_setting is 'custom': propagation steps. More spreads further and leaks more."),
                 io.Combo.Input(
                     "steps_setting", options=list(STEPS_SETTINGS), default="auto", optional=True,
-                    tooltip="Propagation steps. " + AUTO_TIP + " paper = 160 at every size. custom = the steps value.",
+                    tooltip="Propagation steps. auto = 2.5 per token-grid side: 160 at 1024 x 1024 px, 40 at 256 px (the masks "
+                    "settle within 10-20 steps at every size) " + AUTO_TIP + ". paper = 160 at every size. custom = the steps value.",
                 ),
             ],
             outputs=[Heat.Output("heat", display_name="heat", tooltip="Heat maps for 'Mask'.")],

@@ -298,8 +298,8 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path):
     positive = N["CLIPTextEncode"]().encode(clip, "a red box and an orange box")[0]
     maps = N["AnchorDiffLookAtImage"].execute(model, concepts, positive, latent, 0, 0.5, "", -1).args[0]
     anchors = N["AnchorDiffAnchorSelect"].execute(maps, 1, 8.0, 0.5, "", False).args[0]
-    graph = N["AnchorDiffBuildGatedGraph"].execute(maps, 98.0, "", True).args[0]
-    heat = N["AnchorDiffPropagate"].execute(graph, anchors, 20).args[0]
+    graph = N["AnchorDiffBuildGatedGraph"].execute(maps, 98.0, "", True, "custom").args[0]
+    heat = N["AnchorDiffPropagate"].execute(graph, anchors, 20, "custom").args[0]
     with np.load(out / "folder-confusion" / "cache" / f"{sample.id}.npz") as f:
         np.testing.assert_allclose(f["heat_anchordiff"], heat.values[0].numpy(), atol=1e-6)
 
