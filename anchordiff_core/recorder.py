@@ -28,7 +28,10 @@ class RecordSpec:
     graph_layers: tuple[int, ...]
     seg4diff_layer: Optional[int] = None
     max_chunk_bytes: Optional[int] = None  # None: attention.default_chunk_bytes(device)
-    precision: str = "exact"  # attention.PRECISIONS: "fast" = fused O_II in the model's dtype, TF32 scores
+    # attention.PRECISIONS. "exact": every map float32.  "fast": O_II by SDPA in the model's dtype
+    # and stored so, A_II by the fused Triton kernels on CUDA (TF32 products elsewhere), stored as
+    # float16 (summed in float32 first); see docs/DESIGN.md "Speed and memory".
+    precision: str = "exact"
 
 
     def __post_init__(self):
@@ -43,6 +46,13 @@ class RecordSpec:
             raise ValueError("no concepts to record")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}; got '{self.precision}'")
+
+
+def map_dtypes(precision: str, model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(A_II, O_II) storage dtypes: exact float32 / float32; fast float16 (probabilities in [0, 1]:
+    11 significant bits down to 6e-5, absolute error under 3e-8 below) / the model's dtype (what SDPA
+    computed O_II in: storing it so loses nothing more)."""
+    return (torch.float16, model_dtype) if precision == "fast" else (torch.float32, torch.float32)
 
 
 class StepRecorder:
@@ -94,8 +104,9 @@ class StepRecorder:
             b, n, width = q_img.shape
             if self.a_ii is None:
                 device = self.store_device if self.store_device is not None else q_img.device
-                self.a_ii = torch.empty(b, len(spec.graph_layers), n, n, dtype=torch.float32, device=device)
-                self.o_ii = torch.empty(b, len(spec.graph_layers), n, width, dtype=torch.float32, device=device)
+                a_dtype, o_dtype = map_dtypes(spec.precision, q_img.dtype)
+                self.a_ii = torch.empty(b, len(spec.graph_layers), n, n, dtype=a_dtype, device=device)
+                self.o_ii = torch.empty(b, len(spec.graph_layers), n, width, dtype=o_dtype, device=device)
             slot = spec.graph_layers.index(block)
             seg_args = (extra_keys, columns) if seg_here else (None, None)
             if self.a_ii.device == q_img.device:
@@ -136,8 +147,8 @@ class StepRecorder:
             raise RuntimeError(f"joint blocks {missing} were not recorded; the model's forward skipped them")
         in_order = row_image.numel() == num_images and bool((row_image.cpu() == torch.arange(num_images)).all())
 
-        def per_image(x: torch.Tensor) -> torch.Tensor:
-            return x if in_order else group_mean(x, row_image.to(x.device), num_images, dim=0)
+        def per_image(x: torch.Tensor) -> torch.Tensor:  # averaged in float32, stored back in x's dtype
+            return x if in_order else group_mean(x.float(), row_image.to(x.device), num_images, dim=0).to(x.dtype)
 
         layers = self.spec.graph_layers
         return AttentionMaps(
