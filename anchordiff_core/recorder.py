@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .attention import PRECISIONS, group_mean, image_self_attention, key_column_attention, multihead_attention, query_key_attention
+from .attention import group_mean, image_self_attention, key_column_attention, multihead_attention, query_key_attention
 from .baselines import concept_attention_scores
 from .maps import AttentionMaps
 
@@ -28,9 +28,9 @@ class RecordSpec:
     graph_layers: tuple[int, ...]
     seg4diff_layer: Optional[int] = None
     max_chunk_bytes: Optional[int] = None  # None: attention.default_chunk_bytes(device)
-    # attention.PRECISIONS. "exact": every map float32.  "fast": O_II by SDPA in the model's dtype
-    # and stored so, A_II by the fused Triton kernels on CUDA (TF32 products elsewhere), stored as
-    # float16 (summed in float32 first); see docs/DESIGN.md "Speed and memory".
+    # RECORD_PRECISIONS. "exact": every map float32.  "fast": O_II by SDPA in the model's dtype and
+    # stored so, A_II by the fused Triton kernels on CUDA (TF32 products elsewhere), float32.
+    # "compact": fast, A_II stored as float16 (summed in float32 first). docs/DESIGN.md "Speed and memory".
     precision: str = "exact"
 
 
@@ -44,15 +44,25 @@ class RecordSpec:
             raise ValueError("at least one graph layer is needed")
         if len(self.concepts) == 0:
             raise ValueError("no concepts to record")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}; got '{self.precision}'")
+        if self.precision not in RECORD_PRECISIONS:
+            raise ValueError(f"precision must be one of {RECORD_PRECISIONS}; got '{self.precision}'")
+
+
+RECORD_PRECISIONS = ("exact", "fast", "compact")
+
+
+def attention_precision(precision: str) -> str:
+    """The attention.PRECISIONS mode a recorder precision computes in (compact computes as fast)."""
+    return "exact" if precision == "exact" else "fast"
 
 
 def map_dtypes(precision: str, model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
-    """(A_II, O_II) storage dtypes: exact float32 / float32; fast float16 (probabilities in [0, 1]:
-    11 significant bits down to 6e-5, absolute error under 3e-8 below) / the model's dtype (what SDPA
-    computed O_II in: storing it so loses nothing more)."""
-    return (torch.float16, model_dtype) if precision == "fast" else (torch.float32, torch.float32)
+    """(A_II, O_II) storage dtypes. exact: float32 / float32.  fast: float32 / the model's dtype
+    (what SDPA computed O_II in: storing it so loses nothing more).  compact: float16 (probabilities
+    in [0, 1]: 11 significant bits down to 6e-5, absolute error under 3e-8 below) / the model's dtype."""
+    if precision == "exact":
+        return torch.float32, torch.float32
+    return (torch.float16 if precision == "compact" else torch.float32), model_dtype
 
 
 class StepRecorder:
@@ -112,11 +122,11 @@ class StepRecorder:
             if self.a_ii.device == q_img.device:
                 _, _, per_token = image_self_attention(
                     q_img, k_img, v_img, heads, spec.max_chunk_bytes, self.a_ii[:, slot], self.o_ii[:, slot], *seg_args,
-                    precision=spec.precision,
+                    precision=attention_precision(spec.precision),
                 )
             else:
                 a, o, per_token = image_self_attention(
-                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, None, None, *seg_args, precision=spec.precision
+                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, None, None, *seg_args, precision=attention_precision(spec.precision)
                 )
                 self.a_ii[:, slot].copy_(a)
                 self.o_ii[:, slot].copy_(o)
