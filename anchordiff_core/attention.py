@@ -6,6 +6,7 @@ computed and accumulated in float32 whatever the model's dtype, on the device of
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -18,7 +19,10 @@ PRECISIONS = ("exact", "fast")
 
 def fused_kernels(device):
     """anchordiff_core.fused_attention (the Triton head-mean kernels) when they can run on `device`:
-    CUDA with triton installed, or triton's CPU interpreter (TRITON_INTERPRET=1, for tests); else None."""
+    CUDA with triton installed, or triton's CPU interpreter (TRITON_INTERPRET=1, for tests); else None.
+    ANCHORDIFF_TRITON=0 in the environment turns them off (the head-by-head path then runs)."""
+    if os.environ.get("ANCHORDIFF_TRITON", "1") == "0":
+        return None
     try:
         from . import fused_attention
     except ModuleNotFoundError as error:

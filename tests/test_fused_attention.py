@@ -102,6 +102,8 @@ def test_kernels_are_chosen_only_where_they_run(fused, monkeypatch):
     assert not fused.interpreted()
     assert attention.fused_kernels(torch.device("cpu")) is None  # compiled kernels: CUDA only
     assert attention.fused_kernels(torch.device("cuda")) is fused
+    monkeypatch.setenv("ANCHORDIFF_TRITON", "0")
+    assert attention.fused_kernels(torch.device("cuda")) is None
 
 
 HEADS, D, N, TEXT = 2, 32, 40, 5
