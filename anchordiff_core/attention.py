@@ -86,8 +86,9 @@ def image_self_attention(
     A = mean over heads of softmax(q_h k_h^T / sqrt(d)) with the softmax over image keys only
     -> [B, N, N];  O = A_h v_h per head, heads concatenated -> [B, N, H*d].
     `out_a` / `out_o` (on q's device) receive the results chunk by chunk, so a result never exists
-    twice; float32, or a compact dtype (float16 for A in `fast`), always summed in float32 first.  Head by head, in chunks of query rows (`max_chunk_bytes` of one head's
-    scores): no [heads, N, N] tensor is ever built.
+    twice: float32, or narrower (the recorder's compact A in float16), always summed in float32
+    first.  Head by head, in chunks of query rows (`max_chunk_bytes` of one head's scores): no
+    [heads, N, N] tensor is ever built.
 
     precision "exact": everything in float32 (no TF32).  "fast": O through the fused attention
     kernel (scaled_dot_product_attention) in the inputs' own dtype; A by the Triton kernels of

@@ -10,7 +10,8 @@ import torch
 @dataclass(frozen=True)
 class AttentionMaps:
     """Maps recorded for a batch of B images (positive/conditional rows only), float32; with the
-    recorder's fast precision a_ii is float16 and o_ii in the model's dtype (recorder.map_dtypes).
+    recorder's fast / compact precisions o_ii is in the model's dtype, and with compact a_ii is
+    float16 (recorder.map_dtypes).
 
     a_ci:       [B, L, K, N]  concept-to-image attention per joint block (eq. 5, heads averaged,
                               a concept's tokens averaged)
@@ -74,9 +75,9 @@ class AttentionMaps:
 
 
 def _compact_mean(per_layer: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, ...]:
-    """Views of the chosen layers of a float32 recording; for a compact one (fast precision: float16
-    / bfloat16) with several layers, their float32 mean as the one layer: one N x N float32 buffer,
-    where build_gated_graph would otherwise widen every layer to float32 before averaging."""
+    """Views of the chosen layers of a float32 recording; for one stored narrower (fast / compact
+    precision: float16 / bfloat16) with several layers, their float32 mean as the one layer: one
+    float32 buffer, where build_gated_graph would otherwise widen every layer to float32 first."""
     if per_layer.dtype == torch.float32 or len(slots) == 1:
         return tuple(per_layer[s] for s in slots)
     mean = per_layer[slots[0]].float()
