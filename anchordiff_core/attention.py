@@ -111,7 +111,6 @@ def image_self_attention(
     out = torch.empty(b, n, width, dtype=torch.float32, device=q.device) if out_o is None else out_o
     if a_mean.shape != (b, n, n) or out.shape != (b, n, width):
         raise ValueError("out_a / out_o have the wrong shape")
-    scaled_queries = lambda: (split_heads(q, heads) * d**-0.5).contiguous()  # noqa: E731 (d = 64: exact)
     if fast:
         split = lambda t: t.view(b, t.shape[1], heads, d).transpose(1, 2)  # noqa: E731 (model dtype)
         out.copy_(F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, width))
@@ -122,11 +121,11 @@ def image_self_attention(
             fused.head_mean_probs(q, k, heads, lse, out=a_mean)
             extra = None
             if extra_keys is not None:
-                extra = _extra_column_probs(scaled_queries(), split_heads(extra_keys, heads), extra_columns.to(q.device), lse)
+                extra = _extra_column_probs(q, extra_keys, extra_columns.to(q.device), heads, lse)
             return a_mean, out, extra
     else:
         vh = split_heads(v, heads).contiguous()
-    qh = scaled_queries()  # scale the small queries, not the big scores
+    qh = (split_heads(q, heads) * d**-0.5).contiguous()  # scale the small queries, not the big scores (d = 64: exact)
     kh = split_heads(k, heads).contiguous()  # one head's rows adjacent: 1.5x faster products on a CPU
     extra = None
     if extra_keys is not None:
@@ -170,13 +169,14 @@ def image_self_attention(
     return a_mean, out, extra
 
 
-def _extra_column_probs(qh: torch.Tensor, eh: torch.Tensor, columns: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """Seg4Diff's map beside the fused A: per image query, the head-averaged probability on
+def _extra_column_probs(q: torch.Tensor, extra_keys: torch.Tensor, columns: torch.Tensor, heads: int, lse: torch.Tensor) -> torch.Tensor:
+    """Seg4Diff's map beside the fused kernels: per image query, the head-averaged probability on
     `columns` of the extra keys under a softmax over [image keys; extra keys], from the image keys'
-    row log-sum-exp `lse` [B, H, N] (fused_attention.row_logsumexp). qh (scaled by 1/sqrt(d)) and eh
-    are [B, H, L, d] float32; the extra keys are few (the prompt and concept tokens): one head's
-    [B, N, M] scores at a time. -> [B, N, len(columns)] float32."""
-    heads = qh.shape[1]
+    row log-sum-exp `lse` [B, H, N] (fused_attention.row_logsumexp). q [B, N, H*d], extra_keys
+    [B, M, H*d]; the extra keys are few (the prompt and concept tokens): one head's [B, N, M] float32
+    scores at a time. -> [B, N, len(columns)] float32."""
+    qh, eh = split_heads(q, heads), split_heads(extra_keys, heads)
+    qh = qh * qh.shape[-1] ** -0.5
     total = None
     with float32_matmul(exact=False):
         for h in range(heads):
@@ -186,6 +186,29 @@ def _extra_column_probs(qh: torch.Tensor, eh: torch.Tensor, columns: torch.Tenso
             total = probs if total is None else total.add_(probs)
             del scores, joint
     return total.div_(heads)
+
+
+def image_and_extra_key_columns(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    extra_keys: torch.Tensor,
+    extra_columns: torch.Tensor,
+    heads: int,
+    max_chunk_bytes: Optional[int] = None,
+    precision: str = "exact",
+) -> torch.Tensor:
+    """Seg4Diff's map where A_II is not wanted: per image query, the head-averaged probability on
+    `extra_columns` of the extra keys under a softmax over [image keys k; extra keys] -> [B, N, C].
+    "fast" with the Triton kernels: the image keys' row log-sum-exp, then the few extra keys' scores
+    head by head (no per-head N x N probabilities); otherwise `key_column_attention` in chunks."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got '{precision}'")
+    fused = fused_kernels(q.device) if precision == "fast" else None
+    columns = extra_columns.to(q.device)
+    if fused is None:
+        keys = torch.cat([k, extra_keys], 1)
+        return key_column_attention(q, keys, columns + k.shape[1], heads, max_chunk_bytes)
+    return _extra_column_probs(q, extra_keys, columns, heads, fused.row_logsumexp(q, k, heads))
 
 
 def query_key_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:

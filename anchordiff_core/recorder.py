@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .attention import group_mean, image_self_attention, key_column_attention, multihead_attention, query_key_attention
+from .attention import group_mean, image_and_extra_key_columns, image_self_attention, multihead_attention, query_key_attention
 from .baselines import concept_attention_scores
 from .maps import AttentionMaps
 
@@ -133,8 +133,9 @@ class StepRecorder:
                 del a, o
             self.graph_done.add(block)
         elif seg_here:
-            keys = torch.cat([k_img, extra_keys], 1)
-            per_token = key_column_attention(q_img, keys, columns + k_img.shape[1], heads, spec.max_chunk_bytes)
+            per_token = image_and_extra_key_columns(
+                q_img, k_img, extra_keys, columns, heads, spec.max_chunk_bytes, attention_precision(spec.precision)
+            )
         if seg_here:  # per_token [B, N, T] -> per concept [B, K, N]
             self.seg4diff = self._store(group_mean(per_token, groups, k, dim=2).transpose(1, 2).contiguous())
         return o_c

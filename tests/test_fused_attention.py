@@ -145,3 +145,17 @@ def test_fast_recorder_uses_the_kernels_and_matches_exact(fused, monkeypatch):
     torch.testing.assert_close(a_mean, compact.a_ii[1].float().mean(0), atol=1e-7, rtol=1e-6)
     torch.testing.assert_close(o_mean, compact.o_ii[1].float().mean(0), atol=1e-6, rtol=1e-6)
     assert exact.graph_inputs(1)[0][0].data_ptr() == exact.a_ii[1, 0].data_ptr()  # exact: views, no copy
+
+
+def test_fast_seg4diff_on_a_layer_without_a_ii_uses_the_log_sum_exp_kernel(fused, monkeypatch):
+    calls = []
+    real = fused.row_logsumexp
+    monkeypatch.setattr(fused, "row_logsumexp", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(8)
+    lengths = (N, N, N, N, TEXT, 3, 3, 3)
+    blocks = [[torch.randn(2, length, HEADS * D, generator=g) * 1.5 for length in lengths] for _ in range(3)]
+    exact = _record("exact", blocks, graph_layers=(2,), seg4diff_layer=1)
+    fast = _record("fast", blocks, graph_layers=(2,), seg4diff_layer=1)
+    assert len(calls) == 2  # the Seg4Diff layer and the graph layer
+    torch.testing.assert_close(fast.seg4diff, exact.seg4diff, atol=1e-6, rtol=1e-5)
+    assert exact.seg4diff.amax() > 0.05
