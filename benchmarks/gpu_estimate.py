@@ -48,9 +48,11 @@ def phases(n, text, k, depth=24, hidden=1536, heads=24, graph_layers=2, density=
         # pass 1: row log-sum-exp; each program streams its head's keys past a tile of TILE_M query rows
         out.append(("recorder, graph layers: row log-sum-exp of each head (Triton)", "record", scores, "tf32",
                     g * (qk + n * n * d * 2 // TILE_M + heads * n * 4), g * heads * n * n))
-        # pass 2: per output tile and head, q rows and k columns loaded, exp(score - lse) summed; tile written once
+        # pass 2: per output tile and head, q rows, k columns and the rows' lse loaded, exp(score - lse)
+        # summed; the tile written once
         out.append((f"recorder, graph layers: head mean of A_II (Triton), written once as {a_bytes * 8}-bit", "record", scores,
-                    "tf32", g * (n * n * d * 2 * (TILE_M + TILE_N) // (TILE_M * TILE_N) + n * n * a_bytes), g * heads * n * n))
+                    "tf32", g * (n * n * d * 2 * (TILE_M + TILE_N) // (TILE_M * TILE_N) + heads * n * n * 4 // TILE_N + n * n * a_bytes),
+                    g * heads * n * n))
     else:
         # head by head: scores written, softmax read + write, head sum read + accumulator, float32
         out.append(("recorder, graph layers: scores, softmax, head mean of A_II (no triton)", "record", scores, "tf32",
