@@ -39,6 +39,20 @@ def usable_on(device: torch.device) -> bool:
 
 
 @triton.jit
+def _maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+# tl.reduce with these, and tl.full, rather than tl.max / tl.sum / tl.zeros: those are
+# @triton.jit functions of triton's standard library, compiled-only when triton was first imported
+# without TRITON_INTERPRET=1, and the interpreter then cannot call them ("Cannot call @triton.jit'd
+# outside of the scope of a kernel").
+@triton.jit
 def _row_lse_kernel(Q, K, LSE, n, heads, d, scale, sqb, sqn, skb, skn,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, WIDEN: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -53,7 +67,7 @@ def _row_lse_kernel(Q, K, LSE, n, heads, d, scale, sqb, sqn, skb, skn,
     if WIDEN:
         q = q.to(tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    l_i = tl.full([BLOCK_M], 0.0, tl.float32)
     for start in range(0, n, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < n
@@ -63,8 +77,8 @@ def _row_lse_kernel(Q, K, LSE, n, heads, d, scale, sqb, sqn, skb, skn,
             k = k.to(tl.float32)
         s = tl.dot(q, k) * scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), 1)
+        m_new = tl.maximum(m_i, tl.reduce(s, 1, _maximum))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.reduce(tl.exp(s - m_new[:, None]), 1, _add)
         m_i = m_new
     lse = m_i + tl.log(l_i)
     tl.store(LSE + (b * heads + h) * n + offs_m, lse, mask=row_ok)
@@ -84,7 +98,7 @@ def _head_mean_kernel(Q, K, LSE, A, n, heads, d, scale, sqb, sqn, skb, skn, sab,
     d_ok = offs_d < d
     q_ptrs = Q + b * sqb + offs_m[:, None].to(tl.int64) * sqn + offs_d[None, :]
     k_ptrs = K + b * skb + offs_n[None, :].to(tl.int64) * skn + offs_d[:, None]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for h in range(heads):
         q = tl.load(q_ptrs + h * d, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         k = tl.load(k_ptrs + h * d, mask=col_ok[None, :] & d_ok[:, None], other=0.0)

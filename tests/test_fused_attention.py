@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import triton  # noqa: F401  imported here without TRITON_INTERPRET, as a fast recording on a CPU does first
+
 import reference_recorder as ref
 from anchordiff_core import attention
 from anchordiff_core.recorder import RecordSpec, StepRecorder
@@ -28,7 +30,8 @@ def _forget():
 @pytest.fixture
 def fused(monkeypatch):
     """The kernels module imported afresh under TRITON_INTERPRET=1 (triton decides interpreted or
-    compiled when a kernel is defined), dropped again afterwards."""
+    compiled when a kernel is defined), dropped again afterwards. triton itself was imported
+    without it (above): the kernels must not call triton's compiled-only standard library."""
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     _forget()
     module = importlib.import_module(MODULE)
