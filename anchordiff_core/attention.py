@@ -6,6 +6,7 @@ computed and accumulated in float32 whatever the model's dtype, on the device of
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -14,6 +15,21 @@ import torch.nn.functional as F
 
 
 PRECISIONS = ("exact", "fast")
+
+
+def fused_kernels(device):
+    """anchordiff_core.fused_attention (the Triton head-mean kernels) when they can run on `device`:
+    CUDA with triton installed, or triton's CPU interpreter (TRITON_INTERPRET=1, for tests); else None.
+    ANCHORDIFF_TRITON=0 in the environment turns them off (the head-by-head path then runs)."""
+    if os.environ.get("ANCHORDIFF_TRITON", "1") == "0":
+        return None
+    try:
+        from . import fused_attention
+    except ModuleNotFoundError as error:
+        if error.name != "triton":
+            raise
+        return None
+    return fused_attention if fused_attention.usable_on(device) else None
 
 
 @contextlib.contextmanager
@@ -69,13 +85,16 @@ def image_self_attention(
 
     A = mean over heads of softmax(q_h k_h^T / sqrt(d)) with the softmax over image keys only
     -> [B, N, N];  O = A_h v_h per head, heads concatenated -> [B, N, H*d].
-    `out_a` / `out_o` (float32, on q's device) receive the results chunk by chunk, so a result
-    never exists twice.  Head by head, in chunks of query rows (`max_chunk_bytes` of one head's
-    scores): no [heads, N, N] tensor is ever built.
+    `out_a` / `out_o` (on q's device) receive the results chunk by chunk, so a result never exists
+    twice: float32, or narrower (the recorder's compact A in float16), always summed in float32
+    first.  Head by head, in chunks of query rows (`max_chunk_bytes` of one head's scores): no
+    [heads, N, N] tensor is ever built.
 
     precision "exact": everything in float32 (no TF32).  "fast": O through the fused attention
-    kernel (scaled_dot_product_attention) in the inputs' own dtype, and the scores' products in
-    TF32 where available, always accumulated and averaged in float32 (see docs/DESIGN.md).
+    kernel (scaled_dot_product_attention) in the inputs' own dtype; A by the Triton kernels of
+    `fused_attention` where they run (CUDA with triton), else head by head as in exact with the
+    scores' products in TF32 where available; always accumulated and averaged in float32 (see
+    docs/DESIGN.md).
 
     With `extra_keys` [B, M, H*d] it also returns, per image query, the head-averaged probability
     on `extra_columns` (indices into the extra keys) of a softmax over [image keys; extra keys]
@@ -85,10 +104,9 @@ def image_self_attention(
         raise ValueError(f"precision must be one of {PRECISIONS}; got '{precision}'")
     fast = precision == "fast"
     b, n, width = q.shape
-    qh, kh = split_heads(q, heads), split_heads(k, heads)
-    d = qh.shape[-1]
-    qh = (qh * d**-0.5).contiguous()  # scale the small queries, not the big scores (d = 64: exact)
-    kh = kh.contiguous()  # one head's rows adjacent: 1.5x faster products on a CPU
+    if width % heads:
+        raise ValueError(f"feature size {width} is not divisible by {heads} heads")
+    d = width // heads
     a_mean = torch.empty(b, n, n, dtype=torch.float32, device=q.device) if out_a is None else out_a
     out = torch.empty(b, n, width, dtype=torch.float32, device=q.device) if out_o is None else out_o
     if a_mean.shape != (b, n, n) or out.shape != (b, n, width):
@@ -97,8 +115,18 @@ def image_self_attention(
         split = lambda t: t.view(b, t.shape[1], heads, d).transpose(1, 2)  # noqa: E731 (model dtype)
         out.copy_(F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, n, width))
         vh = None
+        fused = fused_kernels(q.device)
+        if fused is not None:
+            lse = fused.row_logsumexp(q, k, heads)
+            fused.head_mean_probs(q, k, heads, lse, out=a_mean)
+            extra = None
+            if extra_keys is not None:
+                extra = _extra_column_probs(q, extra_keys, extra_columns.to(q.device), heads, lse)
+            return a_mean, out, extra
     else:
         vh = split_heads(v, heads).contiguous()
+    qh = (split_heads(q, heads) * d**-0.5).contiguous()  # scale the small queries, not the big scores (d = 64: exact)
+    kh = split_heads(k, heads).contiguous()  # one head's rows adjacent: 1.5x faster products on a CPU
     extra = None
     if extra_keys is not None:
         eh = split_heads(extra_keys, heads)
@@ -110,6 +138,8 @@ def image_self_attention(
             for start in range(0, n, rows):
                 stop = min(start + rows, n)
                 total = a_mean[i, start:stop]
+                if total.dtype != torch.float32:  # a compact store: sum in float32, round once
+                    total = torch.empty(total.shape, dtype=torch.float32, device=total.device)
                 for h in range(heads):
                     scores = torch.mm(qh[i, h, start:stop], kh[i, h].T)  # [c, N]
                     if extra is None:
@@ -131,9 +161,54 @@ def image_self_attention(
                         out[i, start:stop, h * d : (h + 1) * d] = torch.mm(probs, vh[i, h])
                     del probs
                 total.div_(heads)
+                if total.data_ptr() != a_mean[i, start:stop].data_ptr():
+                    a_mean[i, start:stop].copy_(total)
+                del total
     if extra is not None:
         extra.div_(heads)
     return a_mean, out, extra
+
+
+def _extra_column_probs(q: torch.Tensor, extra_keys: torch.Tensor, columns: torch.Tensor, heads: int, lse: torch.Tensor) -> torch.Tensor:
+    """Seg4Diff's map beside the fused kernels: per image query, the head-averaged probability on
+    `columns` of the extra keys under a softmax over [image keys; extra keys], from the image keys'
+    row log-sum-exp `lse` [B, H, N] (fused_attention.row_logsumexp). q [B, N, H*d], extra_keys
+    [B, M, H*d]; the extra keys are few (the prompt and concept tokens): one head's [B, N, M] float32
+    scores at a time. -> [B, N, len(columns)] float32."""
+    qh, eh = split_heads(q, heads), split_heads(extra_keys, heads)
+    qh = qh * qh.shape[-1] ** -0.5
+    total = None
+    with float32_matmul(exact=False):
+        for h in range(heads):
+            scores = torch.matmul(qh[:, h], eh[:, h].transpose(1, 2))  # [B, N, M]
+            joint = torch.logaddexp(lse[:, h, :, None], scores.logsumexp(dim=-1, keepdim=True))
+            probs = torch.exp(scores[..., columns] - joint)
+            total = probs if total is None else total.add_(probs)
+            del scores, joint
+    return total.div_(heads)
+
+
+def image_and_extra_key_columns(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    extra_keys: torch.Tensor,
+    extra_columns: torch.Tensor,
+    heads: int,
+    max_chunk_bytes: Optional[int] = None,
+    precision: str = "exact",
+) -> torch.Tensor:
+    """Seg4Diff's map where A_II is not wanted: per image query, the head-averaged probability on
+    `extra_columns` of the extra keys under a softmax over [image keys k; extra keys] -> [B, N, C].
+    "fast" with the Triton kernels: the image keys' row log-sum-exp, then the few extra keys' scores
+    head by head (no per-head N x N probabilities); otherwise `key_column_attention` in chunks."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}; got '{precision}'")
+    fused = fused_kernels(q.device) if precision == "fast" else None
+    columns = extra_columns.to(q.device)
+    if fused is None:
+        keys = torch.cat([k, extra_keys], 1)
+        return key_column_attention(q, keys, columns + k.shape[1], heads, max_chunk_bytes)
+    return _extra_column_probs(q, extra_keys, columns, heads, fused.row_logsumexp(q, k, heads))
 
 
 def query_key_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:

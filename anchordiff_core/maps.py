@@ -9,7 +9,9 @@ import torch
 
 @dataclass(frozen=True)
 class AttentionMaps:
-    """Maps recorded for a batch of B images (positive/conditional rows only), float32.
+    """Maps recorded for a batch of B images (positive/conditional rows only), float32; with the
+    recorder's fast / compact precisions o_ii is in the model's dtype, and with compact a_ii is
+    float16 (recorder.map_dtypes).
 
     a_ci:       [B, L, K, N]  concept-to-image attention per joint block (eq. 5, heads averaged,
                               a concept's tokens averaged)
@@ -63,10 +65,22 @@ class AttentionMaps:
                 "Add them to the recorder's graph layers and sample again."
             )
         slots = [self.graph_layers.index(layer) for layer in chosen]
-        return tuple(self.a_ii[index, s] for s in slots), tuple(self.o_ii[index, s] for s in slots)
+        return _compact_mean(self.a_ii[index], slots), _compact_mean(self.o_ii[index], slots)
 
     def select(self, indices) -> "AttentionMaps":
         """Maps of a subset of the batch, in the given order."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         seg = None if self.seg4diff is None else self.seg4diff[idx]
         return replace(self, a_ci=self.a_ci[idx], ca_scores=self.ca_scores[idx], a_ii=self.a_ii[idx], o_ii=self.o_ii[idx], seg4diff=seg)
+
+
+def _compact_mean(per_layer: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, ...]:
+    """Views of the chosen layers of a float32 recording; for one stored narrower (fast / compact
+    precision: float16 / bfloat16) with several layers, their float32 mean as the one layer: one
+    float32 buffer, where build_gated_graph would otherwise widen every layer to float32 first."""
+    if per_layer.dtype == torch.float32 or len(slots) == 1:
+        return tuple(per_layer[s] for s in slots)
+    mean = per_layer[slots[0]].float()
+    for s in slots[1:]:
+        mean.add_(per_layer[s])
+    return (mean.div_(len(slots)),)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .attention import PRECISIONS, group_mean, image_self_attention, key_column_attention, multihead_attention, query_key_attention
+from .attention import group_mean, image_and_extra_key_columns, image_self_attention, multihead_attention, query_key_attention
 from .baselines import concept_attention_scores
 from .maps import AttentionMaps
 
@@ -28,7 +28,10 @@ class RecordSpec:
     graph_layers: tuple[int, ...]
     seg4diff_layer: Optional[int] = None
     max_chunk_bytes: Optional[int] = None  # None: attention.default_chunk_bytes(device)
-    precision: str = "exact"  # attention.PRECISIONS: "fast" = fused O_II in the model's dtype, TF32 scores
+    # RECORD_PRECISIONS. "exact": every map float32.  "fast": O_II by SDPA in the model's dtype and
+    # stored so, A_II by the fused Triton kernels on CUDA (TF32 products elsewhere), float32.
+    # "compact": fast, A_II stored as float16 (summed in float32 first). docs/DESIGN.md "Speed and memory".
+    precision: str = "exact"
 
 
     def __post_init__(self):
@@ -41,8 +44,25 @@ class RecordSpec:
             raise ValueError("at least one graph layer is needed")
         if len(self.concepts) == 0:
             raise ValueError("no concepts to record")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}; got '{self.precision}'")
+        if self.precision not in RECORD_PRECISIONS:
+            raise ValueError(f"precision must be one of {RECORD_PRECISIONS}; got '{self.precision}'")
+
+
+RECORD_PRECISIONS = ("exact", "fast", "compact")
+
+
+def attention_precision(precision: str) -> str:
+    """The attention.PRECISIONS mode a recorder precision computes in (compact computes as fast)."""
+    return "exact" if precision == "exact" else "fast"
+
+
+def map_dtypes(precision: str, model_dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """(A_II, O_II) storage dtypes. exact: float32 / float32.  fast: float32 / the model's dtype
+    (what SDPA computed O_II in: storing it so loses nothing more).  compact: float16 (probabilities
+    in [0, 1]: 11 significant bits down to 6e-5, absolute error under 3e-8 below) / the model's dtype."""
+    if precision == "exact":
+        return torch.float32, torch.float32
+    return (torch.float16 if precision == "compact" else torch.float32), model_dtype
 
 
 class StepRecorder:
@@ -94,26 +114,28 @@ class StepRecorder:
             b, n, width = q_img.shape
             if self.a_ii is None:
                 device = self.store_device if self.store_device is not None else q_img.device
-                self.a_ii = torch.empty(b, len(spec.graph_layers), n, n, dtype=torch.float32, device=device)
-                self.o_ii = torch.empty(b, len(spec.graph_layers), n, width, dtype=torch.float32, device=device)
+                a_dtype, o_dtype = map_dtypes(spec.precision, q_img.dtype)
+                self.a_ii = torch.empty(b, len(spec.graph_layers), n, n, dtype=a_dtype, device=device)
+                self.o_ii = torch.empty(b, len(spec.graph_layers), n, width, dtype=o_dtype, device=device)
             slot = spec.graph_layers.index(block)
             seg_args = (extra_keys, columns) if seg_here else (None, None)
             if self.a_ii.device == q_img.device:
                 _, _, per_token = image_self_attention(
                     q_img, k_img, v_img, heads, spec.max_chunk_bytes, self.a_ii[:, slot], self.o_ii[:, slot], *seg_args,
-                    precision=spec.precision,
+                    precision=attention_precision(spec.precision),
                 )
             else:
                 a, o, per_token = image_self_attention(
-                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, None, None, *seg_args, precision=spec.precision
+                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, None, None, *seg_args, precision=attention_precision(spec.precision)
                 )
                 self.a_ii[:, slot].copy_(a)
                 self.o_ii[:, slot].copy_(o)
                 del a, o
             self.graph_done.add(block)
         elif seg_here:
-            keys = torch.cat([k_img, extra_keys], 1)
-            per_token = key_column_attention(q_img, keys, columns + k_img.shape[1], heads, spec.max_chunk_bytes)
+            per_token = image_and_extra_key_columns(
+                q_img, k_img, extra_keys, columns, heads, spec.max_chunk_bytes, attention_precision(spec.precision)
+            )
         if seg_here:  # per_token [B, N, T] -> per concept [B, K, N]
             self.seg4diff = self._store(group_mean(per_token, groups, k, dim=2).transpose(1, 2).contiguous())
         return o_c
@@ -136,8 +158,8 @@ class StepRecorder:
             raise RuntimeError(f"joint blocks {missing} were not recorded; the model's forward skipped them")
         in_order = row_image.numel() == num_images and bool((row_image.cpu() == torch.arange(num_images)).all())
 
-        def per_image(x: torch.Tensor) -> torch.Tensor:
-            return x if in_order else group_mean(x, row_image.to(x.device), num_images, dim=0)
+        def per_image(x: torch.Tensor) -> torch.Tensor:  # averaged in float32, stored back in x's dtype
+            return x if in_order else group_mean(x.float(), row_image.to(x.device), num_images, dim=0).to(x.dtype)
 
         layers = self.spec.graph_layers
         return AttentionMaps(

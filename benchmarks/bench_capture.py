@@ -2,12 +2,18 @@
 
     python benchmarks/bench_capture.py [--size 1024] [--steps 8] [--depth 2]   # tiny SD3, sampling
     python benchmarks/bench_capture.py --full sd3-medium [--size 1024] [--threads 1] [--repeats 1]
+    python benchmarks/bench_capture.py --full sd3.5-large --blocks 4 --graph-layers 1,2 --seg4diff-layer 0
 
 --full: SD3 Medium's real shape (ComfyUI's MMDiT, depth 24, hidden 1536, 2.03 B parameters,
 random bf16 weights with ComfyUI's float32 manual cast, which is what ComfyUI computes in on a
 CPU), built on the spot; one process runs a plain and a recorded forward (one sampler step,
 cond only) alternately through the real patch, and reports process CPU time and wall time of
-each, and whether the output latent is bit-identical.
+each, and whether the output latent is bit-identical.  --blocks keeps only the first joint blocks
+of that shape (ComfyUI's num_blocks: hidden size and heads stay the full model's, the last kept
+block is the final pre-only one): SD3.5 Large's 38 blocks (~16 GB in bf16) do not fit a 24 GB
+machine beside everything else.  The recorder's own CPU time per block is also measured (around
+the patch's per-block recording), so the JSON extrapolates the ratio to the full depth, labelled
+as such.
 
 Each mode runs in a fresh subprocess (same model file, seed and settings): a warm-up step, then
 the timed sampling.  Peak memory is the growth of the process's peak RSS (CPU) or
@@ -78,14 +84,63 @@ def inner(args):
     print(json.dumps(result))
 
 
-FULL_SHAPES = {  # ComfyUI unet_config of the real models
-    "sd3-medium": {"depth": 24, "pos_embed_max_size": 192, "qk_norm": None, "x_block_self_attn_layers": []},
-    "sd3.5-large": {"depth": 38, "pos_embed_max_size": 192, "qk_norm": "rms", "x_block_self_attn_layers": []},
+FULL_SHAPES = {  # ComfyUI unet_config of the real models, and the patch's default layers for them
+    "sd3-medium": {"depth": 24, "pos_embed_max_size": 192, "qk_norm": None, "x_block_self_attn_layers": [],
+                   "graph_layers": (9, 18), "seg4diff_layer": 9},
+    "sd3.5-large": {"depth": 38, "pos_embed_max_size": 192, "qk_norm": "rms", "x_block_self_attn_layers": [],
+                    "graph_layers": (23, 31), "seg4diff_layer": 14},
 }
 
 
-def full_model(name):
-    """A ModelPatcher around ComfyUI's SD3 model of the real shape, random weights (seeded)."""
+def per_block_record_cpu():
+    """{block: CPU seconds} spent in the patch's per-block recording (concept stream + maps), by
+    timing sd3_patch._Call._record in this benchmark process."""
+    sd3_patch = next(m for name, m in sys.modules.items() if name.endswith("nodes.sd3_patch") and hasattr(m, "_Call"))
+    spent = {}
+    original = sd3_patch._Call._record
+
+    def timed(self, index, *a, **kw):
+        c0 = time.process_time()
+        try:
+            return original(self, index, *a, **kw)
+        finally:
+            spent[index] = spent.get(index, 0.0) + time.process_time() - c0
+
+    sd3_patch._Call._record = timed
+    return spent
+
+
+def extrapolate(result, full_graph_layers, full_seg4diff):
+    """The recorded / plain CPU ratio the full-depth model would have, from a depth-reduced run:
+    plain cost per block = plain / blocks (the embeddings and final layer, a small share, are
+    scaled with the blocks: this slightly overstates the full plain time, so understates the ratio);
+    the recorder's cost of a graph block, the Seg4Diff block and the other blocks as measured per
+    block; the rest of the recorded run's extra (capture, assembly) kept as measured."""
+    blocks, graph = result["blocks"], set(result["graph_layers"])
+    seg = result["seg4diff_layer"]
+    plain = min(r["cpu_s"] for r in result["plain"])
+    best = min(result["record"], key=lambda r: r["cpu_s"])
+    per_block = best["recorder_cpu_s_per_block"]
+    kind = {i: "graph" if i in graph else "seg4diff" if i == seg else "other" for i in range(blocks)}
+    mean = {k: sum(per_block[i] for i in range(blocks) if kind[i] == k) / max(1, sum(v == k for v in kind.values()))
+            for k in ("graph", "seg4diff", "other")}
+    if mean["seg4diff"] == 0 and seg in graph:
+        raise SystemExit("put --seg4diff-layer on a block that is not a graph layer, as in the full model")
+    rest = best["cpu_s"] - plain - sum(per_block)
+    depth = result["full_depth"]
+    full_kinds = {"graph": len(full_graph_layers), "seg4diff": 0 if full_seg4diff in full_graph_layers else 1}
+    full_kinds["other"] = depth - sum(full_kinds.values())
+    plain_full = plain / blocks * depth
+    record_full = plain_full + sum(mean[k] * full_kinds[k] for k in full_kinds) + rest
+    return {"plain_cpu_s": plain_full, "record_cpu_s": record_full, "ratio_cpu": record_full / plain_full,
+            "recorder_cpu_s_mean_per_block": mean, "rest_cpu_s": rest,
+            "how": f"plain CPU per block x {depth}; recorder CPU per graph / Seg4Diff / other block as measured here, "
+                   f"x {full_kinds['graph']} / {full_kinds['seg4diff']} / {full_kinds['other']}"}
+
+
+def full_model(name, blocks=None):
+    """A ModelPatcher around ComfyUI's SD3 model of the real shape, random weights (seeded);
+    `blocks`: only the first that many joint blocks (same width and heads)."""
     import types
 
     import torch
@@ -104,6 +159,10 @@ def full_model(name):
         "num_patches": shape["pos_embed_max_size"] ** 2, "pos_embed_max_size": shape["pos_embed_max_size"],
         "pos_embed_scaling_factor": None, "qk_norm": shape["qk_norm"], "x_block_self_attn_layers": shape["x_block_self_attn_layers"],
     }
+    if blocks is not None:
+        if not 2 <= blocks <= shape["depth"]:
+            raise SystemExit(f"--blocks must be 2..{shape['depth']} for {name}")
+        unet_config["num_blocks"] = blocks
     config = comfy.supported_models.SD3(unet_config)
     config.set_inference_dtype(torch.bfloat16, torch.float32)  # bf16 weights, float32 math (ComfyUI on a CPU)
     model = config.get_model({}, device="cpu")
@@ -126,15 +185,17 @@ def full(args):
     import nodes
 
     t0 = time.perf_counter()
-    model = full_model(args.full)
+    model = full_model(args.full, args.blocks)
     built = time.perf_counter() - t0
+    blocks = len(model.model.diffusion_model.joint_blocks)
+    record_cpu = per_block_record_cpu()
     clip = make_fixture_clip(t5=True)
     pos = nodes.CLIPTextEncode().encode(clip, "a cat and a dog on a sofa")[0]
     text, extra = pos[0]
     pos = [[text.repeat(1, 3, 1)[:, :333], extra]]  # 333 prompt tokens: CLIP 77 + T5 256, as the diffusers pipeline pads
     concepts = nodes.NODE_CLASS_MAPPINGS["AnchorDiffConcepts"].execute(clip, "cat, dog, sofa, background").args[0]
     patched, recorder = nodes.NODE_CLASS_MAPPINGS["AnchorDiffRecordAttention"].execute(
-        model, concepts, 0.5, 0, "", -1, 1, args.precision).args
+        model, concepts, 0.5, 0, args.graph_layers, args.seg4diff_layer, 1, args.precision).args
     latent = torch.zeros(1, 16, args.size // 8, args.size // 8)
     noise = comfy.sample.prepare_noise(latent, 0)
 
@@ -147,8 +208,11 @@ def full(args):
     outputs = {}
     for _ in range(args.repeats):
         for mode, m in (("plain", model), ("record", patched)):  # alternate, so drift hits both
+            record_cpu.clear()
             out, cpu, wall = forward(m)
             rows[mode].append({"cpu_s": cpu, "wall_s": wall})
+            if mode == "record":
+                rows[mode][-1]["recorder_cpu_s_per_block"] = [record_cpu.get(i, 0.0) for i in range(blocks)]
             outputs[mode] = out
     maps = nodes.NODE_CLASS_MAPPINGS["AnchorDiffReadMaps"].execute(recorder, {"samples": outputs["record"]}).args[0]
     result = {
@@ -162,6 +226,10 @@ def full(args):
     rec_cpu = min(r["cpu_s"] for r in rows["record"])
     result["ratio_cpu"] = rec_cpu / plain_cpu
     result["ratio_wall"] = min(r["wall_s"] for r in rows["record"]) / min(r["wall_s"] for r in rows["plain"])
+    depth = FULL_SHAPES[args.full]["depth"]
+    result.update(blocks=blocks, full_depth=depth, seg4diff_layer=maps.seg4diff_layer)
+    if blocks < depth:
+        result["extrapolated"] = extrapolate(result, FULL_SHAPES[args.full]["graph_layers"], FULL_SHAPES[args.full]["seg4diff_layer"])
     print(json.dumps(result))
     if args.json:
         with open(args.json, "w") as f:
@@ -173,6 +241,9 @@ def main():
     p.add_argument("--full", choices=sorted(FULL_SHAPES), default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="exact")
+    p.add_argument("--blocks", type=int, default=None, help="--full: keep only the first N joint blocks of that shape")
+    p.add_argument("--graph-layers", default="", help="--full: Record Attention's graph_layers ('' = the patch's default)")
+    p.add_argument("--seg4diff-layer", type=int, default=-1, help="--full: Record Attention's seg4diff_layer (-1 = default)")
     p.add_argument("--json", default=None, help="also write the result here (--full)")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--steps", type=int, default=8)

@@ -1,7 +1,10 @@
 """Regenerate the README's performance table from the benchmarks' JSON results.
 
-    python benchmarks/readme_table.py --run          # runs bench_core.py and bench_capture.py --full (long), then writes
-    python benchmarks/readme_table.py CORE.json FULL.json   # from saved results
+    python benchmarks/readme_table.py --run          # runs bench_core.py, bench_capture.py --full (long) and gpu_estimate.py, then writes
+    python benchmarks/readme_table.py CORE.json FULL.json [--large LARGE.json] [--gpu GPU.json]   # from saved results
+
+--large: bench_capture.py --full sd3.5-large --blocks N (depth-reduced; --run makes it with 4 blocks).
+--gpu: gpu_estimate.py --json (a roofline count, not a measurement; said so in the table).
 
 Replaces the text between the markers <!-- bench:begin --> and <!-- bench:end --> in README.md.
 """
@@ -50,12 +53,46 @@ def full_rows(full):
     ]
 
 
-def table(core, full):
+def large_rows(large):
+    plain, rec = min(r["cpu_s"] for r in large["plain"]), min(large["record"], key=lambda r: r["cpu_s"])
+    x = large.get("extrapolated")
+    lines = [
+        f"| {large['model']} shape (hidden 2432, 38 heads, qk-norm), first {large['blocks']} of {large['full_depth']} blocks, "
+        f"graph layers {large['graph_layers']}, Seg4Diff {large['seg4diff_layer']}: one forward | CPU-s (wall s) |",
+        "|---|---|",
+        f"| plain / recorded (maps kept: {large['held_mb']:.0f} MB) | {plain:.0f} ({min(r['wall_s'] for r in large['plain']):.0f}) / "
+        f"{rec['cpu_s']:.0f} ({rec['wall_s']:.0f}) |",
+        f"| recorded / plain, {large['blocks']} blocks | x{large['ratio_cpu']:.3f} by CPU time; image "
+        f"{'bit-identical' if large['identical'] else 'CHANGED'} |",
+    ]
+    if x:
+        lines.append(f"| extrapolated to all {large['full_depth']} blocks (not measured: {x['how']}) | x{x['ratio_cpu']:.3f} |")
+    return lines
+
+
+def gpu_rows(gpu):
+    f, c, u = gpu["fused"], gpu["fused_compact"], gpu["unfused"]
+    return [
+        f"| GPU: not measured (no GPU was available); `benchmarks/gpu_estimate.py`, H100 SXM roofline at "
+        f"{gpu['efficiency']:.0%} of peak, {gpu['tokens']} + {gpu['text']} tokens, K = {gpu['concepts']} | estimate |",
+        "|---|---|",
+        f"| recorded / plain forward, precision fast with the Triton kernels | x{f['ratio']:.2f} "
+        f"({f['recorded_ms']:.1f} / {f['plain_ms']:.1f} ms; recorder moves {f['record_gb']:.1f} GB; compact x{c['ratio']:.2f}) |",
+        f"| the same without triton (per-head scores through HBM) | x{u['ratio']:.2f} (recorder moves {u['record_gb']:.1f} GB) |",
+        f"| graph + propagation, K = {gpu['concepts']} | {f['graph_ms']:.1f} ms |",
+    ]
+
+
+def table(core, full, large=None, gpu=None):
     lines = ["Measured with `python benchmarks/readme_table.py --run` (CPU time next to wall time: the machine is shared).", ""]
     if core:
         lines += core_rows(core) + [""]
     if full:
-        lines += full_rows(full)
+        lines += full_rows(full) + [""]
+    if large:
+        lines += large_rows(large) + [""]
+    if gpu:
+        lines += gpu_rows(gpu)
     return "\n".join(lines).strip()
 
 
@@ -63,6 +100,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("core", nargs="?", help="bench_core.py --json output ('-' = none)")
     p.add_argument("full", nargs="?", help="bench_capture.py --full --json output")
+    p.add_argument("--large", default=None, help="bench_capture.py --full sd3.5-large --blocks N --json output")
+    p.add_argument("--gpu", default=None, help="gpu_estimate.py --json output")
     p.add_argument("--run", action="store_true")
     args = p.parse_args()
     if args.run:
@@ -70,12 +109,18 @@ def main():
         here = os.path.join(ROOT, "benchmarks")
         subprocess.run([sys.executable, os.path.join(here, "bench_core.py"), "--json", args.core], check=True)
         subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", "sd3-medium", "--json", args.full], check=True)
+        args.large, args.gpu = "/tmp/anchordiff_large.json", "/tmp/anchordiff_gpu.json"
+        subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", "sd3.5-large", "--blocks", "4",
+                        "--graph-layers", "1,2", "--seg4diff-layer", "0", "--repeats", "1", "--json", args.large], check=True)
+        subprocess.run([sys.executable, os.path.join(here, "gpu_estimate.py"), "--json", args.gpu], check=True, stdout=subprocess.DEVNULL)
     core = json.load(open(args.core)) if args.core and args.core != "-" else None
     full = json.load(open(args.full)) if args.full else None
+    large = json.load(open(args.large)) if args.large else None
+    gpu = json.load(open(args.gpu)) if args.gpu else None
     path = os.path.join(ROOT, "README.md")
     text = open(path).read()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    open(path, "w").write(text[:start] + "\n" + table(core, full) + "\n" + text[end:])
+    open(path, "w").write(text[:start] + "\n" + table(core, full, large, gpu) + "\n" + text[end:])
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ import comfy.sample
 import comfy.samplers
 from comfy_api.latest import io, ui
 
-from ..anchordiff_core.attention import PRECISIONS
-from ..anchordiff_core.recorder import RecordSpec
+from ..anchordiff_core.recorder import RECORD_PRECISIONS, RecordSpec
 from . import sd3_patch
 from .common import CATEGORY, Concepts, Maps, Recorder
 from .sd3_patch import AnchorDiffError, AttentionRecorder, RecordSettings
@@ -21,7 +20,9 @@ GRAPH_LAYERS_TIP = (
 PRECISION_TIP = (
     "exact: the maps in float32 throughout, kept where ComfyUI keeps intermediates. fast (for GPUs): the image "
     "self-attention output through the fused attention kernel in the model's dtype, TF32 scores with float32 "
-    "sums, maps kept on the GPU; slower than exact on a CPU. See docs/DESIGN.md."
+    "sums (a fused Triton kernel for the head mean when triton is installed), maps kept on the GPU; slower than "
+    "exact on a CPU. compact: fast, and the image self-attention map stored in float16 (half the memory; may "
+    "flip a few gate edges). See docs/DESIGN.md."
 )
 SEG4DIFF_TIP = "Joint block for the Seg4Diff baseline map; -1 = block 9 on SD3 Medium (Seg4Diff's expert layer), same relative depth elsewhere."
 
@@ -96,7 +97,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
                 io.Int.Input("record_step", default=-1, min=-1, max=10000, tooltip="-1: use record_at. Otherwise record this sampled step index (0-based)."),
                 *_common_inputs(),
                 io.Int.Input("keep_runs", default=2, min=1, max=16, tooltip="How many sampling runs' maps to keep in memory."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="exact", optional=True, tooltip=PRECISION_TIP),
+                io.Combo.Input("precision", options=list(RECORD_PRECISIONS), default="exact", optional=True, tooltip=PRECISION_TIP),
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model", tooltip="The patched model: connect it to the sampler."),

@@ -325,7 +325,7 @@ class AttentionRecorder:
                      transformer_options, **kwargs):
         diffusion_model = executor.class_obj.diffusion_model
         # fast: the maps stay on the compute device until the graph is built (no host round trip)
-        store = None if self.spec.precision == "fast" else comfy.model_management.intermediate_device()
+        store = None if self.spec.precision != "exact" else comfy.model_management.intermediate_device()
         call = _Call(self, diffusion_model, rows.to(x.device), store)
         options = dict(transformer_options)
         patches = dict(options.get("patches_replace", {}))

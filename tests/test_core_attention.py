@@ -110,3 +110,15 @@ def test_fast_precision_matches_exact_within_tolerance(dtype, o_tolerance):
     assert (o_f - o_e).abs().max() <= o_tolerance * o_e.abs().max()
     with pytest.raises(ValueError, match="precision must be one of"):
         ad.image_self_attention(q, k, v, 4, precision="half")
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_a_compact_store_gets_the_float32_head_mean_rounded_once(precision):
+    """out_a in float16 (the recorder's compact precision): summed over heads in float32, then rounded."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 30, 8 * 8, generator=g) * 2 for _ in range(3))
+    want = ad.image_self_attention(q, k, v, 8, 8 * 30 * 4 * 7, precision=precision)[0]
+    store = torch.full((2, 2, 30, 30), float("nan"), dtype=torch.float16)
+    ad.image_self_attention(q, k, v, 8, 8 * 30 * 4 * 7, out_a=store[:, 1], precision=precision)
+    assert torch.isnan(store[:, 0]).all()
+    assert torch.equal(store[:, 1], want.half())
