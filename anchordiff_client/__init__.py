@@ -544,7 +544,7 @@ def run_prompt(prompt: dict, server: str = DEFAULT_SERVER, output_dir="comfy_out
     result.outputs = entry.get("outputs", {})
     out = Path(output_dir)
     for node_id, output in result.outputs.items():
-        for image in output.get("images", []):
+        for image in output_files(output):
             saved = image.get("type") == "output"
             if not saved and not previews:
                 continue
@@ -561,6 +561,14 @@ def run_prompt(prompt: dict, server: str = DEFAULT_SERVER, output_dir="comfy_out
         raise OutputsMissing(missing, result.node_errors, prompt, result)
     progress.say(f"done in {result.seconds:.1f} s: {len(result.files)} file(s) in {out}")
     return result
+
+
+def output_files(output: dict) -> list[dict]:
+    """The files one node's /history output names ({filename, subfolder, type}), in order: its
+    `images` and any other list of them (AnchorDiff's previews are `anchordiff_images`, which
+    frontends leave to the pack's own extension; other nodes use `gifs`, `audio`...)."""
+    return [item for items in output.values() if isinstance(items, list)
+            for item in items if isinstance(item, dict) and "filename" in item and "type" in item]
 
 
 def _cached_in(entry: dict) -> set:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..anchordiff_core import pipeline
-from .common import BASELINE_CATEGORY, MAPS_TIP, Heat, Maps, check_image, heat_preview, parse_block_list, user_errors
+from .common import BASELINE_CATEGORY, MAPS_TIP, PREVIEW_SCHEMA, Heat, Maps, check_image, heat_preview, parse_block_list, user_errors
 
 LAYERS_TIP = "Joint blocks to average (comma-separated, 0-based); empty = all blocks."
 
@@ -24,6 +24,7 @@ class AnchorDiffCrossAttentionHeat(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AnchorDiffCrossAttentionHeat",
+            **PREVIEW_SCHEMA,
             display_name="Cross-Attention Heat (baseline)",
             category=BASELINE_CATEGORY,
             description="Raw concept-to-image attention, averaged over heads and blocks, as a heat map.",
@@ -42,6 +43,7 @@ class AnchorDiffConceptAttentionHeat(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AnchorDiffConceptAttentionHeat",
+            **PREVIEW_SCHEMA,
             display_name="ConceptAttention Heat (baseline)",
             category=BASELINE_CATEGORY,
             description=(
@@ -68,6 +70,7 @@ class AnchorDiffSeg4DiffHeat(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AnchorDiffSeg4DiffHeat",
+            **PREVIEW_SCHEMA,
             display_name="Seg4Diff Heat (baseline)",
             category=BASELINE_CATEGORY,
             description="Seg4Diff (Kim et al., 2025): image-to-text attention of the expert block (set on the recorder).",

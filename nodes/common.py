@@ -60,11 +60,25 @@ def check_image(image: Optional[torch.Tensor], batch: int) -> Optional[torch.Ten
     return image
 
 
+# The ui key of our preview pictures (ComfyUI temp images, as `ui.PreviewImage` saves them). Not
+# `images`: every frontend draws a node's `images` itself (the classic canvas under the widgets,
+# Nodes 2.0 under the node, and 1.32.9's Nodes 2.0 gives a node no way to opt out), so our
+# pictures would show twice. Only web/anchordiff.js draws this key; /history keeps it like any
+# other (anchordiff_client downloads every file an output names).
+PREVIEW_KEY = "anchordiff_images"
+
+
+# Schema flags of the nodes with a preview: ComfyUI 0.33 resends a node's cached ui (our previews)
+# at every run when its schema has `has_intermediate_output` (without making it an output node);
+# older ComfyUI (0.3.75) has no such flag, so there a run answered from the cache shows no preview
+# (web/anchordiff.js restores the newest stored one after a page reload).
+PREVIEW_SCHEMA = {"has_intermediate_output": True} if "has_intermediate_output" in getattr(io.Schema, "__dataclass_fields__", {}) else {}
+
+
 def preview_ui(cls, images: list[torch.Tensor], info: dict) -> dict:
-    """ui dict: the preview images plus layout info for the web extension."""
+    """ui dict: the preview images (under PREVIEW_KEY) plus layout info for the web extension."""
     saved = ui.PreviewImage(torch.cat(images, dim=0), cls=cls).as_dict()
-    saved["anchordiff"] = [info]
-    return saved
+    return {PREVIEW_KEY: saved["images"], "anchordiff": [info]}
 
 
 def heat_preview(cls, soft: torch.Tensor, names, image_size, image=None, points=None, manual=None) -> dict:

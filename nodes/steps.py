@@ -11,8 +11,8 @@ from ..anchordiff_core.concepts import concept_index
 from ..anchordiff_core.masks import EDGE_RADIUS
 from . import preview
 from .common import (
-    CATEGORY, MAPS_TIP, Anchors, Graph, Heat, Maps, check_image, heat_preview, parse_block_list, preview_ui, progress_callback,
-    user_errors,
+    CATEGORY, MAPS_TIP, PREVIEW_SCHEMA, Anchors, Graph, Heat, Maps, check_image, heat_preview, parse_block_list, preview_ui,
+    progress_callback, user_errors,
 )
 from .sd3_patch import AnchorDiffError
 
@@ -40,6 +40,7 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AnchorDiffAnchorSelect",
+            **PREVIEW_SCHEMA,
             display_name="Anchor Select",
             category=CATEGORY,
             description=(
@@ -132,6 +133,7 @@ class AnchorDiffPropagate(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AnchorDiffPropagate",
+            **PREVIEW_SCHEMA,
             display_name="Propagate",
             category=CATEGORY,
             description="Spread each anchor over the gated graph (all concepts at once) into a heat map per concept.",
@@ -163,6 +165,7 @@ class AnchorDiffMask(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AnchorDiffMask",
+            **PREVIEW_SCHEMA,
             display_name="Mask",
             category=CATEGORY,
             description="Turn heat maps (AnchorDiff or a baseline) into ComfyUI MASKs at image resolution.",

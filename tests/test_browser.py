@@ -54,10 +54,6 @@ def frontend() -> tuple[str, Path | None]:
 
 
 FRONTEND, FRONTEND_ROOT = frontend()
-# Nodes 2.0 leaves a node's `images` outputs to the node where it honours node.hideOutputImages
-# (1.49.6 does; 1.32.9's Vue nodes have no such flag and show the core preview under ours).
-VUE_HIDES_OUTPUT_IMAGES = tuple(int(p) for p in FRONTEND.split(".")[:3]) >= (1, 49, 6)
-MISSING_NODES_DIALOG = tuple(int(p) for p in FRONTEND.split(".")[:3]) < (1, 49, 6)  # seen with 1.32.9 only
 
 
 def find_chromium() -> str | None:
@@ -402,8 +398,6 @@ def assert_previews_once(ui: Page, ids: dict, names=("anchors", "prop", "mask", 
         node_id = ids[name]
         assert ui.page.locator(f'.anchordiff-preview[data-node-id="{node_id}"]').count() == 1, name
         assert ui.page.locator(f'.anchordiff-preview[data-node-id="{node_id}"] img.anchordiff-image').count() == 1, name
-        if ui.mode == "nodes2" and not VUE_HIDES_OUTPUT_IMAGES:
-            continue  # that frontend's Vue nodes show the core preview too: a known limit (README)
         assert other_pictures(ui, node_id) == [], (name, other_pictures(ui, node_id))
 
 
@@ -521,9 +515,6 @@ def test_chain_previews_and_click_to_anchor(ui, server):
     assert not ui.our_errors(), ui.our_errors()
 
 
-@pytest.mark.skip(reason="UNFINISHED (issue 9): on frontend 1.49.6 the tab switch restores the previews in classic "
-                  "mode, but the reload part times out, and in Nodes 2.0 the first run's previews were not seen "
-                  "loading here (a busy machine); not yet diagnosed")
 def test_previews_survive_tab_switch_and_reload(ui, server):
     """The pictures stay with their nodes (once each) when the user opens another workflow tab and
     comes back, and after a page reload."""
@@ -550,35 +541,64 @@ def test_previews_survive_tab_switch_and_reload(ui, server):
     assert_previews_once(ui, ids)
     screenshot(ui, "browser_after_tab_switch.png")
 
-    # a reload: the frontend may not keep node outputs over it (then no node shows its pictures);
-    # a run answered from ComfyUI's cache brings them back, once each
+    # a reload: the frontend keeps no node outputs over it; the extension shows the newest pictures
+    # ComfyUI's /history holds for this workflow's nodes, without a run
     ui.page.reload()
     ui.open()
     ui.page.wait_for_function(f"({graph_size})() === {len(CHAIN)}", timeout=20_000)
-    if not ui.js("(id) => !!window.comfyAPI.app.app.nodeOutputs?.[id]", ids["anchors"]):
-        assert ui.page.locator(".anchordiff-preview img").count() == 0
-        run(ui)
+    assert not ui.js("(id) => !!window.comfyAPI.app.app.nodeOutputs?.[id]", ids["anchors"])
     for n in previewed:
         show_node(ui, ids[n])
-        wait_loaded(ui, ids[n])
+        assert picture(wait_loaded(ui, ids[n])) == picture(srcs[n]), f"{n}: not the stored preview after the reload"
+    assert_previews_once(ui, ids)
+    screenshot(ui, "browser_after_reload.png")
+
+    # a run answered from ComfyUI's cache (0.33 resends our nodes' cached previews, 0.3.75 sends
+    # nothing for them) leaves the same pictures, once each
+    entry = run(ui)
+    node_info = http_json(f"{server}/object_info/AnchorDiffAnchorSelect")["AnchorDiffAnchorSelect"]
+    resent = node_info.get("has_intermediate_output", False)  # the schema flag, where ComfyUI has it
+    assert ({ids[n] for n in previewed} <= set(entry["outputs"])) == resent, (resent, set(entry["outputs"]))
+    for n in previewed:
+        show_node(ui, ids[n])
+        assert picture(wait_loaded(ui, ids[n])) == picture(srcs[n]), f"{n}: another picture after a cached run"
     assert_previews_once(ui, ids)
     assert not ui.our_errors(), ui.our_errors()
 
 
-def load_workflow(ui: Page, workflow: dict, name: str) -> tuple[list[str], list[str]]:
-    """Load a UI workflow as the app does; (node types missing, texts of dialogs and error toasts shown)."""
-    ui.js("""async ([wf, name]) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, name,
-             { showMissingNodesDialog: true, showMissingModelsDialog: false }); }""", [workflow, name])
+# What a frontend shows when a loaded workflow has a problem (missing node types, models...): a dialog
+# or an error toast (1.32.9), or the error overlay at the top right of the canvas (1.49.6, 1.58.1:
+# "Missing node: <type>", with "View details" opening the Errors tab of the right side panel).
+DIALOGS = ".p-dialog:visible, .p-toast-message-error:visible"
+SHOWN_PROBLEMS = DIALOGS + ", [data-testid='error-overlay']:visible"
+
+
+def load_workflow(ui: Page, workflow: dict, name: str, scan_assets: bool = True) -> tuple[list[str], list[str]]:
+    """Load a UI workflow as the app does; (node types missing, texts of dialogs, error toasts and
+    error overlays shown). The missing-models dialog (1.32.9) is never shown. `scan_assets=False`
+    (the example workflows: their model files and input images are not on test machines) skips
+    1.49.6+'s scans for them, which on 1.58.1 also surface missing node types (check those with the
+    first element of the answer), and does not read the error overlay.
+    UNFINISHED (issue 9): 1.49.6 in Nodes 2.0 still reports the absent model files and images in the
+    overlay with the scans skipped ("5 errors found" for workflow 02, "sd3_medium_incl_clips_t5xxlfp16
+    .safetensors is missing" for 01 and 03), so the example workflows' overlay is not checked yet;
+    placeholder files with those names on the test server would let it be."""
+    ui.js("""async ([wf, name, scan]) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, name,
+             { showMissingNodesDialog: true, showMissingModelsDialog: false, skipAssetScans: !scan }); }""",
+          [workflow, name, scan_assets])
     ui.page.wait_for_timeout(500)  # dialogs open asynchronously
     missing = ui.js("""() => window.comfyAPI.app.app.graph.nodes
         .filter((n) => !window.LiteGraph.registered_node_types[n.type]).map((n) => n.type)""")
-    shown = ui.page.locator(".p-dialog:visible, .p-toast-message-error:visible")
+    shown = ui.page.locator(SHOWN_PROBLEMS if scan_assets else DIALOGS)
     return missing, [shown.nth(i).inner_text()[:300] for i in range(shown.count())]
 
 
 def close_dialogs(ui: Page):
     ui.page.keyboard.press("Escape")
-    ui.page.locator(".p-dialog:visible").first.wait_for(state="hidden", timeout=5000)
+    dismiss = ui.page.locator("[data-testid='error-overlay-dismiss']:visible")
+    if dismiss.count():
+        dismiss.first.click()
+    ui.page.locator(SHOWN_PROBLEMS).first.wait_for(state="hidden", timeout=5000)
 
 
 def test_workflow_check_sees_missing_nodes(ui):
@@ -588,11 +608,9 @@ def test_workflow_check_sees_missing_nodes(ui):
     next(n for n in workflow["nodes"] if str(n["id"]) == ids["clip"])["type"] = "AnchorDiffNoSuchNode"
     missing, shown = load_workflow(ui, workflow, "missing_node")
     assert missing == ["AnchorDiffNoSuchNode"]
-    if MISSING_NODES_DIALOG:
-        assert any("AnchorDiffNoSuchNode" in text for text in shown), shown
-    # UNFINISHED (issue 9): frontends 1.49.6 and 1.58.1 detect the missing type (above) but showed no
-    # dialog this helper reads; where they report it instead is not yet diagnosed.
+    assert any("AnchorDiffNoSuchNode" in text for text in shown), shown
     close_dialogs(ui)
+    assert ui.page.locator(SHOWN_PROBLEMS).count() == 0
 
 
 WORKFLOWS = ui_workflows()
@@ -605,7 +623,7 @@ WORKFLOWS = ui_workflows()
 )
 def test_workflow_loads(ui, path):
     workflow = json.loads(path.read_text())
-    missing, shown = load_workflow(ui, workflow, path.stem)
+    missing, shown = load_workflow(ui, workflow, path.stem, scan_assets=False)
     assert missing == [], f"{path.name}: node types missing: {missing}"
     assert shown == [], f"{path.name}: dialog or error shown: {shown}"
     loaded = ui.js("() => window.comfyAPI.app.app.graph.nodes.length")
@@ -621,7 +639,7 @@ def test_example_workflow_one_runs_from_the_canvas(ui, server):
 
     path = REPO / "workflows" / "anchordiff-01-generate-mask-inpaint.json"
     workflow = json.loads(path.read_text())
-    missing, shown = load_workflow(ui, workflow, path.stem)
+    missing, shown = load_workflow(ui, workflow, path.stem, scan_assets=False)
     assert missing == [] and shown == [], (missing, shown)
     rewritten = []
 

@@ -159,3 +159,13 @@ def test_timeout_is_honoured_while_connecting(tmp_path, capsys, monkeypatch, wit
     assert code == 4
     assert seconds < 4.5, f"gave up after {seconds:.1f} s with --timeout 2"
     assert "cannot reach ComfyUI" in capsys.readouterr().err
+
+
+def test_output_files_are_every_file_an_output_names():
+    """SaveImage's `images`, AnchorDiff's previews (`anchordiff_images`), other nodes' file lists; not
+    the layout info, text or flags next to them."""
+    saved = {"filename": "m_00001_.png", "subfolder": "masks", "type": "output"}
+    preview = {"filename": "ComfyUI_temp_x_00001_.png", "subfolder": "", "type": "temp"}
+    assert cc.output_files({"images": [saved]}) == [saved]
+    assert cc.output_files({"anchordiff_images": [preview], "anchordiff": [{"concepts": ["cat"], "panels": 1}]}) == [preview]
+    assert cc.output_files({"text": ["step 14"], "animated": [False], "gifs": [saved, preview]}) == [saved, preview]

@@ -222,8 +222,15 @@ def test_chain_gives_one_mask_per_concept(server, tmp_path):
     assert {"execution_start", "executing", "progress", "executed", "execution_success"} <= kinds
     masks = saved_masks(result)
     check_concept_masks(masks, (256, 256), concepts=2)
-    # previews of Anchor Select, Propagate and Mask reach /history as ComfyUI temp images
-    assert {"10", "12", MASK_NODE} <= {n for n, out in result.outputs.items() if out.get("images")}
+    # previews of Anchor Select, Propagate and Mask reach /history as ComfyUI temp images under our
+    # own key (not `images`, which frontends draw themselves), and the client downloads them
+    previewed = {n for n, out in result.outputs.items() if out.get("anchordiff_images")}
+    assert {"10", "12", MASK_NODE} <= previewed
+    assert not any(result.outputs[n].get("images") for n in previewed)
+    for n in previewed:
+        assert [f.name for f in result.node_files[n]] == [
+            f"preview-{n}-{i['filename']}" for i in result.outputs[n]["anchordiff_images"]]
+        assert all(i["type"] == "temp" for i in result.outputs[n]["anchordiff_images"])
 
 
 def test_client_without_websocket_polls_history(server, tmp_path, monkeypatch):

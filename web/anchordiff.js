@@ -1,7 +1,8 @@
 // AnchorDiff for ComfyUI: readable previews on our nodes and click-to-anchor on "Anchor Select".
 //
-// The backend renders each preview as one row of panels (one per concept) and sends, next to
-// `images`, `anchordiff: [{concepts, colors, image_size: [H, W], panels, manual}]`.  This extension
+// The backend renders each preview as one row of panels (one per concept) and sends them as
+// `anchordiff_images` (ComfyUI temp images; not `images`, which every frontend draws by itself),
+// with `anchordiff: [{concepts, colors, image_size: [H, W], panels, manual}]`.  This extension
 // shows those rows in a DOM widget of our own (so the click geometry is the <img>'s own), with a
 // legend of the concept colours.  On Anchor Select, a click on panel c writes "<concept>: x, y"
 // (image pixels) into the node's `manual_anchors` widget; shift-click adds another point.
@@ -19,6 +20,8 @@ const PREVIEW_NODES = new Set([
   "AnchorDiffSeg4DiffHeat",
 ]);
 const PREVIEW_WIDGET = "anchordiff_preview";
+const IMAGES_KEY = "anchordiff_images"; // the node output key of our pictures (nodes/common.py)
+const HISTORY_ITEMS = 64; // newest /history entries searched for a reloaded workflow's pictures
 const RESET_BUTTON = "reset to automatic";
 const LEGEND_SETTING = "AnchorDiff.Preview.Legend";
 const PANEL_MIN_WIDTH = 200; // px of node width per concept panel when a preview arrives
@@ -117,10 +120,10 @@ class Preview {
     else this.hint.textContent = "";
   }
 
-  /** Show a node output ({images, anchordiff}); the same output twice is shown once. */
+  /** Show a node output ({anchordiff_images, anchordiff}); the same output twice is shown once. */
   show(output) {
     const info = output?.anchordiff?.[0];
-    const images = output?.images ?? [];
+    const images = output?.[IMAGES_KEY] ?? [];
     const key = images.map((i) => `${i.type}/${i.subfolder}/${i.filename}`).join("|");
     if (!info || !images.length || key === this.key) return;
     this.key = key;
@@ -312,6 +315,37 @@ function showRecordedStep(nodeType) {
   };
 }
 
+/** Inputs of an API prompt node, comparable whatever their key order. */
+function inputsKey(node) {
+  const inputs = node?.inputs ?? {};
+  return JSON.stringify(Object.keys(inputs).sort().map((k) => [k, inputs[k]]));
+}
+
+/** The graph's nodes with a preview but no picture (after a page reload the frontend holds no node
+ *  outputs): show the newest pictures ComfyUI's /history holds for them, from a run in which the
+ *  node had the id, type and inputs (widget values, links) it has now. Root graph only. */
+async function restoreFromHistory() {
+  const graph = app.rootGraph ?? app.graph;
+  const empty = () => (graph?.nodes ?? []).filter((n) => n.anchordiffPreview && !n.anchordiffPreview.info);
+  if (!empty().length) return;
+  let history, now;
+  try {
+    const response = await api.fetchApi(`/history?max_items=${HISTORY_ITEMS}`);
+    if (!response.ok) return;
+    history = Object.values(await response.json()).reverse(); // newest first
+    now = (await app.graphToPrompt()).output; // the prompt this graph would queue now
+  } catch {
+    return; // nothing stored to show: the next run brings the pictures
+  }
+  for (const node of empty()) { // the nodes still empty now (a run may have filled some meanwhile)
+    const id = String(node.id);
+    if (now?.[id]?.class_type !== node.comfyClass) continue;
+    const entry = history.find((h) => h.outputs?.[id]?.[IMAGES_KEY]?.length
+      && h.prompt?.[2]?.[id]?.class_type === node.comfyClass && inputsKey(h.prompt[2][id]) === inputsKey(now[id]));
+    if (entry) node.anchordiffPreview.show(entry.outputs[id]);
+  }
+}
+
 const EXTENSION_NAME = "AnchorDiff.Previews";
 
 // ComfyUI serves web/ twice when the pack's folder is not named like the project ("anchordiff"):
@@ -340,17 +374,16 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION_NAME)) app
       onExecuted?.apply(this, arguments);
       this.anchordiffPreview?.show(output);
     };
-    // The canvas (classic mode) draws `images` outputs itself in onDrawBackground; our widget
-    // shows them instead, so this node type skips that default preview.
-    nodeType.prototype.onDrawBackground = function () {};
   },
 
   nodeCreated(node) {
     if (!PREVIEW_NODES.has(node.comfyClass)) return;
-    // Nodes 2.0 (Vue nodes) shows `images` outputs under the widgets unless the node opts out,
-    // as core nodes with their own picture widget do.
-    node.hideOutputImages = true;
     addPreview(node);
+  },
+
+  // A workflow was loaded (a page reload, a tab, a file): not awaited, so loading does not wait on it.
+  afterConfigureGraph() {
+    restoreFromHistory();
   },
 
   // The frontend replaced its stored outputs: a workflow tab shown again, a run loaded from the
