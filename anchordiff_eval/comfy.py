@@ -65,6 +65,13 @@ def load_comfyui(comfyui_dir, cpu: bool = False):
     return sys.modules[name]
 
 
+def pack_module(pack, dotted: str):
+    """The pack's submodule `dotted` (e.g. "nodes.record") as ComfyUI runs it. Through sys.modules,
+    not attributes: a pack module that was loaded again in this process (a second
+    load_custom_node) gets no attributes for submodules that were already imported."""
+    return importlib.import_module(f"{pack.__name__}.{dotted}")
+
+
 def _callable(spec: str, what: str) -> Callable:
     """'package.module:function' -> the function."""
     module, _, attr = spec.partition(":")
@@ -157,16 +164,16 @@ class NodeRecorder:
 
         self.pack, self.models, self.options = pack, models, options
         self.nodes = nodes
-        self.pipeline = pack.anchordiff_core.pipeline
+        self.pipeline = pack_module(pack, "anchordiff_core.pipeline")
         self.device = comfy.model_management.get_torch_device()
-        self.variant = pack.nodes.sd3_patch.model_variant(pack.nodes.sd3_patch.sd3_diffusion_model(models.model))
+        self.variant = pack_module(pack, "nodes.sd3_patch").model_variant(pack_module(pack, "nodes.sd3_patch").sd3_diffusion_model(models.model))
         self._concepts: dict = {}
         self._prompts: dict = {}
 
     def _encoded(self, concepts: Sequence[str]):
         key = tuple(concepts)
         if key not in self._concepts:
-            node = self.pack.nodes.record.AnchorDiffConcepts
+            node = pack_module(self.pack, "nodes.record").AnchorDiffConcepts
             self._concepts = {key: node.execute(self.models.clip, "\n".join(concepts)).args[0]}
         return self._concepts[key]
 
@@ -180,7 +187,7 @@ class NodeRecorder:
         o = self.options
         pixels = torch.from_numpy(np.array(image, dtype=np.float32)).div(255)[None]
         latent = self.nodes.VAEEncode().encode(self.models.vae, pixels)[0]
-        look = self.pack.nodes.record.AnchorDiffLookAtImage
+        look = pack_module(self.pack, "nodes.record").AnchorDiffLookAtImage
         maps = look.execute(self.models.model, self._encoded(concepts), self._positive(prompt), latent, o.seed,
                             o.record_at, o.graph_layers, o.seg4diff_layer).args[0]
         pl = self.pipeline

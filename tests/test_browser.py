@@ -267,8 +267,12 @@ CHAIN = [
     {"id": "read", "type": "AnchorDiffReadMaps", "pos": [680, 20], "inputs": {"recorder": ["record", 1], "latent": ["sampler", 0]}},
     {"id": "anchors", "type": "AnchorDiffAnchorSelect", "pos": [680, 130], "size": [440, 560],
      "inputs": {"maps": ["read", 0], "image": ["decode", 0]}},
-    {"id": "graph", "type": "AnchorDiffBuildGatedGraph", "pos": [680, 730], "inputs": {"maps": ["read", 0]}},
-    {"id": "prop", "type": "AnchorDiffPropagate", "pos": [1160, 20], "size": [440, 330],
+    # The paper's fixed gate and steps, not "auto": on this random-weight model the auto rule's looser
+    # gate (16 neighbours per token at 16 x 16) mixes the whole graph within its 40 steps, so moving
+    # the dog's anchor would not move its mask, which is what the click-to-anchor check needs to see.
+    {"id": "graph", "type": "AnchorDiffBuildGatedGraph", "pos": [680, 730], "widgets": {"gate_setting": "paper (98th percentile)"},
+     "inputs": {"maps": ["read", 0]}},
+    {"id": "prop", "type": "AnchorDiffPropagate", "pos": [1160, 20], "size": [440, 330], "widgets": {"steps_setting": "paper (160 steps)"},
      "inputs": {"graph": ["graph", 0], "anchors": ["anchors", 0]}},
     {"id": "mask", "type": "AnchorDiffMask", "pos": [1160, 390], "size": [300, 470],
      "inputs": {"heat": ["prop", 0], "image": ["decode", 0]}},
