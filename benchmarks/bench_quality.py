@@ -105,6 +105,8 @@ def run(toy, toyd, seeds, size: int, record_at: float, log=print, with_figure: b
     same_as_paper = defaultdict(list)                 # method -> per concept: heat equal to the paper's
     agree = defaultdict(list)                         # ComfyUI vs diffusers capture
     mask_area = defaultdict(list)                     # method -> per concept: share of the image in its mask
+    multi = defaultdict(BinarySegmentationMeter)      # method -> phrases naming two or more objects
+    reached = defaultdict(list)                       # method -> per instance of those: >= 25% of it in the mask
     figure_rows = []
     n = 0
     for seed in seeds:
@@ -169,6 +171,13 @@ def run(toy, toyd, seeds, size: int, record_at: float, log=print, with_figure: b
             if len(objs) == 1:
                 k = phrase[objs[0].phrase]
                 binary[method].update(hm[k], truths[k])
+            for k, concept in enumerate(scene.concepts):
+                if concept.level == "phrase" and len(concept.objects) >= 2:
+                    multi[method].update(hm[k], truths[k])
+                    mask = mean_threshold(hm[k])
+                    for i in concept.objects:
+                        visible = scene.object_masks[i]
+                        reached[method].append(float(mask[visible].mean() >= 0.25) if visible.any() else 1.0)
         if with_figure and len(figure_rows) < 3 and scene.kind == "lookalike":
             k = phrase[objs[scene.lookalike[0]].phrase]
             figure_rows.append((scene, k, {m: h[k] for m, h in heats.items()}))
@@ -181,6 +190,9 @@ def run(toy, toyd, seeds, size: int, record_at: float, log=print, with_figure: b
     for method, meter in binary.items():
         if meter.n_images:
             table.setdefault(method, {})["single object"] = meter.compute()
+    for method, meter in multi.items():
+        if meter.n_images:
+            table.setdefault(method, {})["multi-instance"] = meter.compute() | {"instances reached": float(np.mean(reached[method]))}
     for method, hits in anchor_hits.items():
         table.setdefault(method, {})["anchor accuracy"] = float(np.mean(hits))
     for method, (wall, cpu) in times.items():
@@ -197,27 +209,32 @@ def run(toy, toyd, seeds, size: int, record_at: float, log=print, with_figure: b
 
 
 def markdown(r: dict) -> str:
-    head = ("| method | look-alike mIoU_fg | mAP_fg | NAR | unrelated mIoU_fg | NAR | single-object mIoU | mAP | anchor acc. | ms/image (wall / CPU) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|")
+    head = ("| method | look-alike mIoU_fg | mAP_fg | Acc_fg | NAR | unrelated mIoU_fg | Acc_fg | NAR | single-object Acc | mIoU | mAP | "
+            "multi-instance mIoU | instances reached | anchor acc. | ms/image (wall / CPU) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     f = lambda v: "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"  # noqa: E731
     for method, m in r["methods"].items():
         la, un, so = m.get("look-alike pairs", {}), m.get("unrelated pairs", {}), m.get("single object", {})
-        t = m.get("ms per image", {})
-        rows.append(f"| {method} | {f(la.get('miou_fg'))} | {f(la.get('map_fg'))} | {f(la.get('nar'))} | {f(un.get('miou_fg'))} | "
-                    f"{f(un.get('nar'))} | {f(so.get('miou'))} | {f(so.get('map'))} | {f(m.get('anchor accuracy'))} | "
+        mi, t = m.get("multi-instance", {}), m.get("ms per image", {})
+        rows.append(f"| {method} | {f(la.get('miou_fg'))} | {f(la.get('map_fg'))} | {f(la.get('acc_fg'))} | {f(la.get('nar'))} | "
+                    f"{f(un.get('miou_fg'))} | {f(un.get('acc_fg'))} | {f(un.get('nar'))} | {f(so.get('acc'))} | {f(so.get('miou'))} | "
+                    f"{f(so.get('map'))} | {f(mi.get('miou'))} | {f(mi.get('instances reached'))} | {f(m.get('anchor accuracy'))} | "
                     f"{t.get('wall', 0):.1f} / {t.get('cpu', 0):.1f} |")
     paper = r["methods"][PAPER]
     n_la = paper.get("look-alike pairs", {}).get("n", 0)
     n_un = paper.get("unrelated pairs", {}).get("n", 0)
     n_so = paper.get("single object", {}).get("n_images", 0)
+    n_mi = paper.get("multi-instance", {}).get("n_images", 0)
     rec = "; ".join(f"{k} {v['wall']:.0f} ms wall, {v['cpu']:.0f} ms CPU" for k, v in r["recording_ms"].items())
     agree = r["capture agreement"]
     worst_map = max(v["max"] for k, v in agree.items() if k.endswith("/ max |value|"))
     same = {m: v["share of concepts with the paper's heat"] for m, v in r["methods"].items()
             if "graph layer" in m or "W_cos" in m or m == DIFFUSERS}
     foot = (f"\n{r['scenes']} held-out scenes at {r['size']} px, record_at {r['record_at']}: {n_la} look-alike and {n_un} unrelated "
-            f"target/confuser pairs and {n_so} single-object images, **{n_la + n_un + n_so} image-concept pairs**. "
+            f"target/confuser pairs, {n_so} single-object images and {n_mi} phrases naming two instances, **{n_la + n_un + n_so + n_mi} image-concept pairs**; "
+            f"Acc_fg and NAR as eq. 14; multi-instance: binary mIoU of the two-instance phrases, and the share of their instances with at least "
+            f"25% of the instance's pixels in the mask (heat > mean). "
             f"Per image: {rec}.\n\n"
             f"ComfyUI vs diffusers capture: largest map difference {worst_map:.1e} of the map's largest value, paper anchors equal in "
             f"{agree['paper anchors equal']['mean']:.1%} of scenes, heat max |diff| {agree['paper heat max |diff|']['max']:.1e}, "
