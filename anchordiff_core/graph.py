@@ -193,7 +193,7 @@ def build_gated_graph(
     attention_weights = weights == "attention"
     if gate_percentile is not None:
         _check_percentile(gate_percentile)
-    w_attn = _attention_cosines(_layer_mean(a_layers, device), check) if gate_percentile is not None or attention_weights else None
+    w_attn = _attention_cosines(_layer_mean(a_layers, device, check), check) if gate_percentile is not None or attention_weights else None
     if gate_percentile is None:
         tau, threshold = -math.inf, None
     else:
@@ -202,7 +202,7 @@ def build_gated_graph(
     if attention_weights:
         o = None
     else:
-        o = _layer_mean(o_layers, device)
+        o = _layer_mean(o_layers, device, check)
         o_norms = o.norm(dim=1).clamp_min(1e-12)
 
     # W = W_cos * G row block by row block; W is symmetric (W_attn exactly, by construction),
@@ -262,14 +262,22 @@ def _layers(x, name: str) -> list[torch.Tensor]:
     return [as_float_matrix(layer, name) for layer in x]
 
 
-def _layer_mean(layers: list[torch.Tensor], device) -> torch.Tensor:
-    """Mean of the layers on `device`: the input itself for one layer, else one new buffer."""
+def _layer_mean(layers: list[torch.Tensor], device, check: Callable[[], None]) -> torch.Tensor:
+    """Mean of the layers on `device`: the input itself for one layer, else one new buffer, summed
+    in blocks of rows with `check()` between them (2 x 1 GiB at 2048 x 2048 take about a second)."""
     if len(layers) == 1:
         return layers[0].to(device)
-    mean = layers[0].to(device, copy=True)
-    for layer in layers[1:]:
-        mean.add_(layer.to(device))
-    return mean.div_(len(layers))
+    n = layers[0].shape[0]
+    mean = torch.empty(layers[0].shape, dtype=torch.float32, device=device)
+    rows = max(1, 8 * _chunk_elements(device) // max(1, layers[0].shape[1]))
+    for start in range(0, n, rows):
+        block = mean[start : start + rows]
+        block.copy_(layers[0][start : start + rows])
+        for layer in layers[1:]:
+            block.add_(layer[start : start + rows].to(device))
+        block.div_(len(layers))
+        check()
+    return mean
 
 
 def _work_per_chunk(device: torch.device) -> int:

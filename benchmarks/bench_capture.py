@@ -1,7 +1,7 @@
 """Benchmark: sampling with the recording patch vs without, on this machine.
 
     python benchmarks/bench_capture.py [--size 1024] [--steps 8] [--depth 2]   # tiny SD3, sampling
-    python benchmarks/bench_capture.py --full sd3-medium [--size 1024] [--threads 1] [--repeats 1]
+    python benchmarks/bench_capture.py --full sd3-medium [--size 1024] [--threads 1] [--repeats 2]
     python benchmarks/bench_capture.py --full sd3.5-large --blocks 4 --graph-layers 1,2 --seg4diff-layer 0
 
 --full: SD3 Medium's real shape (ComfyUI's MMDiT, depth 24, hidden 1536, 2.03 B parameters,
@@ -226,6 +226,7 @@ def full(args):
     rec_cpu = min(r["cpu_s"] for r in rows["record"])
     result["ratio_cpu"] = rec_cpu / plain_cpu
     result["ratio_wall"] = min(r["wall_s"] for r in rows["record"]) / min(r["wall_s"] for r in rows["plain"])
+    result["ratio_cpu_pairs"] = [r["cpu_s"] / p["cpu_s"] for p, r in zip(rows["plain"], rows["record"])]  # each with the plain run before it
     depth = FULL_SHAPES[args.full]["depth"]
     result.update(blocks=blocks, full_depth=depth, seg4diff_layer=maps.seg4diff_layer)
     if blocks < depth:
@@ -252,7 +253,6 @@ def main():
     p.add_argument("--mode", default=None)
     args = p.parse_args()
     if args.full:
-        args.repeats = min(args.repeats, 2)
         full(args)
         return
     if args.mode:

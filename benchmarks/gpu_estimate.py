@@ -35,13 +35,14 @@ def phases(n, text, k, depth=24, hidden=1536, heads=24, graph_layers=2, density=
     # plain forward: per block 12 D^2 per token (qkv 3, proj 1, MLP 8; both streams), attention 2 L^2 D
     lin = depth * 12 * d * d * tokens
     att = depth * 2 * tokens * tokens * d
-    weights = depth * 12 * d * d * 2 * 2  # both streams' weights, bf16, read once
+    block_weights = 18 * d * d * 2  # one stream's weights per block, bf16: adaLN 6 D^2, qkv 3, proj 1, MLP 8
+    weights = depth * 2 * block_weights  # both streams, read once
     act = depth * tokens * d * 2 * 30  # ~30 activation reads/writes of [L, D] bf16 per block
     out.append(("plain forward (bf16)", "plain", 2 * (lin + att), "bf16", weights + act, depth * heads * tokens * tokens))
     # recorder, every block: A_CI (t queries x N keys), concept stream (t tokens through the block), CA scores
     per_block = t * n * d * 3 + t * 12 * d * d + t * n * d
     out.append(("recorder, every block: A_CI, concept stream, ConceptAttention", "record", 2 * depth * per_block, "fp32",
-                depth * (3 * n * d * 2 + 3 * t * n * 4), depth * 2 * heads * t * n))
+                depth * (block_weights + 3 * n * d * 2 + 3 * t * n * 4), depth * 2 * heads * t * n))  # the concept stream reads the context block's weights again
     scores = g * 2 * n * n * d  # q_h k_h^T over all heads, per pass
     if fused:
         qk = n * d * 2  # one layer's q or k, bf16

@@ -266,6 +266,23 @@ def test_graph_build_checks_for_interruption_between_chunks(monkeypatch):
     assert len(calls) == 3  # nothing ran after the interruption
 
 
+def test_the_layer_mean_checks_for_interruption(monkeypatch):
+    """Several layers are averaged in blocks of rows with checks between them (at 2048 x 2048 the
+    two 1 GiB layers take about a second: the largest gap of the whole build before)."""
+    import anchordiff_core.graph as graph_module
+
+    (a1, o1), (a2, o2) = random_inputs(400, 8, seed=21), random_inputs(400, 8, seed=22)
+    expected = ad.build_gated_graph((a1 + a2) / 2, (o1 + o2) / 2)
+    monkeypatch.setattr(graph_module, "_chunk_elements", lambda device: 400 * 10)  # 80 rows per block
+    calls, at_cosines = [], []
+    original = graph_module._attention_cosines
+    monkeypatch.setattr(graph_module, "_attention_cosines", lambda a, check: at_cosines.append(len(calls)) or original(a, check))
+    got = ad.build_gated_graph((a1, a2), (o1, o2), interrupt=lambda: calls.append(1))
+    assert at_cosines == [5]  # one check per block of the mean, before W_attn starts
+    assert got.tau == expected.tau
+    torch.testing.assert_close(got.transition_t.to_dense(), expected.transition_t.to_dense(), atol=1e-6, rtol=0)
+
+
 def test_interrupt_checks_are_under_a_cpu_second_apart_at_2048_tokens():
     import time
 
