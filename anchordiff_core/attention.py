@@ -233,21 +233,28 @@ def key_column_attention(
 ) -> torch.Tensor:
     """Head-averaged attention probabilities of every query on selected key columns.
 
-    softmax over ALL keys of k, then only `columns` are kept: [B, Lq, len(columns)].  Chunked
-    over queries (Seg4Diff's image-query -> text-key map).
+    softmax over ALL keys of k, then only `columns` are kept: [B, Lq, len(columns)].  Head by head,
+    in chunks of query rows (`max_chunk_bytes` of one head's scores, as `image_self_attention`: a
+    few rows of all heads at once make matrix products too small to run at BLAS speed).  Seg4Diff's
+    image-query -> text-key map on a layer without A_II.
     """
     qh, kh = split_heads(q, heads), split_heads(k, heads)
     b, _, lq, d = qh.shape
+    qh = (qh * d**-0.5).contiguous()
+    kh = kh.contiguous()
     columns = columns.to(q.device)
-    out = torch.empty(b, lq, columns.numel(), dtype=torch.float32, device=q.device)
-    rows = _rows_per_chunk(heads, kh.shape[2], max_chunk_bytes, q.device)
-    for i in range(b):
-        keys_t = kh[i].transpose(1, 2)
-        for start in range(0, lq, rows):
-            stop = min(start + rows, lq)
-            probs = torch.matmul(qh[i, :, start:stop] * d**-0.5, keys_t).softmax(dim=-1)
-            out[i, start:stop] = probs[:, :, columns].mean(dim=0)
-            del probs
+    out = torch.zeros(b, lq, columns.numel(), dtype=torch.float32, device=q.device)
+    rows = _rows_per_chunk(1, kh.shape[2], max_chunk_bytes, q.device)
+    with float32_matmul(exact=True):
+        for i in range(b):
+            for start in range(0, lq, rows):
+                stop = min(start + rows, lq)
+                total = out[i, start:stop]
+                for h in range(heads):
+                    probs = torch.mm(qh[i, h, start:stop], kh[i, h].T).softmax(dim=-1)
+                    total += probs[:, columns]
+                    del probs
+                total.div_(heads)
     return out
 
 

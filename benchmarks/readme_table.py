@@ -123,10 +123,10 @@ def main():
         args.core, args.full = "/tmp/anchordiff_core.json", "/tmp/anchordiff_full.json"
         here = os.path.join(ROOT, "benchmarks")
         subprocess.run([sys.executable, os.path.join(here, "bench_core.py"), "--json", args.core], check=True)
-        subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", "sd3-medium", "--json", args.full], check=True)
+        subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", "sd3-medium", "--repeats", "3", "--json", args.full], check=True)
         args.large, args.gpu = "/tmp/anchordiff_large.json", "/tmp/anchordiff_gpu.json"
         subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", "sd3.5-large", "--blocks", "4",
-                        "--graph-layers", "1,2", "--seg4diff-layer", "0", "--repeats", "1", "--json", args.large], check=True)
+                        "--graph-layers", "1,2", "--seg4diff-layer", "0", "--repeats", "2", "--json", args.large], check=True)
         subprocess.run([sys.executable, os.path.join(here, "gpu_estimate.py"), "--json", args.gpu], check=True, stdout=subprocess.DEVNULL)
     core = json.load(open(args.core)) if args.core and args.core != "-" else None
     full = json.load(open(args.full)) if args.full else None
