@@ -11,9 +11,11 @@ What differs from tests/test_toy_precision.py (float32 model, no kernels):
   equals the GPU's TF32 dot on them exactly (bf16's 8-bit significand fits TF32's 10 bits, and a
   product of two 8-bit significands fits float32's 24), both accumulating in float32: only the
   summation order can differ.
-Not emulated: the GPU's own SDPA kernel (flash attention rounds the probabilities to bf16 before
-P V; torch's CPU SDPA is used here) and the bf16 model's GPU rounding (the model's maps differ from
-a GPU's by that much, but exact and fast see the same q / k / v in both places).
+- scaled_dot_product_attention (the model's own attention and fast's O_II) runs either as torch's
+  CPU kernel ("torch") or rounded as a GPU's flash attention rounds bf16 ("flash-rounded",
+  `flash_rounded`: the probabilities rounded to bf16 before P V).
+Not emulated: the rest of the bf16 model's GPU rounding (its matmul kernels): the model's maps
+differ from a GPU's by that much, but exact and fast see the same q / k / v in both places.
 
 Masks as the toy benchmarks measure them, on the validation scenes, per phrase: anchors at the true
 centre of the phrase (as test_toy_precision) and the paper's recorded anchors (the argmax of A_CI
@@ -21,14 +23,17 @@ over the anchor layers, pipeline.anchor_map), each with the paper's gate and ste
 160) and the nodes' default "auto" (auto.py: 93.75, 40 steps at this 16 x 16 grid).
 
 Measured on this project's CPU, 12 validation scenes (35 phrases, 2.29 M mask pixels per row),
-`ANCHORDIFF_BF16_SCENES=12 python -m pytest -s tests/test_toy_precision_bf16.py` (276 s wall, 273 s CPU):
+`ANCHORDIFF_BF16_SCENES=12 python -m pytest -s tests/test_toy_precision_bf16.py` ("torch": 276 s wall,
+273 s CPU; "flash-rounded" alone, -k flash: 204 s wall, 138 s CPU, on a busy CPU):
     mask pixels changed against exact     true centre, paper / auto    recorded anchors, paper / auto
-        fast                                     0 / 0                         0 / 0
-        compact                                 25 / 53                        0 / 0
-    recorded (paper) anchors changed: 0 of 35 for both (A_CI is computed alike in every precision)
-    max |A_II - exact|: fast 5.4e-7, compact 2.4e-4 (the float16 store), A_II up to 0.96
-    max |O_II - exact|: fast = compact 1.1e-2 (bf16 store of SDPA's output), |O_II| up to 3.98
-The default run takes 2 scenes (6 phrases; every change 0 there): 23 s wall, 31 s CPU here, ~60 s on a busy CPU.
+        fast, torch / flash-rounded          0 / 0  and  0 / 0            0 / 0  and  0 / 0
+        compact, torch                      25 / 53                       0 / 0
+        compact, flash-rounded               0 / 29                       0 / 0
+    recorded (paper) anchors changed: 0 of 35 in all four (A_CI is computed alike in every precision)
+    max |A_II - exact|: fast 5.4e-7 / 3.0e-7, compact 2.4e-4 / 2.3e-4 (float16 store); A_II up to 0.96
+    max |O_II - exact|: fast = compact 1.14e-2 / 1.16e-2 (bf16 store of SDPA's output); |O_II| up to 3.98
+The default run takes 1 scene per SDPA (2 phrases; every change 0 there): 63 s wall, 62 s CPU on a busy
+CPU for both SDPAs.
 Asserted with slack for another CPU's rounding."""
 import functools
 import os
@@ -44,9 +49,9 @@ from toyworld import SPLITS, make_scene
 from toyworld.grounding import central_token
 from triton_interpreter import interpreted_kernels
 
-# 2 scenes keep this test under a minute (the interpreter and the bf16 model on a CPU are slow: 8-23 s
-# a scene); ANCHORDIFF_BF16_SCENES=12 measures the numbers above (~5 minutes).
-SCENES = int(os.environ.get("ANCHORDIFF_BF16_SCENES", "2"))
+# 1 scene (2 phrases) per SDPA keeps the default run near a minute (the interpreter and the bf16
+# model on a CPU are slow: 8-23 s a scene and SDPA); ANCHORDIFF_BF16_SCENES=12 measures the numbers above.
+SCENES = int(os.environ.get("ANCHORDIFF_BF16_SCENES", "1"))
 PRECISIONS = ("exact", "fast", "compact")
 GPU = torch.device("cuda")
 
@@ -79,6 +84,29 @@ def kernels(toy):
         yield module, calls
 
 
+def flash_rounded(real, calls: list):
+    """scaled_dot_product_attention rounded as a GPU's flash attention rounds bf16 (FlashAttention-2:
+    scores and their row sums in float32, the unnormalised probabilities rounded to bf16 for P V,
+    float32 accumulation, the output rounded to bf16), for the model's own attention and fast's
+    O_II alike; other calls (float32, masked) go to `real`. One key tile: the GPU's online rescaling
+    by the running max only changes float32 rounding."""
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+        if q.dtype != torch.bfloat16 or attn_mask is not None or dropout_p or is_causal or kwargs:
+            return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kwargs)
+        calls.append(q.shape)
+        s = q.float() @ k.float().transpose(-1, -2) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        p = (s - s.amax(-1, keepdim=True)).exp()
+        return ((p.bfloat16().float() @ v.float()) / p.sum(-1, keepdim=True)).bfloat16()
+    return sdpa
+
+
+@pytest.fixture(scope="module", params=["torch", "flash-rounded"])
+def sdpa(request):
+    """Which scaled_dot_product_attention the bf16 model and fast's O_II run through: torch's CPU
+    kernel, or `flash_rounded` (a GPU's rounding)."""
+    return request.param
+
+
 def masks(maps, anchors: dict, settings: dict, shape) -> dict:
     """(anchor kind, setting) -> [K, H, W] bool masks; one graph per setting."""
     from anchordiff_core import build_gated_graph, propagate, to_mask
@@ -92,7 +120,7 @@ def masks(maps, anchors: dict, settings: dict, shape) -> dict:
 
 
 @pytest.fixture(scope="module")
-def measured(toy, kernels):
+def measured(toy, kernels, sdpa):
     from anchordiff_core.auto import auto_gate_percentile, auto_steps
     from anchordiff_core.pipeline import anchor_map
     _, calls = kernels
@@ -100,8 +128,10 @@ def measured(toy, kernels):
     spec = getattr(record._record_spec, "func", record._record_spec)
     r = {"changed": defaultdict(int), "total": defaultdict(int), "anchors changed": defaultdict(int), "phrases": 0,
          "a_err": defaultdict(float), "o_err": defaultdict(float), "a_max": 0.0, "o_max": 0.0, "calls": defaultdict(list),
-         "dtypes": defaultdict(set)}
+         "dtypes": defaultdict(set), "flash calls": [], "sdpa": sdpa}
     with pytest.MonkeyPatch.context() as patch:
+        if sdpa == "flash-rounded":
+            patch.setattr(torch.nn.functional, "scaled_dot_product_attention", flash_rounded(torch.nn.functional.scaled_dot_product_attention, r["flash calls"]))
         for seed in SPLITS["val"].seeds(SCENES):
             scene = make_scene(seed)
             phrases = [c for c in scene.concepts if c.level == "phrase"]
@@ -130,7 +160,7 @@ def measured(toy, kernels):
                 for key, mask in got.items():
                     r["changed"][(precision,) + key] += int((mask != e_got[key]).sum())
                     r["total"][(precision,) + key] += mask.size
-    print(f"\n{SCENES} scenes, {r['phrases']} phrases; mask pixels changed against exact (of {max(r['total'].values())} each):")
+    print(f"\nSDPA {sdpa}: {SCENES} scenes, {r['phrases']} phrases; mask pixels changed against exact (of {max(r['total'].values())} each):")
     for key in sorted(r["changed"]):
         print(f"  {key}: {r['changed'][key]}")
     print(f"paper anchors changed: {dict(r['anchors changed'])} of {r['phrases']}")
@@ -143,6 +173,8 @@ def test_the_model_computes_in_bf16_and_fast_runs_the_kernels(measured):
     assert measured["dtypes"] == {"exact": {(torch.float32, torch.float32)}, "fast": {(torch.float32, torch.bfloat16)},
                                   "compact": {(torch.float16, torch.bfloat16)}}
     assert all(calls == [] for calls in measured["calls"]["exact"])
+    if measured["sdpa"] == "flash-rounded":  # the model's attention (4 blocks) and fast's O_II (2 graph layers)
+        assert len(measured["flash calls"]) == SCENES * (3 * 4 + 2 * 2), len(measured["flash calls"])
     for precision in ("fast", "compact"):
         for calls in measured["calls"][precision]:
             # both graph layers (1 and 2) by both kernels; the Seg4Diff layer (2) reads the graph layer's lse
