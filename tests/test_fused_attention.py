@@ -4,9 +4,6 @@
 On CUDA the same kernel code runs compiled; what the interpreter cannot show is the GPU's own
 rounding (TF32 products on float32 / widened bf16 tiles, fp16 tensor cores), which these tolerances
 leave room for, and its speed. Triton is a test requirement (requirements/test.txt)."""
-import importlib
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -16,29 +13,14 @@ import triton  # noqa: F401  imported here without TRITON_INTERPRET, as a fast r
 import reference_recorder as ref
 from anchordiff_core import attention
 from anchordiff_core.recorder import RecordSpec, StepRecorder
-
-MODULE = "anchordiff_core.fused_attention"
-
-
-def _forget():
-    sys.modules.pop(MODULE, None)
-    package = sys.modules["anchordiff_core"]
-    if hasattr(package, "fused_attention"):
-        delattr(package, "fused_attention")
+from triton_interpreter import interpreted_kernels
 
 
 @pytest.fixture
-def fused(monkeypatch):
-    """The kernels module imported afresh under TRITON_INTERPRET=1 (triton decides interpreted or
-    compiled when a kernel is defined), dropped again afterwards. triton itself was imported
-    without it (above): the kernels must not call triton's compiled-only standard library."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _forget()
-    module = importlib.import_module(MODULE)
-    assert module.interpreted()
-    yield module
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    _forget()
+def fused():
+    """The kernels module imported afresh under TRITON_INTERPRET=1 (tests/triton_interpreter.py)."""
+    with interpreted_kernels() as module:
+        yield module
 
 
 def qkv(b, n, heads, d, dtype, seed, gain=2.0, length=None):

@@ -44,7 +44,11 @@ def link_toy_models(models_dir, weights: Path = WEIGHTS) -> Path:
 
 
 class ToyComfy:
-    def __init__(self, weights: Path = WEIGHTS, models_dir=None):
+    def __init__(self, weights: Path = WEIGHTS, models_dir=None, dtype: torch.dtype | None = None):
+        """`dtype`: the diffusion model's weights and compute dtype (None: ComfyUI's choice, float32
+        on a CPU). torch.bfloat16 runs the model as ComfyUI does a bf16 model on a GPU: loaded in bf16
+        and computed in bf16 (on a CPU ComfyUI would compute a bf16 model in float32 by manual cast;
+        the ModelComputeDtype node's patch, set_model_compute_dtype, turns that off)."""
         import_comfy()
         sys.path.insert(0, str(REPO / "tests"))
         from fixtures import comfy_env
@@ -63,7 +67,10 @@ class ToyComfy:
         from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
         import comfy.sd
         self.N = self.nodes.NODE_CLASS_MAPPINGS
-        self.model = comfy.sd.load_diffusion_model(str(Path(models_dir) / "diffusion_models" / MODEL_FILE))
+        self.model = comfy.sd.load_diffusion_model(str(Path(models_dir) / "diffusion_models" / MODEL_FILE),
+                                                   {} if dtype is None else {"dtype": dtype})
+        if dtype is not None and self.model.model.manual_cast_dtype not in (None, dtype):
+            self.model.set_model_compute_dtype(dtype)
         self.vae = self.nodes.VAELoader().load_vae("taesd3")[0]
         self.clip = make_fixture_clip(context=True)
 
