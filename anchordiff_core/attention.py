@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -21,7 +22,7 @@ def fused_kernels(device):
     """anchordiff_core.fused_attention (the Triton head-mean kernels) when they can run on `device`:
     CUDA with triton installed, or triton's CPU interpreter (TRITON_INTERPRET=1, for tests); else None.
     ANCHORDIFF_TRITON=0 in the environment turns them off (the head-by-head path then runs)."""
-    if os.environ.get("ANCHORDIFF_TRITON", "1") == "0":
+    if os.environ.get("ANCHORDIFF_TRITON", "1") == "0" or _fused_failure is not None:
         return None
     try:
         from . import fused_attention
@@ -29,7 +30,26 @@ def fused_kernels(device):
         if error.name != "triton":
             raise
         return None
+    except Exception as error:  # noqa: BLE001  a triton whose language lacks what the kernels use
+        _fused_failed(None, error)
+        return None
     return fused_attention if fused_attention.usable_on(device) else None
+
+
+_fused_failure: Optional[str] = None  # why the kernels failed on this machine; then never tried again
+
+
+def _fused_failed(fused, error: Exception) -> None:
+    """The kernels failed to import, compile or run here (a triton or GPU they do not support): warn once and
+    record head by head from now on (slower, the same maps up to rounding). In triton's interpreter
+    (the tests) and when memory ran out, the error is raised as it is."""
+    global _fused_failure
+    interpreted = fused.interpreted() if fused is not None else os.environ.get("TRITON_INTERPRET", "0") != "0"
+    if interpreted or isinstance(error, torch.OutOfMemoryError):
+        raise error
+    _fused_failure = f"{type(error).__name__}: {error}"[:500]
+    warnings.warn(f"AnchorDiff: the fused Triton attention kernels failed on this GPU ({_fused_failure}); recording "
+                  "continues head by head (slower, same maps). Set ANCHORDIFF_TRITON=0 to skip them.", RuntimeWarning)
 
 
 @contextlib.contextmanager
@@ -117,12 +137,16 @@ def image_self_attention(
         vh = None
         fused = fused_kernels(q.device)
         if fused is not None:
-            lse = fused.row_logsumexp(q, k, heads)
-            fused.head_mean_probs(q, k, heads, lse, out=a_mean)
-            extra = None
-            if extra_keys is not None:
-                extra = _extra_column_probs(q, extra_keys, extra_columns.to(q.device), heads, lse)
-            return a_mean, out, extra
+            try:
+                lse = fused.row_logsumexp(q, k, heads)
+                fused.head_mean_probs(q, k, heads, lse, out=a_mean)
+            except Exception as error:  # noqa: BLE001 (triton's compile errors have no common base)
+                _fused_failed(fused, error)  # the head-by-head path below rewrites a_mean whole
+            else:
+                extra = None
+                if extra_keys is not None:
+                    extra = _extra_column_probs(q, extra_keys, extra_columns.to(q.device), heads, lse)
+                return a_mean, out, extra
     else:
         vh = split_heads(v, heads).contiguous()
     qh = (split_heads(q, heads) * d**-0.5).contiguous()  # scale the small queries, not the big scores (d = 64: exact)
@@ -205,10 +229,15 @@ def image_and_extra_key_columns(
         raise ValueError(f"precision must be one of {PRECISIONS}; got '{precision}'")
     fused = fused_kernels(q.device) if precision == "fast" else None
     columns = extra_columns.to(q.device)
-    if fused is None:
-        keys = torch.cat([k, extra_keys], 1)
-        return key_column_attention(q, keys, columns + k.shape[1], heads, max_chunk_bytes)
-    return _extra_column_probs(q, extra_keys, columns, heads, fused.row_logsumexp(q, k, heads))
+    if fused is not None:
+        try:
+            lse = fused.row_logsumexp(q, k, heads)
+        except Exception as error:  # noqa: BLE001
+            _fused_failed(fused, error)
+        else:
+            return _extra_column_probs(q, extra_keys, columns, heads, lse)
+    keys = torch.cat([k, extra_keys], 1)
+    return key_column_attention(q, keys, columns + k.shape[1], heads, max_chunk_bytes)
 
 
 def query_key_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:

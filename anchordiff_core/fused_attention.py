@@ -22,6 +22,7 @@ against the exact float32 recorder on a machine without a GPU.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -31,7 +32,10 @@ import triton.language as tl
 
 def interpreted() -> bool:
     """Whether triton runs its interpreter (TRITON_INTERPRET=1): the kernels then take CPU tensors."""
-    return bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; before, only the environment variable
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
 
 
 def usable_on(device: torch.device) -> bool:
@@ -44,9 +48,20 @@ def usable_on(device: torch.device) -> bool:
 # outside of the scope of a kernel"). The combine functions themselves are never called by the
 # interpreter: it recognises them and reduces with numpy (a combine function of our own is run
 # element by element in Python, 400x slower: 45 s for one row_logsumexp at 256 tokens, 4 heads).
-# Compiled, this is exactly what tl.max / tl.sum do.
-_maximum = tl.standard._elementwise_max
-_add = tl.standard._sum_combine
+# Compiled, this is exactly what tl.max / tl.sum do. They are private names (triton 2.1 to 3.9 at
+# least): should a triton lack them, combine functions of our own do the same, slowly interpreted.
+@triton.jit
+def _own_maximum(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _own_add(a, b):
+    return a + b
+
+
+_maximum = getattr(getattr(tl, "standard", None), "_elementwise_max", None) or _own_maximum
+_add = getattr(getattr(tl, "standard", None), "_sum_combine", None) or _own_add
 
 
 @triton.jit

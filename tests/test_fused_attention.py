@@ -144,3 +144,28 @@ def test_fast_seg4diff_on_a_layer_without_a_ii_uses_the_log_sum_exp_kernel(fused
     assert len(calls) == 2  # the Seg4Diff layer and the graph layer
     torch.testing.assert_close(fast.seg4diff, exact.seg4diff, atol=1e-6, rtol=1e-5)
     assert exact.seg4diff.amax() > 0.05
+
+
+def test_kernels_that_fail_on_a_gpu_fall_back_head_by_head_with_one_warning(fused, monkeypatch):
+    """A triton or GPU the kernels do not support (compile error at the first launch): one warning,
+    the same maps head by head, and no second try; in the interpreter the error is raised."""
+    monkeypatch.setattr(attention, "_fused_failure", None)
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PTX assembly failed (planted)")
+
+    monkeypatch.setattr(fused, "row_logsumexp", broken)
+    q, k, v = qkv(1, 33, 2, 64, torch.float32, seed=3)
+    with pytest.raises(RuntimeError, match="planted"):  # interpreted: a test sees the error itself
+        attention.image_self_attention(q, k, v, 2, precision="fast")
+    monkeypatch.setattr(fused, "interpreted", lambda: False)
+    monkeypatch.setattr(fused, "usable_on", lambda device: True)  # as on a GPU
+    with pytest.warns(RuntimeWarning, match="fused Triton attention kernels failed on this GPU.*planted"):
+        a, o, _ = attention.image_self_attention(q, k, v, 2, precision="fast")
+    torch.testing.assert_close(a, exact_a(q, k, v, 2), atol=1e-6, rtol=1e-5)
+    assert calls == [1, 1]
+    attention.image_self_attention(q, k, v, 2, precision="fast")
+    columns = attention.image_and_extra_key_columns(q, k, k[:, :4], torch.tensor([1, 2]), 2, precision="fast")
+    assert calls == [1, 1] and columns.shape == (1, 33, 2)  # never tried again
