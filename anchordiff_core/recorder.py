@@ -30,7 +30,8 @@ class RecordSpec:
     max_chunk_bytes: Optional[int] = None  # None: attention.default_chunk_bytes(device)
     # RECORD_PRECISIONS. "exact": every map float32.  "fast": O_II by SDPA in the model's dtype and
     # stored so, A_II by the fused Triton kernels on CUDA (TF32 products elsewhere), float32.
-    # "compact": fast, A_II stored as float16 (summed in float32 first). docs/DESIGN.md "Speed and memory".
+    # "compact": fast, A_II stored as float16 (summed in float32 first).  "auto": `resolve_precision`
+    # picks exact or fast at the recording call.  docs/DESIGN.md "Speed and memory".
     precision: str = "exact"
 
 
@@ -48,7 +49,31 @@ class RecordSpec:
             raise ValueError(f"precision must be one of {RECORD_PRECISIONS}; got '{self.precision}'")
 
 
-RECORD_PRECISIONS = ("exact", "fast", "compact")
+RECORD_PRECISIONS = ("auto", "exact", "fast", "compact")
+AUTO_MAP_SHARE = 0.25  # "auto" keeps the maps on the accelerator only within this share of its free memory
+
+
+def fast_map_bytes(spec: RecordSpec, batch: int, tokens: int, width: int, model_dtype: torch.dtype) -> int:
+    """Bytes of A_II and O_II that precision fast keeps on the compute device for `batch` rows."""
+    a_dtype, o_dtype = map_dtypes("fast", model_dtype)
+    per_layer = tokens * tokens * a_dtype.itemsize + tokens * width * o_dtype.itemsize
+    return batch * len(spec.graph_layers) * per_layer
+
+
+def resolve_precision(precision: str, device, map_bytes: int, free_bytes: int) -> str:
+    """The precision a recording call on `device` runs in. "auto": exact on a CPU (where it is the
+    fastest: fast's fused attention recomputes the scores the head mean needs anyway); on an
+    accelerator fast, which changes no mask on the toy benchmark (docs/DESIGN.md), when its maps
+    (`map_bytes`, kept there until the graph is built) fit in AUTO_MAP_SHARE of the free memory, else
+    exact (maps in float32 where ComfyUI keeps intermediates, the accelerator holding one layer's
+    temporaries).  Other settings are returned as they are."""
+    if precision not in RECORD_PRECISIONS:
+        raise ValueError(f"precision must be one of {RECORD_PRECISIONS}; got '{precision}'")
+    if precision != "auto":
+        return precision
+    if torch.device(device).type == "cpu":
+        return "exact"
+    return "fast" if map_bytes <= AUTO_MAP_SHARE * free_bytes else "exact"
 
 
 def attention_precision(precision: str) -> str:
@@ -69,6 +94,8 @@ class StepRecorder:
     """Collects one denoising step's maps for the rows being recorded, block by block."""
 
     def __init__(self, spec: RecordSpec, heads: int, store_device=None):
+        if spec.precision == "auto":
+            raise ValueError("resolve precision 'auto' for the recording call first (recorder.resolve_precision)")
         self.spec = spec
         self.heads = heads
         self.store_device = store_device

@@ -18,7 +18,8 @@ GRAPH_LAYERS_TIP = (
     "defaults: SD3 Medium 9, 18; SD3.5 Large 23, 31; SD3.5 Medium 14, 19 (our choice, see docs/DESIGN.md)."
 )
 PRECISION_TIP = (
-    "exact: the maps in float32 throughout, kept where ComfyUI keeps intermediates. fast (for GPUs): the image "
+    "auto: exact on a CPU; fast on a GPU when its maps fit in a quarter of the free GPU memory (fast changed no mask "
+    "on the toy benchmark), else exact. exact: the maps in float32 throughout, kept where ComfyUI keeps intermediates. fast (for GPUs): the image "
     "self-attention output through the fused attention kernel in the model's dtype, TF32 scores with float32 "
     "sums (a fused Triton kernel for the head mean when triton is installed), maps kept on the GPU; slower than "
     "exact on a CPU. compact: fast, and the image self-attention map stored in float16 (half the memory; may "
@@ -50,7 +51,7 @@ class AnchorDiffConcepts(io.ComfyNode):
         return io.NodeOutput(encode_concepts(clip, concepts))
 
 
-def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precision: str = "exact"):
+def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precision: str = "auto"):
     dm = sd3_patch.sd3_diffusion_model(model)
     if concepts is None:
         raise AnchorDiffError("No concepts connected: add an 'AnchorDiff Concepts' node.")
@@ -97,7 +98,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
                 io.Int.Input("record_step", default=-1, min=-1, max=10000, tooltip="-1: use record_at. Otherwise record this sampled step index (0-based)."),
                 *_common_inputs(),
                 io.Int.Input("keep_runs", default=2, min=1, max=16, tooltip="How many sampling runs' maps to keep in memory."),
-                io.Combo.Input("precision", options=list(RECORD_PRECISIONS), default="exact", optional=True, tooltip=PRECISION_TIP),
+                io.Combo.Input("precision", options=list(RECORD_PRECISIONS), default="auto", optional=True, tooltip=PRECISION_TIP),
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model", tooltip="The patched model: connect it to the sampler."),
@@ -106,7 +107,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="exact") -> io.NodeOutput:
+    def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="auto") -> io.NodeOutput:
         spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision)
         recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), variant)
         return io.NodeOutput(recorder.attach(model), recorder)

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import logging
 import math
+import dataclasses
 import threading
 import uuid
 from collections import OrderedDict
@@ -35,7 +36,7 @@ from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
 from ..anchordiff_core.concepts import ConceptSet
 from ..anchordiff_core.maps import AttentionMaps
-from ..anchordiff_core.recorder import RecordSpec, StepRecorder
+from ..anchordiff_core.recorder import RecordSpec, StepRecorder, fast_map_bytes, resolve_precision
 
 log = logging.getLogger("anchordiff")
 
@@ -324,9 +325,10 @@ class AttentionRecorder:
     def _record_call(self, run: _Run, rows, row_image, executor, x, t, c_concat, c_crossattn, control,
                      transformer_options, **kwargs):
         diffusion_model = executor.class_obj.diffusion_model
+        spec = self._resolved_spec(executor.class_obj, x, rows.numel())
         # fast: the maps stay on the compute device until the graph is built (no host round trip)
-        store = None if self.spec.precision != "exact" else comfy.model_management.intermediate_device()
-        call = _Call(self, diffusion_model, rows.to(x.device), store)
+        store = None if spec.precision != "exact" else comfy.model_management.intermediate_device()
+        call = _Call(self, diffusion_model, rows.to(x.device), store, spec)
         options = dict(transformer_options)
         patches = dict(options.get("patches_replace", {}))
         dit = dict(patches.get("dit", {}))
@@ -350,9 +352,22 @@ class AttentionRecorder:
             sigma=run.target_sigma,
             step=run.target_step,
             meta={"id": uuid.uuid4().hex, "recorder": self.recorder_id, "run": run.run_id, "model": self.variant,
-                  "sampled_steps": len(run.sigmas) - 1, "asked": self._asked()},
+                  "sampled_steps": len(run.sigmas) - 1, "asked": self._asked(), "precision": spec.precision},
         )
         return output
+
+    def _resolved_spec(self, base_model, x: torch.Tensor, rows: int) -> RecordSpec:
+        """The spec with precision "auto" resolved for this call's device, batch and free memory."""
+        if self.spec.precision != "auto":
+            return self.spec
+        tokens = math.ceil(x.shape[-2] / 2) * math.ceil(x.shape[-1] / 2)
+        width = base_model.diffusion_model.joint_blocks[0].x_block.attn.qkv.in_features
+        dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()  # what the blocks compute in
+        need = fast_map_bytes(self.spec, rows, tokens, width, dtype)
+        free = comfy.model_management.get_free_memory(x.device) if x.device.type != "cpu" else 0
+        chosen = resolve_precision("auto", x.device, need, free)
+        log.info("AnchorDiff: recording in precision %s (auto: %.0f MiB of maps, %.0f MiB free on %s)", chosen, need / 2**20, free / 2**20, x.device)
+        return dataclasses.replace(self.spec, precision=chosen)
 
     @staticmethod
     def _rows_to_record(run: Optional[_Run], x, t, transformer_options) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -424,12 +439,12 @@ class AttentionRecorder:
 class _Call:
     """State of the one recording model call: the concept stream and the per-block recorder."""
 
-    def __init__(self, recorder: AttentionRecorder, diffusion_model: MMDiT, rows: torch.Tensor, store_device):
+    def __init__(self, recorder: AttentionRecorder, diffusion_model: MMDiT, rows: torch.Tensor, store_device, spec: RecordSpec):
         self.recorder = recorder
         self.dm = diffusion_model
         self.rows = rows
         heads = diffusion_model.joint_blocks[0].x_block.attn.num_heads
-        self.step = StepRecorder(recorder.spec, heads, store_device)
+        self.step = StepRecorder(spec, heads, store_device)
         self.previous: dict[int, Optional[callable]] = {}
         self.concept_state: Optional[torch.Tensor] = None
         self.problem = ""

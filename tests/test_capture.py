@@ -664,6 +664,34 @@ def test_whole_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
     assert torch.equal(masks(1), first)  # and the first seed again gives the first masks
 
 
+# ------------------------------------------------------------------ precision "auto" (the default)
+def test_auto_precision_is_exact_on_a_cpu_and_fast_where_an_accelerator_has_room(env, monkeypatch):
+    sd3_patch = sys.modules[env.pack.__name__ + ".nodes.sd3_patch"]
+    model, cs = load_model(env), concepts(env)
+    patched, recorder = record(env, model, cs)  # the node's default precision
+    maps = read_maps(env, recorder, sample(env, patched, steps=2))
+    assert maps.meta["precision"] == "exact" and maps.o_ii.device.type == "cpu"
+    real, seen = sd3_patch.resolve_precision, []
+
+    def as_on_a_gpu(precision, device, need, free):  # the same rule, told the call runs on an accelerator
+        seen.append(need)
+        room = 4 * need if len(seen) == 1 else 4 * need - 1  # maps within a quarter of free memory, then just over
+        return real(precision, "cuda", need, room)
+
+    monkeypatch.setattr(sd3_patch, "resolve_precision", as_on_a_gpu)
+    for expected in ("fast", "exact"):
+        patched, recorder = record(env, model, cs)
+        got = read_maps(env, recorder, sample(env, patched, steps=2))
+        assert got.meta["precision"] == expected
+        if expected == "fast":  # what fast computes differently: O_II through SDPA
+            assert not torch.equal(got.o_ii, maps.o_ii)
+            torch.testing.assert_close(got.o_ii, maps.o_ii, atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(got.o_ii, maps.o_ii)
+    n, width, layers = maps.num_tokens, maps.o_ii.shape[-1], len(maps.graph_layers)
+    assert seen == [layers * (n * n * 4 + n * width * 4)] * 2  # A_II float32, O_II in the CPU's float32 compute
+
+
 # ------------------------------------------------------------------ half-precision models
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_model_records_float32_maps_and_keeps_the_image(env, dtype):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import reference_recorder as ref
-from anchordiff_core.recorder import RecordSpec, StepRecorder
+from anchordiff_core.recorder import RecordSpec, StepRecorder, fast_map_bytes, resolve_precision
 
 HEADS, D, N, TEXT, BLOCKS = 2, 4, 12, 5, 3
 TOKEN_CONCEPT = torch.tensor([0, 1, 1])  # two concepts, the second of two tokens
@@ -60,3 +60,20 @@ def test_several_positive_conditionings_of_one_image_are_averaged():
     # and that mean is not the first prompt's maps alone
     first, _ = record([[x[:2] for x in b] for b in blocks], (0, 2), 1, [0, 1], 2)
     assert (first.a_ci - maps.a_ci).abs().max() > 1e-3
+
+
+def test_auto_precision_rule_and_the_fast_maps_it_weighs():
+    """auto: exact on a CPU whatever the memory; on an accelerator fast while its maps fit in a quarter
+    of the free memory, else exact. Other settings pass through; 'auto' is resolved before recording."""
+    assert resolve_precision("auto", "cpu", 1, 10**12) == "exact"
+    assert resolve_precision("auto", "cuda", 100, 400) == "fast"
+    assert resolve_precision("auto", "cuda", 101, 400) == "exact"
+    assert [resolve_precision(p, "cuda", 10**12, 1) for p in ("exact", "fast", "compact")] == ["exact", "fast", "compact"]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("half", "cuda", 1, 1)
+    # SD3 Medium at 1024 x 1024 in bf16, graph layers 9 and 18: A_II float32 + O_II bf16 = 152 MiB per image
+    spec = RecordSpec(("cat",), torch.zeros(1, dtype=torch.long), 24, (9, 18), 9)
+    assert fast_map_bytes(spec, 1, 4096, 1536, torch.bfloat16) == 152 * 2**20
+    assert fast_map_bytes(spec, 3, 4096, 1536, torch.bfloat16) == 3 * 152 * 2**20
+    with pytest.raises(ValueError, match="resolve precision 'auto'"):
+        StepRecorder(RecordSpec(("cat",), torch.zeros(1, dtype=torch.long), 24, (9, 18), 9, precision="auto"), 24)
