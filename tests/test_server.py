@@ -150,7 +150,7 @@ EXPECTED = {  # node id: (display name, category, [(input, type, default)], [(ou
     "AnchorDiffRecordAttention": ("AnchorDiff Record Attention", "AnchorDiff",
                                   [("model", "MODEL", None), ("concepts", "ANCHORDIFF_CONCEPTS", None), ("record_at", "FLOAT", 0.5),
                                    ("record_step", "INT", -1), ("graph_layers", "STRING", ""), ("seg4diff_layer", "INT", -1),
-                                   ("keep_runs", "INT", 2), ("precision" + OPTIONAL, "COMBO", "exact")],
+                                   ("keep_runs", "INT", 2), ("precision" + OPTIONAL, "COMBO", "auto")],
                                   [("MODEL", "model"), ("ANCHORDIFF_RECORDER", "recorder")]),
     "AnchorDiffReadMaps": ("AnchorDiff Read Maps", "AnchorDiff",
                            [("recorder", "ANCHORDIFF_RECORDER", None), ("latent", "LATENT", None)],
