@@ -54,29 +54,35 @@ def auto_steps(grid: tuple[int, int]) -> int:
     return max(1, round(STEPS_PER_SIDE * math.sqrt(h * w)))
 
 
+def _named(setting: Setting, grid: tuple[int, int], auto, paper, what: str):
+    """"auto" -> auto(grid), "paper" -> paper; another string is an error naming `what`; else None."""
+    if not isinstance(setting, str):
+        return None
+    key = setting.strip().lower()
+    if key == AUTO:
+        return auto(grid)
+    if key == PAPER:
+        return paper
+    raise ValueError(f"{what}; got '{setting}'")
+
+
 def gate_percentile_for(setting: Setting, grid: tuple[int, int]) -> float:
     """"auto" (the rule), "paper" (98.0) or a percentile in [0, 100] -> the gate percentile."""
-    if isinstance(setting, str):
-        key = setting.strip().lower()
-        if key == AUTO:
-            return auto_gate_percentile(grid)
-        if key == PAPER:
-            return PAPER_GATE_PERCENTILE
-        raise ValueError(f"gate percentile must be 'auto', 'paper' or a number from 0 to 100; got '{setting}'")
+    what = "gate percentile must be 'auto', 'paper' or a number from 0 to 100"
+    named = _named(setting, grid, auto_gate_percentile, PAPER_GATE_PERCENTILE, what)
+    if named is not None:
+        return named
     if isinstance(setting, bool) or not isinstance(setting, (int, float)) or not 0.0 <= float(setting) <= 100.0:
-        raise ValueError(f"gate percentile must be 'auto', 'paper' or a number from 0 to 100; got {setting!r}")
+        raise ValueError(f"{what}; got {setting!r}")
     return float(setting)
 
 
 def steps_for(setting: Setting, grid: tuple[int, int]) -> int:
     """"auto" (the rule), "paper" (160) or a whole number of steps >= 0 -> the step count."""
-    if isinstance(setting, str):
-        key = setting.strip().lower()
-        if key == AUTO:
-            return auto_steps(grid)
-        if key == PAPER:
-            return PAPER_STEPS
-        raise ValueError(f"steps must be 'auto', 'paper' or a whole number >= 0; got '{setting}'")
+    what = "steps must be 'auto', 'paper' or a whole number >= 0"
+    named = _named(setting, grid, auto_steps, PAPER_STEPS, what)
+    if named is not None:
+        return named
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 0:
-        raise ValueError(f"steps must be 'auto', 'paper' or a whole number >= 0; got {setting!r}")
+        raise ValueError(f"{what}; got {setting!r}")
     return setting

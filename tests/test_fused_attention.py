@@ -94,6 +94,13 @@ def test_kernels_are_chosen_only_where_they_run(fused, monkeypatch):
 HEADS, D, N, TEXT = 2, 32, 40, 5
 
 
+def _blocks(seed, count=3):
+    """Per joint block the recorder's inputs (q/k/v/out of the image, prompt keys, concept q/k/v) for 2 rows."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = (N, N, N, N, TEXT, 3, 3, 3)
+    return [[torch.randn(2, length, HEADS * D, generator=g) * 1.5 for length in lengths] for _ in range(count)]
+
+
 def _record(precision, blocks, graph_layers=(0, 2), seg4diff_layer=2, model_dtype=torch.bfloat16):
     spec = RecordSpec(("cat", "red car"), torch.tensor([0, 1, 1]), len(blocks), graph_layers, seg4diff_layer, precision=precision)
     step = StepRecorder(spec, HEADS)
@@ -106,9 +113,7 @@ def test_fast_recorder_uses_the_kernels_and_matches_exact(fused, monkeypatch):
     calls = []
     real = fused.head_mean_probs
     monkeypatch.setattr(fused, "head_mean_probs", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    g = torch.Generator().manual_seed(3)
-    lengths = (N, N, N, N, TEXT, 3, 3, 3)
-    blocks = [[torch.randn(2, length, HEADS * D, generator=g) * 1.5 for length in lengths] for _ in range(3)]
+    blocks = _blocks(seed=3)
     exact, fast, compact = _record("exact", blocks), _record("fast", blocks), _record("compact", blocks)
     assert len(calls) == 4  # both graph layers through the kernel, in fast and in compact
     assert exact.a_ii.dtype == torch.float32 and exact.o_ii.dtype == torch.float32
@@ -136,9 +141,7 @@ def test_fast_seg4diff_on_a_layer_without_a_ii_uses_the_log_sum_exp_kernel(fused
     calls = []
     real = fused.row_logsumexp
     monkeypatch.setattr(fused, "row_logsumexp", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    g = torch.Generator().manual_seed(8)
-    lengths = (N, N, N, N, TEXT, 3, 3, 3)
-    blocks = [[torch.randn(2, length, HEADS * D, generator=g) * 1.5 for length in lengths] for _ in range(3)]
+    blocks = _blocks(seed=8)
     exact = _record("exact", blocks, graph_layers=(2,), seg4diff_layer=1)
     fast = _record("fast", blocks, graph_layers=(2,), seg4diff_layer=1)
     assert len(calls) == 2  # the Seg4Diff layer and the graph layer
