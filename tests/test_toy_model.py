@@ -16,12 +16,13 @@ from toyworld.grounding import central_token, iou, token_coverage
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "toyworld" / "weights"
 SCENES = 12                   # validation scenes (never the test split)
-# Measured on these 12 validation scenes (35 phrases) with the committed model at RECORD_AT:
-# concept-to-image anchors 0.43, image-to-concept 0.54, chance 0.05; true-centre mask IoU 0.58.
-# Near pure noise (record_at 0.02): 0.06, 0.00 and 0.09.
-FLOOR_CI_PHRASE = 0.25
-FLOOR_IC_PHRASE = 0.30
-FLOOR_GRAPH_IOU = 0.40
+# Measured on these 12 validation scenes (35 phrases) with the committed model (step 15 200) at
+# RECORD_AT: concept-to-image anchors 0.457, image-to-concept 0.429, chance 0.05; true-centre mask
+# IoU 0.562. Near pure noise (record_at 0.02, 6 scenes): 0.059, 0.059 and 0.157. The floors leave
+# about 3 phrases of margin (one phrase is 0.029) for another CPU's rounding.
+FLOOR_CI_PHRASE = 0.35
+FLOOR_IC_PHRASE = 0.33
+FLOOR_GRAPH_IOU = 0.45
 
 
 @pytest.fixture(scope="module")
@@ -87,5 +88,6 @@ def test_attention_grounds_phrases_and_the_graph_follows_objects(toy):
 def test_recording_near_pure_noise_loses_the_grounding(toy):
     # a recording at the wrong end of the trajectory sees almost only noise
     acc, chance, graph_iou = measure(toy, record_at=0.02, n=6)
+    print(f"near pure noise: anchor accuracy {acc}, chance {chance:.3f}, true-centre mask IoU {graph_iou:.3f}")
     assert acc["concept_to_image"] < FLOOR_CI_PHRASE and acc["image_to_concept"] < FLOOR_IC_PHRASE
     assert graph_iou < FLOOR_GRAPH_IOU

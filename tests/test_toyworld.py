@@ -69,3 +69,19 @@ def test_toy_text_encoder_binds_adjectives_to_nouns():
     torch.testing.assert_close(bag_a.sum(0), bag_b.sum(0))
     assert (a[1] - b[1]).abs().max() > 0.1
     assert a.shape == (4, 4096) and torch.equal(a[:, 2048:], torch.zeros(4, 2048))
+
+
+def test_sample_reader_reads_the_worlds_own_renderings():
+    # toyworld.samples reads colour and shape of generated samples; on true renderings it must be
+    # right nearly always, and a different colour or shape must not pass as the named one
+    from toyworld.samples import evaluate, read_sample, render_truth
+    truth = evaluate(20, truth=True)
+    assert truth["colour_rate"] >= 0.95 and truth["shape_rate"] >= 0.85, truth
+    got = read_sample(render_truth("triangle", "blue", "sand", seed=3), "sand")
+    assert (got["colour"], got["shape"]) == ("blue", "triangle")
+    got = read_sample(render_truth("circle", "purple", "stone", seed=4), "stone")
+    assert (got["colour"], got["shape"]) == ("purple", "circle")
+    # a bare ground has no object
+    from toyworld.world import _background
+    ground = np.clip(np.round(_background(np.random.default_rng(1), "sand", 256)), 0, 255).astype(np.uint8)
+    assert read_sample(ground, "sand")["colour"] is None

@@ -2,7 +2,8 @@
 
     python -m toyworld.figures --out docs/images
 
-Writes toy_training.png (loss curves from toyworld/weights/*_loss.csv), toy_vae.png (world scenes
+Writes toy_training.png (loss curves from toyworld/weights/*_loss.csv and the validation anchor
+accuracy from toyworld/weights/dit_val.csv, over all training periods), toy_vae.png (world scenes
 and their VAE round trip through ComfyUI), toy_samples.png (KSampler through ComfyUI from held-out
 captions, next to the true scene of that caption).
 """
@@ -52,6 +53,12 @@ def line_plot(series: list[tuple[np.ndarray, np.ndarray, tuple]], title: str, xl
     return img
 
 
+VAL_SERIES = [("phrase_ci_all", (200, 40, 40), "phrase anchors, paper (concept-to-image)"),
+              ("phrase_ic_mean", (40, 90, 200), "phrase anchors, image-to-concept"),
+              ("word_ci_all", (230, 140, 30), "word anchors, paper"),
+              ("phrase_true_centre_iou", (40, 150, 60), "mask IoU with the true centre")]
+
+
 def loss_figure(out: Path) -> None:
     dit = _csv(WEIGHTS / "dit_loss.csv")
     vae = _csv(WEIGHTS / "vae_loss.csv")
@@ -61,9 +68,25 @@ def loss_figure(out: Path) -> None:
                   "toy SD3: rectified-flow loss (grey: logged batches, red: mean of 10)", "step (batch 8)")
     b = line_plot([(vae["step"], vae["recon_mse"], (40, 90, 200))], "toy VAE decoder: reconstruction MSE (log)",
                   "step (batch 8, 64 px crops)", log=True)
-    img = Image.new("RGB", (a.width + b.width, a.height), "white")
-    img.paste(a, (0, 0))
-    img.paste(b, (a.width, 0))
+    panels = [a]
+    if (WEIGHTS / "dit_val.csv").exists():
+        val = _csv(WEIGHTS / "dit_val.csv")
+        v = line_plot([(val["step"], np.full_like(val["step"], 0.7), (190, 190, 190))]
+                      + [(val["step"], val[k], c) for k, c, _ in VAL_SERIES],
+                      f"validation (12 scenes, record_at {val['record_at'][0]:.2f}); grey: 0.7 target",
+                      "step", size=(460, 260))
+        legend = Image.new("RGB", (v.width, v.height + 28), "white")
+        legend.paste(v, (0, 0))
+        d = ImageDraw.Draw(legend)
+        for i, (_, colour, label) in enumerate(VAL_SERIES):
+            d.text((52 + 210 * (i % 2), v.height + 2 + 13 * (i // 2)), label, fill=colour)
+        panels.append(legend)
+    panels.append(b)
+    img = Image.new("RGB", (sum(p.width for p in panels), max(p.height for p in panels)), "white")
+    x = 0
+    for panel in panels:
+        img.paste(panel, (x, 0))
+        x += panel.width
     img.save(out / "toy_training.png")
 
 
