@@ -16,7 +16,7 @@ from anchordiff_core.metrics import BinarySegmentationMeter, MultiConceptMeter  
 from anchordiff_eval import datasets as ds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CLIP_FROM = "fixtures.comfy_test_nodes.fixture_clip:make_fixture_clip"
+CLIP_FROM = "toyworld.comfy_clip:make_fixture_clip"
 
 
 # ----------------------------------------------------------------------------- tiny datasets, real formats
@@ -133,7 +133,7 @@ def data(tmp_path_factory, comfy, comfy_models_dir):
 
 
 def base_args(data, out, *extra):
-    from fixtures.comfy_env import comfyui_dir
+    from toyworld.comfy_env import comfyui_dir
 
     return ["--comfyui", str(comfyui_dir()), "--unet", str(data["unet"]), "--vae", str(data["vae"]),
             "--clip-from", CLIP_FROM, "--size", "64", "--steps", "20", "--out", str(out), *extra]
@@ -280,7 +280,7 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path):
     Encode, VAE Encode, Look At Image, Anchor Select, Build Gated Graph and Propagate."""
     from anchordiff_eval.__main__ import main
     from anchordiff_eval.run import resize_square
-    from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
+    from toyworld.comfy_clip import make_fixture_clip
     import comfy.sd
     import comfy.utils
     import nodes
