@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .metrics import BinarySegmentationMeter, MultiConceptMeter, minmax_normalize
+from .metrics import BinarySegmentationMeter, MultiConceptMeter, minmax_normalize, nan_to_none, pct
 
 
 def load_npz(path: Path, with_image: bool = False):
@@ -132,7 +131,7 @@ def evaluate_dir(directory, edges: bool = False, edge_radius: int | None = None,
 
 
 def _pct(v: float) -> str:
-    return "   n/a" if v is None or math.isnan(v) else f"{100 * v:6.2f}"
+    return pct(v, 6)
 
 
 def format_tables(res: dict) -> str:
@@ -165,12 +164,6 @@ def format_tables(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _nan_to_none(d):
-    if isinstance(d, dict):
-        return {k: _nan_to_none(v) for k, v in d.items()}
-    return None if isinstance(d, float) and math.isnan(d) else d
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anchordiff_core.evaluate",
                                      description="Segmentation metrics over a directory of .npz heat maps.")
@@ -188,7 +181,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(_nan_to_none(res), indent=2) if args.json else format_tables(res))
+    print(json.dumps(nan_to_none(res), indent=2) if args.json else format_tables(res))
     return 0
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from anchordiff_core.masks import EDGE_EPS, EDGE_RADIUS, refine_edges, soft_map
-from anchordiff_core.metrics import BinarySegmentationMeter, MultiConceptMeter, mean_threshold
+from anchordiff_core.metrics import BinarySegmentationMeter, MultiConceptMeter, mean_threshold, pct
 
 from .datasets import Sample
 
@@ -245,9 +245,6 @@ def evaluate(dataset: DatasetRun, recorder, settings: Settings, out: Path, *, re
 
 
 # ----------------------------------------------------------------------------- reporting
-def _pct(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
-
 
 def _row_title(row: str) -> str:
     method, _, extra = row.partition("+")
@@ -278,7 +275,7 @@ def format_markdown(results: dict, settings: Settings) -> str:
             "",
             f"{res['n_images']} images ({res['n_recorded']} recorded now, {res['n_from_cache']} from the cache)"
             + (f"; {timing['wall']:.2f} s wall / {timing['cpu']:.2f} s CPU per recorded image (all methods)" if timing else "")
-            + (f"; AnchorDiff's anchor inside the target for {_pct(res['anchor_inside_truth'])}% of targets"
+            + (f"; AnchorDiff's anchor inside the target for {pct(res['anchor_inside_truth'])}% of targets"
                if res["anchor_inside_truth"] is not None else "")
             + ".",
         ]
@@ -290,8 +287,8 @@ def format_markdown(results: dict, settings: Settings) -> str:
         ]
         for row, r in res["methods"].items():
             b = r["binary"]
-            lines.append(f"| {_row_title(row)} | {_pct(b['acc'])} | {_pct(b['miou'])} | "
-                         f"{_pct(b['miou_conceptattention_protocol'])} | {_pct(b['map'])} | {_pct(b['bf'])} |")
+            lines.append(f"| {_row_title(row)} | {pct(b['acc'])} | {pct(b['miou'])} | "
+                         f"{pct(b['miou_conceptattention_protocol'])} | {pct(b['map'])} | {pct(b['bf'])} |")
         multi = {row: r["multi_concept"] for row, r in res["methods"].items() if r["multi_concept"] is not None}
         if multi:
             n_pairs = next(iter(multi.values()))["n_pairs"]
@@ -303,16 +300,8 @@ def format_markdown(results: dict, settings: Settings) -> str:
                 "|---|---:|---:|---:|---:|",
             ]
             for row, m in multi.items():
-                lines.append(f"| {_row_title(row)} | {_pct(m['miou_fg'])} | {_pct(m['map_fg'])} | {_pct(m['acc_fg'])} | {_pct(m['nar'])} |")
+                lines.append(f"| {_row_title(row)} | {pct(m['miou_fg'])} | {pct(m['map_fg'])} | {pct(m['acc_fg'])} | {pct(m['nar'])} |")
     return "\n".join(lines) + "\n"
-
-
-def nan_to_none(d):
-    if isinstance(d, dict):
-        return {k: nan_to_none(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [nan_to_none(v) for v in d]
-    return None if isinstance(d, float) and math.isnan(d) else d
 
 
 def check_settings(out: Path, settings: Settings, restart: bool) -> None:
