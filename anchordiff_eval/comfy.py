@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, Setting
+from anchordiff_core.methods import ANCHORDIFF, METHODS as REGISTRY
 
 PACK_ROOT = Path(__file__).resolve().parents[1]  # this repository = the ComfyUI node pack
 
@@ -162,7 +163,7 @@ class RecordOptions:
 class NodeRecorder:
     """Runs one image through the nodes' code path and returns every method's heat."""
 
-    METHODS = ("anchordiff", "cross_attention", "conceptattention", "seg4diff")
+    METHODS = tuple(REGISTRY)  # the registry: anchordiff_core.methods
 
     def __init__(self, pack, models: Models, options: RecordOptions):
         import comfy.model_management
@@ -199,7 +200,7 @@ class NodeRecorder:
         pl = self.pipeline
         heats, anchor_tokens = {}, None
         for method in methods:
-            if method == "anchordiff":
+            if method == ANCHORDIFF:
                 anchors = pl.pick_anchors(maps, exclude_last_block=o.exclude_last_block)
                 graphs = pl.build_graphs(maps, o.gate_percentile, (), self.device)
                 heats[method] = pl.propagate_anchors(graphs, anchors, o.steps).values[0]

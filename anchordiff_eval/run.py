@@ -17,17 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from anchordiff_core.masks import EDGE_EPS, EDGE_RADIUS, refine_edges, soft_map
+from anchordiff_core.methods import METHODS
 from anchordiff_core.metrics import BinarySegmentationMeter, MultiConceptMeter, mean_threshold, pct
 
 from .datasets import Sample
 
 CACHE_VERSION = 1
-METHOD_TITLES = {
-    "anchordiff": "AnchorDiff",
-    "cross_attention": "Cross-attention",
-    "conceptattention": "ConceptAttention",
-    "seg4diff": "Seg4Diff",
-}
+METHOD_TITLES = {key: m.title for key, m in METHODS.items()}
 
 
 @dataclass(frozen=True)
