@@ -32,6 +32,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS  # noqa: E402
+
 
 # glibc returns every block of 64 KB or more to the system when it is freed (no dynamic threshold),
 # so RSS follows live memory instead of what the heap keeps after a free
@@ -118,11 +120,11 @@ def measure(what, n, d, k, device, repeats):
     maps = node_maps(a, o) if what == "graph_node" else None
     runs = {
         "graph_ours": lambda: ad.build_gated_graph(a1, o1),
-        "graph_node": lambda: pipeline.build_graphs(maps, 98.0, (), device, None, lambda: None),
+        "graph_node": lambda: pipeline.build_graphs(maps, PAPER_GATE_PERCENTILE, (), device, None, lambda: None),
         "graph_naive": lambda: naive.dense_transition(a1, o1),
-        "propagate_ours": lambda: ad.propagate(prepared, anchors, 160),
-        "propagate_naive": lambda: naive.dense_propagate(prepared, anchors, 160),
-        "both_ours": lambda: ad.propagate(ad.build_gated_graph(a1, o1), anchors, 160),
+        "propagate_ours": lambda: ad.propagate(prepared, anchors, PAPER_STEPS),
+        "propagate_naive": lambda: naive.dense_propagate(prepared, anchors, PAPER_STEPS),
+        "both_ours": lambda: ad.propagate(ad.build_gated_graph(a1, o1), anchors, PAPER_STEPS),
     }
     peak = Peak(device)
     best = None
@@ -219,7 +221,7 @@ def main():
         both = run("both_ours", args, k)
         both.pop("heat")
         report["propagate"].append({"k": k, "ours": ours, "naive": naive_, "both": both, "max_diff": diff})
-        print(f"{f'propagate(160), K={k}':<26}{ours['cpu_s'] * 1e3:>8.0f}ms / {ours['wall_s'] * 1e3:<5.0f}ms"
+        print(f"{f'propagate({PAPER_STEPS}), K={k}':<26}{ours['cpu_s'] * 1e3:>8.0f}ms / {ours['wall_s'] * 1e3:<5.0f}ms"
               f"{naive_['cpu_s'] * 1e3:>9.0f}ms / {naive_['wall_s'] * 1e3:<6.0f}ms{naive_['wall_s'] / ours['wall_s']:>7.1f}x"
               f"   max |diff| {diff:.1e}; graph + propagate {both['wall_s']:.2f} s wall")
     report["memory"] = []

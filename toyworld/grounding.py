@@ -28,6 +28,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS
+
 from .world import SPLITS, make_scene
 
 
@@ -60,7 +62,7 @@ def anchor_maps(maps, ic_maps: dict[int, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def anchordiff_heat(maps, anchors: torch.Tensor, gate: float | None = 98.0, steps: int = 160) -> torch.Tensor:
+def anchordiff_heat(maps, anchors: torch.Tensor, gate: float | None = PAPER_GATE_PERCENTILE, steps: int = PAPER_STEPS) -> torch.Tensor:
     from anchordiff_core import build_gated_graph, propagate
     a_ii, o_ii = maps.graph_inputs(0)
     return propagate(build_gated_graph(a_ii, o_ii, gate_percentile=gate), anchors, steps=steps)
