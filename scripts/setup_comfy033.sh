@@ -20,7 +20,7 @@ MARKER="$VENV/.anchordiff_setup_done"
 export PIP_PROGRESS_BAR=off PIP_DISABLE_PIP_VERSION_CHECK=1
 
 inputs_hash() {
-    cat scripts/setup_comfy033.sh requirements/comfy033.txt requirements/nodeps.txt requirements/constraints.txt \
+    cat scripts/setup_comfy033.sh requirements.txt requirements/comfy033.txt requirements/nodeps.txt requirements/constraints.txt \
         | sha256sum | cut -d' ' -f1
     sha256sum "$TARBALL" | cut -d' ' -f1
 }

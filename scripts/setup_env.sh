@@ -16,7 +16,7 @@ export PIP_PROGRESS_BAR=off PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Hash of everything that decides the environment's content.
 inputs_hash() {
-    cat scripts/setup_env.sh requirements/test.txt requirements/nodeps.txt requirements/constraints.txt pyproject.toml \
+    cat scripts/setup_env.sh requirements.txt requirements/test.txt requirements/nodeps.txt requirements/constraints.txt pyproject.toml \
         | sha256sum | cut -d' ' -f1
     [ -d anchordiff_core ] && echo "with-core" || echo "no-core"
 }
