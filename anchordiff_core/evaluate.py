@@ -63,6 +63,33 @@ def load_npz(path: Path, with_image: bool = False):
     return heat, gt, names
 
 
+class Scores:
+    """The two protocols' meters per row (a method, a method + edges, ...): the binary protocol for
+    every concept map, AnchorDiff eq. 14 for images with K > 1. The one scoring loop of
+    `evaluate_maps` here and of `python -m anchordiff_eval` (anchordiff_eval.run)."""
+
+    def __init__(self, boundary_tolerance: int | None = None):
+        self.tolerance = boundary_tolerance
+        self.binary: dict[str, BinarySegmentationMeter] = {}
+        self.multi: dict[str, MultiConceptMeter] = {}
+
+    def add(self, row: str, maps: np.ndarray, truth: np.ndarray, valid=None) -> list[dict]:
+        """maps, truth [K, H, W]; `valid` [H, W]: only these pixels are scored. Returns the binary
+        protocol's per-concept values."""
+        binary = self.binary.setdefault(row, BinarySegmentationMeter(self.tolerance))
+        per = [binary.update(maps[k], truth[k], valid) for k in range(maps.shape[0])]
+        if maps.shape[0] > 1:
+            self.multi.setdefault(row, MultiConceptMeter()).update(maps, truth)
+        return per
+
+    def result(self, row: str) -> dict:
+        return {"binary": self.binary[row].compute(),
+                "multi_concept": self.multi[row].compute() if row in self.multi else None}
+
+    def results(self) -> dict:
+        return {row: self.result(row) for row in self.binary}
+
+
 def refined(heat: np.ndarray, image: np.ndarray, radius: int, eps: float) -> np.ndarray:
     """Each map min-max normalised (as the metrics do), then ``refine_edges`` guided by the image."""
     import torch
@@ -83,7 +110,7 @@ def evaluate_maps(items, edges: bool = False, edge_radius: int | None = None, ed
     radius = EDGE_RADIUS if edge_radius is None else edge_radius
     eps = EDGE_EPS if edge_eps is None else edge_eps
     variants = ["heat"] + (["edges"] if edges else [])
-    meters = {v: (BinarySegmentationMeter(boundary_tolerance), MultiConceptMeter()) for v in variants}
+    scores = Scores(boundary_tolerance)
     n_items = 0
     for name, heat, gt, image in items:
         n_items += 1
@@ -91,20 +118,14 @@ def evaluate_maps(items, edges: bool = False, edge_radius: int | None = None, ed
             if edges and image is None:
                 raise ValueError("edges needs the image")
             for variant in variants:
-                maps = refined(heat, image, radius, eps) if variant == "edges" else heat
-                binary, multi = meters[variant]
-                for k in range(maps.shape[0]):
-                    binary.update(maps[k], gt[k])
-                if maps.shape[0] > 1:
-                    multi.update(maps, gt)
+                scores.add(variant, refined(heat, image, radius, eps) if variant == "edges" else heat, gt)
         except ValueError as e:  # say which file and concept
             raise ValueError(f"{name}: {e}") from None
     if not n_items:
         raise ValueError("no images to evaluate")
     out = {"n_files": n_items}
     for variant in variants:
-        binary, multi = meters[variant]
-        res = {"binary": binary.compute(), "multi_concept": multi.compute() if multi.n_images else None}
+        res = scores.result(variant)
         if variant == "heat":
             out.update(res)
         else:

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from anchordiff_core.evaluate import Scores
 from anchordiff_core.masks import EDGE_EPS, EDGE_RADIUS, refine_edges, soft_map
 from anchordiff_core.methods import METHODS
-from anchordiff_core.metrics import BinarySegmentationMeter, MultiConceptMeter, mean_threshold, pct
+from anchordiff_core.metrics import mean_threshold, pct
 
 from .datasets import Sample
 
@@ -61,29 +62,6 @@ def _atomic_savez(path: Path, **arrays) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-
-
-class Scores:
-    """Meters per method (and per method + edges): binary protocol per target, eq. 14 for K > 1."""
-
-    def __init__(self, boundary_tolerance: Optional[int]):
-        self.tolerance = boundary_tolerance
-        self.binary: dict[str, BinarySegmentationMeter] = {}
-        self.multi: dict[str, MultiConceptMeter] = {}
-
-    def add(self, row: str, maps: np.ndarray, sample: Sample) -> list[dict]:
-        """maps [T, H, W] at the truth's size."""
-        binary = self.binary.setdefault(row, BinarySegmentationMeter(self.tolerance))
-        per = [binary.update(maps[t], sample.masks[t], sample.valid) for t in range(maps.shape[0])]
-        if maps.shape[0] > 1:
-            self.multi.setdefault(row, MultiConceptMeter()).update(maps, sample.masks)
-        return per
-
-    def results(self) -> dict:
-        return {
-            row: {"binary": meter.compute(), "multi_concept": self.multi[row].compute() if row in self.multi else None}
-            for row, meter in self.binary.items()
-        }
 
 
 def target_maps(heat: np.ndarray, grid, size: int, truth_hw, image_s: Optional[np.ndarray], edges: bool,
@@ -216,7 +194,7 @@ def evaluate(dataset: DatasetRun, recorder, settings: Settings, out: Path, *, re
             variants = [(method, False)] + ([(f"{method}+edges", True)] if refine else [])
             for row, edges in variants:
                 maps_t = target_maps(heats[method], grid, settings.size, sample.masks.shape[1:], image_s, edges, edge_radius, edge_eps)
-                per_row[row] = scores.add(row, maps_t, sample)
+                per_row[row] = scores.add(row, maps_t, sample.masks, sample.valid)
                 rows[row] = maps_t
         if overlays:
             Image.fromarray(overlay(sample, rows, per_row)).save(overlay_dir / f"{sample.id}.png")
