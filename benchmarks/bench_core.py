@@ -33,11 +33,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-
-from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS  # noqa: E402
+# anchordiff_core: installed (scripts/setup_env.sh: pip install -e .); naive, live_memory: this folder,
+# which Python puts first on sys.path for a script
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS
 
 
 # glibc returns every block of 64 KB or more to the system when it is freed (no dynamic threshold),
