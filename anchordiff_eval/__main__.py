@@ -20,7 +20,7 @@ from anchordiff_core.metrics import nan_to_none
 
 from . import datasets as ds
 from .comfy import NodeRecorder, RecordOptions, SetupError, load_comfyui, load_models
-from .run import DatasetRun, Settings, check_settings, evaluate, format_markdown
+from .run import DatasetRun, Settings, check_settings, evaluate_dataset, format_markdown
 
 ALL_METHODS = NodeRecorder.METHODS
 
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         check_settings(out, settings, args.restart)
         results = {}
         for run in runs:
-            results[run.key] = evaluate(run, recorder, settings, out, refine=args.refine_edges, edge_radius=args.edge_radius,
+            results[run.key] = evaluate_dataset(run, recorder, settings, out, refine=args.refine_edges, edge_radius=args.edge_radius,
                                         edge_eps=EDGE_EPS, boundary_tolerance=args.boundary_tolerance,
                                         overlays=not args.no_overlays, limit=args.limit, progress=not args.no_progress)
     except (SetupError, ds.DatasetError, ValueError) as error:

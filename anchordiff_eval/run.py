@@ -129,10 +129,11 @@ def overlay(sample: Sample, rows: dict[str, np.ndarray], scores: dict[str, list[
 
 
 # ----------------------------------------------------------------------------- the loop
-def evaluate(dataset: DatasetRun, recorder, settings: Settings, out: Path, *, refine: bool = False,
-             edge_radius: int = EDGE_RADIUS, edge_eps: float = EDGE_EPS, boundary_tolerance: Optional[int] = None,
-             overlays: bool = True, limit: Optional[int] = None, progress: bool = True) -> dict:
-    """Record (or read from the cache) and score every sample of `dataset`; returns its results."""
+def evaluate_dataset(dataset: DatasetRun, recorder, settings: Settings, out: Path, *, refine: bool = False,
+                     edge_radius: int = EDGE_RADIUS, edge_eps: float = EDGE_EPS, boundary_tolerance: Optional[int] = None,
+                     overlays: bool = True, limit: Optional[int] = None, progress: bool = True) -> dict:
+    """Record (or read from the cache) and score every sample of `dataset` (with anchordiff_core.evaluate.Scores,
+    the scoring of `python -m anchordiff_core.evaluate`); returns its results."""
     from tqdm import tqdm
 
     cache_dir = out / dataset.key / "cache"

@@ -73,7 +73,7 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return float((pred & truth).sum() / union) if union else 1.0
 
 
-def evaluate(toy, seeds, size: int = 256, record_at: float = 0.5, per_layer_ic: bool = True, log=print) -> dict:
+def grounding_accuracy(toy, seeds, size: int = 256, record_at: float = 0.5, per_layer_ic: bool = True, log=print) -> dict:
     from anchordiff_core import to_mask
     rng = np.random.default_rng(0)
     hits: dict[tuple[str, str], list[float]] = defaultdict(list)   # (level, source) -> 0/1
@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     from .comfy_run import WEIGHTS, ToyComfy
     from pathlib import Path
     toy = ToyComfy(Path(args.weights) if args.weights else WEIGHTS)
-    r = evaluate(toy, SPLITS[args.split].seeds(args.scenes), args.size, args.record_at, not args.no_per_layer_ic)
+    r = grounding_accuracy(toy, SPLITS[args.split].seeds(args.scenes), args.size, args.record_at, not args.no_per_layer_ic)
     print(format_result(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
