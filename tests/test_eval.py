@@ -340,3 +340,29 @@ def test_command_errors(data, tmp_path, capsys, change, message):
     args = [str(data["folder"]) if x == "FOLDER" else x for x in change(base_args(data, tmp_path / "out"))]
     assert main(args) == 2
     assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_gate_and_steps_default_to_the_paper_and_take_auto():
+    from anchordiff_core import auto
+    from anchordiff_eval.__main__ import build_parser
+
+    base = ["--comfyui", "x", "--out", "y"]
+    args = build_parser().parse_args(base)
+    assert (args.gate_percentile, args.steps) == (auto.PAPER_GATE_PERCENTILE, auto.PAPER_STEPS)
+    args = build_parser().parse_args(base + ["--gate-percentile", "auto", "--steps", "Paper"])
+    assert (args.gate_percentile, args.steps) == ("auto", "paper")
+    args = build_parser().parse_args(base + ["--gate-percentile", "95.5", "--steps", "40"])
+    assert (args.gate_percentile, args.steps) == (95.5, 40)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--steps", "4.5"])
+
+
+def test_method_registry_is_what_the_command_and_the_pipeline_use():
+    from anchordiff_core import methods, pipeline
+    from anchordiff_eval.comfy import NodeRecorder
+    from anchordiff_eval.run import METHOD_TITLES
+
+    assert NodeRecorder.METHODS == tuple(methods.METHODS) == tuple(METHOD_TITLES)
+    assert methods.BASELINES == ("cross_attention", "conceptattention", "seg4diff")
+    with pytest.raises(ValueError, match="unknown baseline 'anchordiff'"):
+        pipeline.baseline_heat(None, "anchordiff")
