@@ -14,7 +14,7 @@ for path in (HERE.parent, HERE):
 
 @pytest.fixture(scope="session")
 def comfy():
-    """ComfyUI imported in-process, CPU mode (see tests/fixtures/comfy_env.py)."""
+    """ComfyUI imported in-process, CPU mode (see toyworld/comfy_env.py)."""
     from toyworld.comfy_env import import_comfy
     return import_comfy()
 
