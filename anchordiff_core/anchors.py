@@ -12,7 +12,9 @@ import torch
 
 from ._checks import as_float_matrix, check_grid
 
-PIXELS_PER_TOKEN = 16  # SD3: VAE factor 8 x patch size 2
+PIXELS_PER_LATENT = 8  # SD3's VAE: one latent per 8 x 8 pixels (the one home of this number)
+PATCH_SIZE = 2         # SD3's MM-DiT: one token per 2 x 2 latents
+PIXELS_PER_TOKEN = PIXELS_PER_LATENT * PATCH_SIZE  # 16
 
 
 def select_anchors(

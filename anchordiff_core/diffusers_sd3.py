@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .anchors import PATCH_SIZE, PIXELS_PER_LATENT
 from .concepts import ConceptSet
 from .maps import AttentionMaps
 from .recorder import RecordSpec, StepRecorder
@@ -112,10 +113,10 @@ class DiffusersSD3Recorder:
                 handle.remove()
             for block, processor in zip(blocks, saved):
                 block.attn.set_processor(processor)
-        h, w = latents.shape[-2] // 2, latents.shape[-1] // 2
+        h, w = latents.shape[-2] // PATCH_SIZE, latents.shape[-1] // PATCH_SIZE
         sigma = float(torch.as_tensor(timestep).reshape(-1)[0]) / 1000.0
         return step.finish(
-            torch.arange(batch), batch, grid=(h, w), image_size=(latents.shape[-2] * 8, latents.shape[-1] * 8),
+            torch.arange(batch), batch, grid=(h, w), image_size=(latents.shape[-2] * PIXELS_PER_LATENT, latents.shape[-1] * PIXELS_PER_LATENT),
             sigma=sigma, meta={"id": uuid.uuid4().hex, "source": "diffusers"},
         )
 

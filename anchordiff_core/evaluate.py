@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from .metrics import BinarySegmentationMeter, MultiConceptMeter, minmax_normalize
+from .metrics import BinarySegmentationMeter, MultiConceptMeter, minmax_normalize, nan_to_none, pct
 
 
 def load_npz(path: Path, with_image: bool = False):
@@ -64,6 +63,33 @@ def load_npz(path: Path, with_image: bool = False):
     return heat, gt, names
 
 
+class Scores:
+    """The two protocols' meters per row (a method, a method + edges, ...): the binary protocol for
+    every concept map, AnchorDiff eq. 14 for images with K > 1. The one scoring loop of
+    `evaluate_maps` here and of `python -m anchordiff_eval` (anchordiff_eval.run)."""
+
+    def __init__(self, boundary_tolerance: int | None = None):
+        self.tolerance = boundary_tolerance
+        self.binary: dict[str, BinarySegmentationMeter] = {}
+        self.multi: dict[str, MultiConceptMeter] = {}
+
+    def add(self, row: str, maps: np.ndarray, truth: np.ndarray, valid=None) -> list[dict]:
+        """maps, truth [K, H, W]; `valid` [H, W]: only these pixels are scored. Returns the binary
+        protocol's per-concept values."""
+        binary = self.binary.setdefault(row, BinarySegmentationMeter(self.tolerance))
+        per = [binary.update(maps[k], truth[k], valid) for k in range(maps.shape[0])]
+        if maps.shape[0] > 1:
+            self.multi.setdefault(row, MultiConceptMeter()).update(maps, truth)
+        return per
+
+    def result(self, row: str) -> dict:
+        return {"binary": self.binary[row].compute(),
+                "multi_concept": self.multi[row].compute() if row in self.multi else None}
+
+    def results(self) -> dict:
+        return {row: self.result(row) for row in self.binary}
+
+
 def refined(heat: np.ndarray, image: np.ndarray, radius: int, eps: float) -> np.ndarray:
     """Each map min-max normalised (as the metrics do), then ``refine_edges`` guided by the image."""
     import torch
@@ -84,7 +110,7 @@ def evaluate_maps(items, edges: bool = False, edge_radius: int | None = None, ed
     radius = EDGE_RADIUS if edge_radius is None else edge_radius
     eps = EDGE_EPS if edge_eps is None else edge_eps
     variants = ["heat"] + (["edges"] if edges else [])
-    meters = {v: (BinarySegmentationMeter(boundary_tolerance), MultiConceptMeter()) for v in variants}
+    scores = Scores(boundary_tolerance)
     n_items = 0
     for name, heat, gt, image in items:
         n_items += 1
@@ -92,20 +118,14 @@ def evaluate_maps(items, edges: bool = False, edge_radius: int | None = None, ed
             if edges and image is None:
                 raise ValueError("edges needs the image")
             for variant in variants:
-                maps = refined(heat, image, radius, eps) if variant == "edges" else heat
-                binary, multi = meters[variant]
-                for k in range(maps.shape[0]):
-                    binary.update(maps[k], gt[k])
-                if maps.shape[0] > 1:
-                    multi.update(maps, gt)
+                scores.add(variant, refined(heat, image, radius, eps) if variant == "edges" else heat, gt)
         except ValueError as e:  # say which file and concept
             raise ValueError(f"{name}: {e}") from None
     if not n_items:
         raise ValueError("no images to evaluate")
     out = {"n_files": n_items}
     for variant in variants:
-        binary, multi = meters[variant]
-        res = {"binary": binary.compute(), "multi_concept": multi.compute() if multi.n_images else None}
+        res = scores.result(variant)
         if variant == "heat":
             out.update(res)
         else:
@@ -132,7 +152,7 @@ def evaluate_dir(directory, edges: bool = False, edge_radius: int | None = None,
 
 
 def _pct(v: float) -> str:
-    return "   n/a" if v is None or math.isnan(v) else f"{100 * v:6.2f}"
+    return pct(v, 6)
 
 
 def format_tables(res: dict) -> str:
@@ -165,12 +185,6 @@ def format_tables(res: dict) -> str:
     return "\n".join(lines)
 
 
-def _nan_to_none(d):
-    if isinstance(d, dict):
-        return {k: _nan_to_none(v) for k, v in d.items()}
-    return None if isinstance(d, float) and math.isnan(d) else d
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m anchordiff_core.evaluate",
                                      description="Segmentation metrics over a directory of .npz heat maps.")
@@ -188,7 +202,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(_nan_to_none(res), indent=2) if args.json else format_tables(res))
+    print(json.dumps(nan_to_none(res), indent=2) if args.json else format_tables(res))
     return 0
 
 

@@ -20,6 +20,7 @@ import torch
 
 from ._checks import as_float_matrix
 from .attention import float32_matmul
+from .auto import PAPER_GATE_PERCENTILE
 
 
 WEIGHTS = ("output", "attention")  # the edge weights: W_cos (the paper) or W_attn ("w/o W_cos")
@@ -157,7 +158,7 @@ def _largest_float32_at_most(x: float) -> torch.Tensor:
 def build_gated_graph(
     a_ii,
     o_ii,
-    gate_percentile: Optional[float] = 98.0,
+    gate_percentile: Optional[float] = PAPER_GATE_PERCENTILE,
     interrupt: Optional[Callable[[], None]] = None,
     device=None,
     weights: str = "output",

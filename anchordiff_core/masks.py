@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import as_float_matrix, check_grid
+from .anchors import PIXELS_PER_TOKEN
 
 Threshold = Union[str, float]
 
@@ -77,7 +78,7 @@ def to_mask(
 
 
 # ------------------------------------------------------------------------------ edge refinement
-EDGE_RADIUS = 16  # pixels: one token (SD3: 8 px per latent x 2 per patch)
+EDGE_RADIUS = PIXELS_PER_TOKEN  # pixels: one token (SD3: 8 px per latent x 2 per patch = 16)
 EDGE_EPS = 1e-3  # guided-filter regularisation for a guide in 0..1 (smaller follows weaker edges)
 
 

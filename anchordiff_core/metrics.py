@@ -66,7 +66,25 @@ __all__ = [
     "confusion_pair_metrics",
     "BinarySegmentationMeter",
     "MultiConceptMeter",
+    "nan_to_none",
+    "pct",
 ]
+
+
+def nan_to_none(d):
+    """A results tree (dicts, lists, tuples) with every NaN float as None, for JSON (null, not NaN)."""
+    if isinstance(d, dict):
+        return {k: nan_to_none(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [nan_to_none(v) for v in d]
+    return None if isinstance(d, float) and math.isnan(d) else d
+
+
+def pct(v, width: int = 0) -> str:
+    """A value in [0, 1] as a percentage with 2 decimals ("n/a" for None / NaN), right-aligned in `width`."""
+    if v is None or math.isnan(v):
+        return "n/a".rjust(width)
+    return f"{100 * v:{width}.2f}" if width else f"{100 * v:.2f}"
 
 
 # ----------------------------------------------------------------------------- input handling

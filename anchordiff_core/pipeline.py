@@ -18,11 +18,11 @@ import torch
 from .anchors import PIXELS_PER_TOKEN, point_to_token, select_anchors
 from .attention import mean_over_layers
 from .auto import AUTO, Setting, gate_percentile_for, steps_for
-from .baselines import concept_attention_heat, cross_attention_heat, seg4diff_heat
 from .concepts import concept_index
 from .graph import GatedGraph, build_gated_graph
 from .maps import AttentionMaps
 from .masks import EDGE_EPS, EDGE_RADIUS, Threshold, refine_edges, soft_map, thresholds_for, to_mask
+from .methods import baseline
 from .propagation import propagate
 
 Progress = Optional[Callable[[int, int], None]]
@@ -180,19 +180,13 @@ def propagate_anchors(graphs: Graphs, anchors: Anchors, steps: Setting = AUTO, p
 
 
 def baseline_heat(maps: AttentionMaps, method: str, layers: Sequence[int] = (), softmax: bool = True) -> Heat:
-    """Heat of a published baseline: "cross_attention", "conceptattention" or "seg4diff".
-    (The cross-attention heat over `anchor_layers` is also what anchor selection looks at.)"""
+    """Heat of a published baseline (`methods.BASELINES`: "cross_attention", "conceptattention",
+    "seg4diff"). (The cross-attention heat over `anchor_layers` is also what anchor selection looks at.)"""
     chosen = list(layers) if layers else None
-    if method == "cross_attention":
-        values = [cross_attention_heat(maps.a_ci[b], chosen) for b in range(maps.batch_size)]
-    elif method == "conceptattention":
-        values = [concept_attention_heat(maps.ca_scores[b], chosen, softmax) for b in range(maps.batch_size)]
-    elif method == "seg4diff":
-        if maps.seg4diff is None:
-            raise ValueError("This recording has no Seg4Diff map: set the recorder's Seg4Diff layer.")
-        values = [seg4diff_heat(maps.seg4diff[b]) for b in range(maps.batch_size)]
-    else:
-        raise ValueError(f"unknown baseline '{method}'")
+    spec = baseline(method)
+    if spec.needs is not None and getattr(maps, spec.needs) is None:
+        raise ValueError(spec.missing)
+    values = [spec.heat(maps, b, chosen, softmax) for b in range(maps.batch_size)]
     return Heat(torch.stack(values).cpu(), maps.grid, maps.image_size, maps.concepts, method, recording_id(maps))
 
 

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from .anchors import anchor_seeds
+from .auto import PAPER_STEPS
 from .graph import GatedGraph
 
 
@@ -20,7 +21,7 @@ def minmax_rows(x: torch.Tensor) -> torch.Tensor:
 def propagate(
     graph: GatedGraph,
     anchors: torch.Tensor,
-    steps: int = 160,
+    steps: int = PAPER_STEPS,
     callback: Optional[Callable[[int, int], None]] = None,
     callback_every: int = 16,
 ) -> torch.Tensor:

@@ -14,11 +14,13 @@ import json
 import sys
 from pathlib import Path
 
+from anchordiff_core import auto
 from anchordiff_core.masks import EDGE_EPS, EDGE_RADIUS
+from anchordiff_core.metrics import nan_to_none
 
 from . import datasets as ds
 from .comfy import NodeRecorder, RecordOptions, SetupError, load_comfyui, load_models
-from .run import DatasetRun, Settings, check_settings, evaluate, format_markdown, nan_to_none
+from .run import DatasetRun, Settings, check_settings, evaluate_dataset, format_markdown
 
 ALL_METHODS = NodeRecorder.METHODS
 
@@ -27,6 +29,20 @@ def _concept_list(text: str | None, default):
     if text is None:
         return tuple(default)
     return tuple(part.strip() for part in text.replace("\n", ",").split(",") if part.strip())
+
+
+def _setting(kind):
+    """argparse type: "auto", "paper" (kept as names, resolved per image size by anchordiff_core.auto) or a number."""
+    def parse(text: str):
+        key = text.strip().lower()
+        if key in (auto.AUTO, auto.PAPER):
+            return key
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'auto', 'paper' or a {'whole ' if kind is int else ''}number; got '{text}'")
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f"ImageNet {', '.join(ds.IMAGENET_BACKGROUND)}; VOC {', '.join(ds.VOC_BACKGROUND)} (ConceptAttention's); folders none")
     g.add_argument("--limit", type=int, default=None, help="only the first N images of each dataset")
 
-    g = p.add_argument_group("protocol (defaults: the paper / the nodes' defaults)")
+    g = p.add_argument_group("protocol (defaults: the paper's; the nodes default to 'auto' gate and steps)")
     g.add_argument("--size", type=int, default=1024, help="images are resized to SIZE x SIZE (paper: 1024); a multiple of 16")
     g.add_argument("--prompt-template", default="a photo of {targets}",
                    help="prompt the model looks at each image with ({targets}, {concepts}); a folder's prompt.txt wins")
@@ -66,8 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="seed of the added noise")
     g.add_argument("--graph-layers", default="", help="joint blocks for the graph, e.g. '9, 18' (default: the model's)")
     g.add_argument("--seg4diff-layer", type=int, default=-1)
-    g.add_argument("--gate-percentile", type=float, default=98.0)
-    g.add_argument("--steps", type=int, default=160, help="propagation steps")
+    g.add_argument("--gate-percentile", type=_setting(float), default=auto.PAPER_GATE_PERCENTILE,
+                   help=f"gate: a percentile, 'paper' ({auto.PAPER_GATE_PERCENTILE:g}) or 'auto' (the nodes' default: sized to "
+                   f"the image, {auto.PAPER_GATE_PERCENTILE:g} at 1024 px); default {auto.PAPER_GATE_PERCENTILE:g}")
+    g.add_argument("--steps", type=_setting(int), default=auto.PAPER_STEPS,
+                   help=f"propagation steps: a number, 'paper' ({auto.PAPER_STEPS}) or 'auto' (the nodes' default: "
+                   f"{auto.STEPS_PER_SIDE:g} per token-grid side, {auto.PAPER_STEPS} at 1024 px); default {auto.PAPER_STEPS}")
     g.add_argument("--exclude-last-block", action="store_true", help="anchor selection without the pre_only last block")
     g.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {', '.join(ALL_METHODS)}")
     g.add_argument("--refine-edges", action="store_true", help="also score every method with the Mask node's refine_edges")
@@ -136,7 +156,7 @@ def main(argv=None) -> int:
         check_settings(out, settings, args.restart)
         results = {}
         for run in runs:
-            results[run.key] = evaluate(run, recorder, settings, out, refine=args.refine_edges, edge_radius=args.edge_radius,
+            results[run.key] = evaluate_dataset(run, recorder, settings, out, refine=args.refine_edges, edge_radius=args.edge_radius,
                                         edge_eps=EDGE_EPS, boundary_tolerance=args.boundary_tolerance,
                                         overlays=not args.no_overlays, limit=args.limit, progress=not args.no_progress)
     except (SetupError, ds.DatasetError, ValueError) as error:

@@ -15,6 +15,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, Setting
+from anchordiff_core.methods import ANCHORDIFF, METHODS as REGISTRY
+
 PACK_ROOT = Path(__file__).resolve().parents[1]  # this repository = the ComfyUI node pack
 
 
@@ -22,7 +25,9 @@ class SetupError(ValueError):
     """ComfyUI or a model file could not be loaded; the message says what to do."""
 
 
-def _run_async(coro):
+def run_async(coro):
+    """asyncio.run, also from inside a running event loop (then in a helper thread). The one copy:
+    toyworld.comfy_env (and through it the tests) uses this one."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
@@ -60,7 +65,7 @@ def load_comfyui(comfyui_dir, cpu: bool = False):
 
     name = str(PACK_ROOT).replace(".", "_x_")  # the module name ComfyUI's loader gives a pack folder
     if name not in sys.modules:
-        if not _run_async(nodes.load_custom_node(str(PACK_ROOT))):
+        if not run_async(nodes.load_custom_node(str(PACK_ROOT))):
             raise SetupError(f"ComfyUI could not load the AnchorDiff node pack at {PACK_ROOT} (see the log above)")
     return sys.modules[name]
 
@@ -143,20 +148,22 @@ def load_models(checkpoint=None, unet=None, text_encoders: Sequence[str] = (), v
 
 @dataclass(frozen=True)
 class RecordOptions:
-    """What the nodes' widgets would be set to (defaults: the paper, as the nodes' defaults)."""
+    """What the nodes' widgets would be set to. Defaults: the paper's protocol (98th-percentile gate, 160
+    steps: anchordiff_core.auto.PAPER_*), not the nodes' defaults ("auto", which equals the paper's values
+    at 1024 x 1024 px); `gate_percentile` and `steps` also take "auto" or "paper" (resolved per image size)."""
     record_at: float = 0.5
     seed: int = 0
     graph_layers: str = ""  # '' = the model's defaults (Record / Look At Image nodes)
     seg4diff_layer: int = -1
-    gate_percentile: float = 98.0
-    steps: int = 160
+    gate_percentile: Setting = PAPER_GATE_PERCENTILE
+    steps: Setting = PAPER_STEPS
     exclude_last_block: bool = False
 
 
 class NodeRecorder:
     """Runs one image through the nodes' code path and returns every method's heat."""
 
-    METHODS = ("anchordiff", "cross_attention", "conceptattention", "seg4diff")
+    METHODS = tuple(REGISTRY)  # the registry: anchordiff_core.methods
 
     def __init__(self, pack, models: Models, options: RecordOptions):
         import comfy.model_management
@@ -193,7 +200,7 @@ class NodeRecorder:
         pl = self.pipeline
         heats, anchor_tokens = {}, None
         for method in methods:
-            if method == "anchordiff":
+            if method == ANCHORDIFF:
                 anchors = pl.pick_anchors(maps, exclude_last_block=o.exclude_last_block)
                 graphs = pl.build_graphs(maps, o.gate_percentile, (), self.device)
                 heats[method] = pl.propagate_anchors(graphs, anchors, o.steps).values[0]

@@ -16,18 +16,15 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from anchordiff_core.evaluate import Scores
 from anchordiff_core.masks import EDGE_EPS, EDGE_RADIUS, refine_edges, soft_map
-from anchordiff_core.metrics import BinarySegmentationMeter, MultiConceptMeter, mean_threshold
+from anchordiff_core.methods import METHODS
+from anchordiff_core.metrics import mean_threshold, pct
 
 from .datasets import Sample
 
 CACHE_VERSION = 1
-METHOD_TITLES = {
-    "anchordiff": "AnchorDiff",
-    "cross_attention": "Cross-attention",
-    "conceptattention": "ConceptAttention",
-    "seg4diff": "Seg4Diff",
-}
+METHOD_TITLES = {key: m.title for key, m in METHODS.items()}
 
 
 @dataclass(frozen=True)
@@ -65,29 +62,6 @@ def _atomic_savez(path: Path, **arrays) -> None:
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
-
-
-class Scores:
-    """Meters per method (and per method + edges): binary protocol per target, eq. 14 for K > 1."""
-
-    def __init__(self, boundary_tolerance: Optional[int]):
-        self.tolerance = boundary_tolerance
-        self.binary: dict[str, BinarySegmentationMeter] = {}
-        self.multi: dict[str, MultiConceptMeter] = {}
-
-    def add(self, row: str, maps: np.ndarray, sample: Sample) -> list[dict]:
-        """maps [T, H, W] at the truth's size."""
-        binary = self.binary.setdefault(row, BinarySegmentationMeter(self.tolerance))
-        per = [binary.update(maps[t], sample.masks[t], sample.valid) for t in range(maps.shape[0])]
-        if maps.shape[0] > 1:
-            self.multi.setdefault(row, MultiConceptMeter()).update(maps, sample.masks)
-        return per
-
-    def results(self) -> dict:
-        return {
-            row: {"binary": meter.compute(), "multi_concept": self.multi[row].compute() if row in self.multi else None}
-            for row, meter in self.binary.items()
-        }
 
 
 def target_maps(heat: np.ndarray, grid, size: int, truth_hw, image_s: Optional[np.ndarray], edges: bool,
@@ -155,10 +129,11 @@ def overlay(sample: Sample, rows: dict[str, np.ndarray], scores: dict[str, list[
 
 
 # ----------------------------------------------------------------------------- the loop
-def evaluate(dataset: DatasetRun, recorder, settings: Settings, out: Path, *, refine: bool = False,
-             edge_radius: int = EDGE_RADIUS, edge_eps: float = EDGE_EPS, boundary_tolerance: Optional[int] = None,
-             overlays: bool = True, limit: Optional[int] = None, progress: bool = True) -> dict:
-    """Record (or read from the cache) and score every sample of `dataset`; returns its results."""
+def evaluate_dataset(dataset: DatasetRun, recorder, settings: Settings, out: Path, *, refine: bool = False,
+                     edge_radius: int = EDGE_RADIUS, edge_eps: float = EDGE_EPS, boundary_tolerance: Optional[int] = None,
+                     overlays: bool = True, limit: Optional[int] = None, progress: bool = True) -> dict:
+    """Record (or read from the cache) and score every sample of `dataset` (with anchordiff_core.evaluate.Scores,
+    the scoring of `python -m anchordiff_core.evaluate`); returns its results."""
     from tqdm import tqdm
 
     cache_dir = out / dataset.key / "cache"
@@ -220,7 +195,7 @@ def evaluate(dataset: DatasetRun, recorder, settings: Settings, out: Path, *, re
             variants = [(method, False)] + ([(f"{method}+edges", True)] if refine else [])
             for row, edges in variants:
                 maps_t = target_maps(heats[method], grid, settings.size, sample.masks.shape[1:], image_s, edges, edge_radius, edge_eps)
-                per_row[row] = scores.add(row, maps_t, sample)
+                per_row[row] = scores.add(row, maps_t, sample.masks, sample.valid)
                 rows[row] = maps_t
         if overlays:
             Image.fromarray(overlay(sample, rows, per_row)).save(overlay_dir / f"{sample.id}.png")
@@ -245,9 +220,6 @@ def evaluate(dataset: DatasetRun, recorder, settings: Settings, out: Path, *, re
 
 
 # ----------------------------------------------------------------------------- reporting
-def _pct(v) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
-
 
 def _row_title(row: str) -> str:
     method, _, extra = row.partition("+")
@@ -278,7 +250,7 @@ def format_markdown(results: dict, settings: Settings) -> str:
             "",
             f"{res['n_images']} images ({res['n_recorded']} recorded now, {res['n_from_cache']} from the cache)"
             + (f"; {timing['wall']:.2f} s wall / {timing['cpu']:.2f} s CPU per recorded image (all methods)" if timing else "")
-            + (f"; AnchorDiff's anchor inside the target for {_pct(res['anchor_inside_truth'])}% of targets"
+            + (f"; AnchorDiff's anchor inside the target for {pct(res['anchor_inside_truth'])}% of targets"
                if res["anchor_inside_truth"] is not None else "")
             + ".",
         ]
@@ -290,8 +262,8 @@ def format_markdown(results: dict, settings: Settings) -> str:
         ]
         for row, r in res["methods"].items():
             b = r["binary"]
-            lines.append(f"| {_row_title(row)} | {_pct(b['acc'])} | {_pct(b['miou'])} | "
-                         f"{_pct(b['miou_conceptattention_protocol'])} | {_pct(b['map'])} | {_pct(b['bf'])} |")
+            lines.append(f"| {_row_title(row)} | {pct(b['acc'])} | {pct(b['miou'])} | "
+                         f"{pct(b['miou_conceptattention_protocol'])} | {pct(b['map'])} | {pct(b['bf'])} |")
         multi = {row: r["multi_concept"] for row, r in res["methods"].items() if r["multi_concept"] is not None}
         if multi:
             n_pairs = next(iter(multi.values()))["n_pairs"]
@@ -303,16 +275,8 @@ def format_markdown(results: dict, settings: Settings) -> str:
                 "|---|---:|---:|---:|---:|",
             ]
             for row, m in multi.items():
-                lines.append(f"| {_row_title(row)} | {_pct(m['miou_fg'])} | {_pct(m['map_fg'])} | {_pct(m['acc_fg'])} | {_pct(m['nar'])} |")
+                lines.append(f"| {_row_title(row)} | {pct(m['miou_fg'])} | {pct(m['map_fg'])} | {pct(m['acc_fg'])} | {pct(m['nar'])} |")
     return "\n".join(lines) + "\n"
-
-
-def nan_to_none(d):
-    if isinstance(d, dict):
-        return {k: nan_to_none(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [nan_to_none(v) for v in d]
-    return None if isinstance(d, float) and math.isnan(d) else d
 
 
 def check_settings(out: Path, settings: Settings, restart: bool) -> None:

@@ -35,11 +35,11 @@ sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
 
 def inner(args):
     import torch
-    from fixtures import comfy_env
+    from toyworld import comfy_env
     from fixtures.tiny_sd3 import TinySD3Config, load_with_comfy, save_tiny_sd3
 
     comfy_env.import_comfy()
-    from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
+    from toyworld.comfy_clip import make_fixture_clip
     assert comfy_env.load_custom_node_pack(ROOT)
     import comfy.model_management
     import comfy.sample
@@ -56,7 +56,7 @@ def inner(args):
     if args.mode == "record":
         concepts = nodes.NODE_CLASS_MAPPINGS["AnchorDiffConcepts"].execute(clip, "cat, dog, sofa, background").args[0]
         model, recorder = nodes.NODE_CLASS_MAPPINGS["AnchorDiffRecordAttention"].execute(model, concepts, 0.5, -1, "", -1, 1).args
-    latent = torch.zeros(1, 16, args.size // 8, args.size // 8)
+    latent = torch.zeros(1, 16, args.size // PIXELS_PER_LATENT, args.size // PIXELS_PER_LATENT)
     noise = comfy.sample.prepare_noise(latent, 0)
 
     def run(steps):
@@ -144,7 +144,7 @@ def full_model(name, blocks=None):
     import types
 
     import torch
-    from fixtures import comfy_env
+    from toyworld import comfy_env
     from fixtures.tiny_sd3 import POOLED_DIM, TEXT_DIM, _init_weights
 
     comfy_env.import_comfy()
@@ -176,10 +176,10 @@ def full(args):
     import torch
 
     torch.set_num_threads(args.threads)
-    from fixtures import comfy_env
+    from toyworld import comfy_env
 
     comfy_env.import_comfy()
-    from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
+    from toyworld.comfy_clip import make_fixture_clip
     assert comfy_env.load_custom_node_pack(ROOT)
     import comfy.sample
     import nodes
@@ -196,7 +196,7 @@ def full(args):
     concepts = nodes.NODE_CLASS_MAPPINGS["AnchorDiffConcepts"].execute(clip, "cat, dog, sofa, background").args[0]
     patched, recorder = nodes.NODE_CLASS_MAPPINGS["AnchorDiffRecordAttention"].execute(
         model, concepts, 0.5, 0, args.graph_layers, args.seg4diff_layer, 1, args.precision).args
-    latent = torch.zeros(1, 16, args.size // 8, args.size // 8)
+    latent = torch.zeros(1, 16, args.size // PIXELS_PER_LATENT, args.size // PIXELS_PER_LATENT)
     noise = comfy.sample.prepare_noise(latent, 0)
 
     def forward(m):  # one Euler step, cfg 1: exactly one model evaluation of the positive row

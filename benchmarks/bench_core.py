@@ -9,8 +9,13 @@ kernel's peak-RSS counter is reset (`echo 5 > /proc/self/clear_refs`, Linux) and
 extra memory is VmHWM minus the RSS at that moment, so nothing allocated before (inputs,
 imports, warm-up) counts and nothing freed since can hide a peak.  Freed memory that the
 allocator keeps would count (an over-estimate, never an under-estimate); the subprocesses run
-with MALLOC_MMAP_THRESHOLD_=65536 so glibc keeps none of significant size.  On CUDA:
-torch.cuda.reset_peak_memory_stats / max_memory_allocated.  The unit "N^2" is one N x N float32.
+with MALLOC_MMAP_THRESHOLD_=65536 so glibc keeps none of significant size.  That figure is the
+resident memory under that setting: ComfyUI runs with glibc's default (dynamic) threshold, where
+the same Build Gated Graph path peaked at 2.45-3.25 N^2 of resident memory over five runs at 4096
+tokens (freed blocks the heap keeps).  Next to it, `tensor_peak_n2` counts live tensor storage
+from torch's own operator calls (benchmarks/live_memory.py), which no C allocator setting changes.
+On CUDA: torch.cuda.reset_peak_memory_stats / max_memory_allocated (the allocator's own count of
+live tensors, so both figures are the same).  The unit "N^2" is one N x N float32.
 
 Inputs: random softmax attention rows and Gaussian outputs.  The dense baseline is a direct
 transcription (dense W_attn, gate, W, W_hat) whose propagation step is written (s^T W_hat)^T,
@@ -28,9 +33,9 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+# anchordiff_core: installed (scripts/setup_env.sh: pip install -e .); naive, live_memory: this folder,
+# which Python puts first on sys.path for a script
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS
 
 
 # glibc returns every block of 64 KB or more to the system when it is freed (no dynamic threshold),
@@ -118,11 +123,11 @@ def measure(what, n, d, k, device, repeats):
     maps = node_maps(a, o) if what == "graph_node" else None
     runs = {
         "graph_ours": lambda: ad.build_gated_graph(a1, o1),
-        "graph_node": lambda: pipeline.build_graphs(maps, 98.0, (), device, None, lambda: None),
+        "graph_node": lambda: pipeline.build_graphs(maps, PAPER_GATE_PERCENTILE, (), device, None, lambda: None),
         "graph_naive": lambda: naive.dense_transition(a1, o1),
-        "propagate_ours": lambda: ad.propagate(prepared, anchors, 160),
-        "propagate_naive": lambda: naive.dense_propagate(prepared, anchors, 160),
-        "both_ours": lambda: ad.propagate(ad.build_gated_graph(a1, o1), anchors, 160),
+        "propagate_ours": lambda: ad.propagate(prepared, anchors, PAPER_STEPS),
+        "propagate_naive": lambda: naive.dense_propagate(prepared, anchors, PAPER_STEPS),
+        "both_ours": lambda: ad.propagate(ad.build_gated_graph(a1, o1), anchors, PAPER_STEPS),
     }
     peak = Peak(device)
     best = None
@@ -134,6 +139,17 @@ def measure(what, n, d, k, device, repeats):
         best["peak_bytes"] = max(best["peak_bytes"], used)
         del out
     result = {"what": what, "n": n, "d": d, "k": k, **best, "peak_n2": best["peak_bytes"] / (4 * n * n)}
+    if what.startswith("graph_"):  # live tensor memory, whatever the C allocator keeps resident
+        if device == "cuda":
+            result["tensor_peak_bytes"] = best["peak_bytes"]  # the CUDA allocator's own count already
+        else:
+            from live_memory import LiveTensorPeak
+
+            with LiveTensorPeak() as live:
+                out = runs[what]()
+            del out
+            result["tensor_peak_bytes"] = live.peak
+        result["tensor_peak_n2"] = result["tensor_peak_bytes"] / (4 * n * n)
     if what.startswith("propagate") or what == "both_ours":
         result["heat"] = runs[what]().cpu().tolist()
     print(json.dumps(result))
@@ -219,7 +235,7 @@ def main():
         both = run("both_ours", args, k)
         both.pop("heat")
         report["propagate"].append({"k": k, "ours": ours, "naive": naive_, "both": both, "max_diff": diff})
-        print(f"{f'propagate(160), K={k}':<26}{ours['cpu_s'] * 1e3:>8.0f}ms / {ours['wall_s'] * 1e3:<5.0f}ms"
+        print(f"{f'propagate({PAPER_STEPS}), K={k}':<26}{ours['cpu_s'] * 1e3:>8.0f}ms / {ours['wall_s'] * 1e3:<5.0f}ms"
               f"{naive_['cpu_s'] * 1e3:>9.0f}ms / {naive_['wall_s'] * 1e3:<6.0f}ms{naive_['wall_s'] / ours['wall_s']:>7.1f}x"
               f"   max |diff| {diff:.1e}; graph + propagate {both['wall_s']:.2f} s wall")
     report["memory"] = []
@@ -228,7 +244,8 @@ def main():
         report["memory"].append(row)
         print(f"peak extra memory at N={m}: build_gated_graph {row['core']['peak_n2']:.2f} N^2 "
               f"({row['core']['peak_bytes'] / 2**20:.0f} MB), through Build Gated Graph (2 layers) "
-              f"{row['node']['peak_n2']:.2f} N^2 ({row['node']['peak_bytes'] / 2**20:.0f} MB); "
+              f"{row['node']['peak_n2']:.2f} N^2 ({row['node']['peak_bytes'] / 2**20:.0f} MB); live tensors (allocator-independent) "
+              f"{row['core']['tensor_peak_n2']:.2f} / {row['node']['tensor_peak_n2']:.2f} N^2; "
               f"{row['core']['cpu_s']:.1f} CPU-s / {row['core']['wall_s']:.1f} s wall")
     if args.interrupt_n:
         cmd = [sys.executable, __file__, "--inner", "interrupt", "--n", str(args.interrupt_n), "--d", str(args.d), "--device", args.device]

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from anchordiff_core import build_gated_graph, propagate, select_anchors, soft_map  # noqa: E402
-from anchordiff_core.auto import auto_gate_percentile, auto_steps  # noqa: E402
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, auto_gate_percentile, auto_steps  # noqa: E402
 from anchordiff_core.baselines import concept_attention_heat, cross_attention_heat, seg4diff_heat  # noqa: E402
 from anchordiff_core.masks import refine_edges  # noqa: E402
 from anchordiff_core.metrics import BinarySegmentationMeter, boundary_tolerance, confusion_pair_metrics, mean_threshold  # noqa: E402
@@ -46,7 +46,7 @@ DIFFUSERS = "AnchorDiff (paper), diffusers capture"
 REFINED = (PAPER, TRUE_CENTRE)  # the rows measured with and without edge refinement
 
 
-def methods(maps, truths, gate=98.0, steps=160) -> dict:
+def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict:
     """name -> fn() returning (heat [K, N], anchors [K] or None). Each fn does all the work after the
     recording (graph, propagation, anchors), so the caller's timing of it is the method's cost per image."""
     a = maps.a_ci[0]

@@ -43,7 +43,6 @@ NEIGHBOURS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 82, 128, 192, 256)
 NEIGHBOURS_64x64 = (16, 32, 48, 64, 82, 128, 192, 256)  # 4096 tokens: fewer, to fit the CPU budget
 STEPS = (1, 2, 3, 5, 8, 10, 15, 20, 30, 40, 60, 80, 120, 160, 240, 320)
 ANCHORS = ("true centre", "paper")
-METRICS = ("miou", "lookalike_miou_fg", "lookalike_nar")
 
 
 def record(toy, seed: int, size: int, record_at: float, cache: Path | None) -> dict:

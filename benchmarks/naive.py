@@ -6,8 +6,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS
 
-def dense_transition(a_ii, o_ii, gate_percentile=98.0):
+
+def dense_transition(a_ii, o_ii, gate_percentile=PAPER_GATE_PERCENTILE):
     an = F.normalize(a_ii.float(), dim=1)
     w_attn = an @ an.T
     # torch.quantile refuses more than 16M entries (4096^2 is 16.8M): go through numpy
@@ -18,7 +20,7 @@ def dense_transition(a_ii, o_ii, gate_percentile=98.0):
     return w / w.sum(dim=1, keepdim=True)
 
 
-def dense_propagate(w_hat, anchors, steps=160):
+def dense_propagate(w_hat, anchors, steps=PAPER_STEPS):
     s = torch.zeros(w_hat.shape[0], len(anchors), device=w_hat.device)
     s[anchors, torch.arange(len(anchors))] = 1.0
     s = s.T.contiguous()  # [K, N]: one step is s W_hat, i.e. (W_hat^T s^T)^T, the fast dense form

@@ -3,7 +3,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .baselines import AnchorDiffConceptAttentionHeat, AnchorDiffCrossAttentionHeat, AnchorDiffSeg4DiffHeat
 from .record import AnchorDiffConcepts, AnchorDiffLookAtImage, AnchorDiffReadMaps, AnchorDiffRecordAttention
-from .steps import AnchorDiffAnchorSelect, AnchorDiffBuildGatedGraph, AnchorDiffMask, AnchorDiffPropagate
+from .stages import AnchorDiffAnchorSelect, AnchorDiffBuildGatedGraph, AnchorDiffMask, AnchorDiffPropagate
 
 NODES = [
     AnchorDiffConcepts,

@@ -34,6 +34,7 @@ import comfy.model_management
 import comfy.patcher_extension
 from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
+from ..anchordiff_core.anchors import PIXELS_PER_LATENT
 from ..anchordiff_core.concepts import ConceptSet
 from ..anchordiff_core.maps import AttentionMaps
 from ..anchordiff_core.recorder import RecordSpec, StepRecorder, fast_map_bytes, resolve_precision
@@ -42,7 +43,6 @@ log = logging.getLogger("anchordiff")
 
 WRAPPER_KEY = "anchordiff_recorder"
 CALL_KEY = "anchordiff_call"
-PIXELS_PER_LATENT = 8
 
 
 class AnchorDiffError(ValueError):

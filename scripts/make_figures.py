@@ -12,6 +12,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import anchordiff_core as ad  # noqa: E402
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE  # noqa: E402
 from synthetic import look_alike_scene  # noqa: E402
 
 SIZE = 192
@@ -38,7 +39,7 @@ def main():
     anchor = int(torch.nonzero(region == 1)[12])
     w_cos = ad.cosine_similarity_rows(o_ii)[anchor].clamp_min(0)
     ungated = ad.propagate(ad.build_gated_graph(a_ii, o_ii, None), torch.tensor([anchor]))[0]
-    gated = ad.propagate(ad.build_gated_graph(a_ii, o_ii, 98.0), torch.tensor([anchor]))[0]
+    gated = ad.propagate(ad.build_gated_graph(a_ii, o_ii, PAPER_GATE_PERCENTILE), torch.tensor([anchor]))[0]
     mask = ad.to_mask(gated[None], (16, 16), (16, 16))[0].flatten()
     panels = [
         panel(ad.minmax_rows(w_cos[None])[0], "output similarity", anchor, region),

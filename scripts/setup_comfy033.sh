@@ -20,7 +20,7 @@ MARKER="$VENV/.anchordiff_setup_done"
 export PIP_PROGRESS_BAR=off PIP_DISABLE_PIP_VERSION_CHECK=1
 
 inputs_hash() {
-    cat scripts/setup_comfy033.sh requirements/comfy033.txt requirements/nodeps.txt requirements/constraints.txt \
+    cat scripts/setup_comfy033.sh requirements.txt requirements/comfy033.txt requirements/nodeps.txt requirements/constraints.txt \
         | sha256sum | cut -d' ' -f1
     sha256sum "$TARBALL" | cut -d' ' -f1
 }
@@ -73,8 +73,8 @@ fi
 
 "$PY" -c "import torch, sys; v = torch.__version__; \
 sys.exit(0 if v.startswith('2.13.0') and torch.version.cuda is None else f'bad torch {v} cuda={torch.version.cuda}')"
-ANCHORDIFF_COMFYUI_DIR="$COMFY_DIR" "$PY" -c "import sys; sys.path.insert(0, 'tests'); \
-from fixtures.comfy_env import import_comfy; import_comfy(); import comfy.sd" 2>"$VENV/.smoke.log" \
+ANCHORDIFF_COMFYUI_DIR="$COMFY_DIR" "$PY" -c "\
+from toyworld.comfy_env import import_comfy; import_comfy(); import comfy.sd" 2>"$VENV/.smoke.log" \
     || { cat "$VENV/.smoke.log" >&2; echo "setup_comfy033: ComfyUI 0.33.0 does not import" >&2; exit 1; }
 
 echo "$HASH" > "$MARKER"

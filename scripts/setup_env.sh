@@ -16,7 +16,7 @@ export PIP_PROGRESS_BAR=off PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Hash of everything that decides the environment's content.
 inputs_hash() {
-    cat scripts/setup_env.sh requirements/test.txt requirements/nodeps.txt requirements/constraints.txt pyproject.toml \
+    cat scripts/setup_env.sh requirements.txt requirements/test.txt requirements/nodeps.txt requirements/constraints.txt pyproject.toml \
         | sha256sum | cut -d' ' -f1
     [ -d anchordiff_core ] && echo "with-core" || echo "no-core"
 }
@@ -96,8 +96,8 @@ fi
 sys.exit(0 if v.startswith('2.13.0') and torch.version.cuda is None else f'bad torch {v} cuda={torch.version.cuda}')"
 
 # Smoke test: ComfyUI imports in-process the way the tests import it.
-ANCHORDIFF_COMFYUI_DIR="$COMFY_DIR" "$PY" -c "import sys; sys.path.insert(0, 'tests'); \
-from fixtures.comfy_env import import_comfy; import_comfy(); import comfy.sd" 2>"$VENV/.smoke.log" \
+ANCHORDIFF_COMFYUI_DIR="$COMFY_DIR" "$PY" -c "\
+from toyworld.comfy_env import import_comfy; import_comfy(); import comfy.sd" 2>"$VENV/.smoke.log" \
     || { cat "$VENV/.smoke.log" >&2; echo "setup_env: ComfyUI does not import" >&2; exit 1; }
 
 echo "$HASH" > "$MARKER"

@@ -5,7 +5,7 @@
 #   1. every test on ComfyUI 0.3.75 with its frontend 1.32.9 (browser test: classic and Nodes 2.0);
 #   2. the capture, server, workflow and browser tests on ComfyUI 0.33.0 with its frontend 1.49.6;
 #   3. the browser test on ComfyUI 0.33.0 with the newest frontend, 1.58.1.
-# Each run's tests pick the ComfyUI of the venv whose python runs them (tests/fixtures/comfy_env.py).
+# Each run's tests pick the ComfyUI of the venv whose python runs them (toyworld/comfy_env.py).
 # Extra arguments go to every pytest run, e.g.  bash scripts/test.sh -k capture  (a run they leave
 # without tests counts as passed); ANCHORDIFF_MATRIX=0 runs only the first.
 set -euo pipefail

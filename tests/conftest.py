@@ -14,8 +14,8 @@ for path in (HERE.parent, HERE):
 
 @pytest.fixture(scope="session")
 def comfy():
-    """ComfyUI imported in-process, CPU mode (see tests/fixtures/comfy_env.py)."""
-    from fixtures.comfy_env import import_comfy
+    """ComfyUI imported in-process, CPU mode (see toyworld/comfy_env.py)."""
+    from toyworld.comfy_env import import_comfy
     return import_comfy()
 
 
@@ -24,7 +24,7 @@ def comfy_models_dir(tmp_path_factory, comfy):
     """Session tmp models dir holding the tiny SD3 variants (fixtures.tiny_sd3.VARIANTS)
     and the taesd3 fixture VAE, registered first in ComfyUI's model folder lists."""
     from fixtures.comfy_base import populate_models_dir
-    from fixtures.comfy_env import set_models_dir
+    from toyworld.comfy_env import set_models_dir
     d = populate_models_dir(tmp_path_factory.mktemp("comfy_models"))
     set_models_dir(d)
     return d

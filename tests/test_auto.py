@@ -90,7 +90,7 @@ def test_pipeline_defaults_are_auto_and_paper_is_one_word_away():
 @pytest.fixture(scope="module")
 def nodes(comfy):
     from pathlib import Path
-    from fixtures import comfy_env
+    from toyworld import comfy_env
     repo = Path(__file__).resolve().parents[1]
     found = comfy_env.get_nodes(extras=True)
     if "AnchorDiffBuildGatedGraph" not in found.NODE_CLASS_MAPPINGS:

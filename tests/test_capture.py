@@ -22,14 +22,14 @@ VARIANT_NAMES = ["tiny_sd3", "tiny_sd35", "tiny_sd35m"]
 
 @pytest.fixture(scope="module")
 def env(comfy, comfy_models_dir):
-    from fixtures import comfy_env
+    from toyworld import comfy_env
     from fixtures.comfy_base import TEST_NODES_DIR
 
     nodes = comfy_env.get_nodes(extras=True)
     assert comfy_env.load_custom_node_pack(REPO), "our pack failed to load in ComfyUI"
     assert comfy_env.load_custom_node_pack(TEST_NODES_DIR)
     pack = sys.modules[str(REPO).replace(".", "_x_")]
-    from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
+    from toyworld.comfy_clip import make_fixture_clip
 
     clip = make_fixture_clip()
     ns = types.SimpleNamespace(nodes=nodes, pack=pack, clip=clip, models=comfy_models_dir, N=nodes.NODE_CLASS_MAPPINGS)

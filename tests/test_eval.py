@@ -16,7 +16,7 @@ from anchordiff_core.metrics import BinarySegmentationMeter, MultiConceptMeter  
 from anchordiff_eval import datasets as ds  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-CLIP_FROM = "fixtures.comfy_test_nodes.fixture_clip:make_fixture_clip"
+CLIP_FROM = "toyworld.comfy_clip:make_fixture_clip"
 
 
 # ----------------------------------------------------------------------------- tiny datasets, real formats
@@ -133,7 +133,7 @@ def data(tmp_path_factory, comfy, comfy_models_dir):
 
 
 def base_args(data, out, *extra):
-    from fixtures.comfy_env import comfyui_dir
+    from toyworld.comfy_env import comfyui_dir
 
     return ["--comfyui", str(comfyui_dir()), "--unet", str(data["unet"]), "--vae", str(data["vae"]),
             "--clip-from", CLIP_FROM, "--size", "64", "--steps", "20", "--out", str(out), *extra]
@@ -280,7 +280,7 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path):
     Encode, VAE Encode, Look At Image, Anchor Select, Build Gated Graph and Propagate."""
     from anchordiff_eval.__main__ import main
     from anchordiff_eval.run import resize_square
-    from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
+    from toyworld.comfy_clip import make_fixture_clip
     import comfy.sd
     import comfy.utils
     import nodes
@@ -340,3 +340,29 @@ def test_command_errors(data, tmp_path, capsys, change, message):
     args = [str(data["folder"]) if x == "FOLDER" else x for x in change(base_args(data, tmp_path / "out"))]
     assert main(args) == 2
     assert __import__("re").search(message, capsys.readouterr().err)
+
+
+def test_gate_and_steps_default_to_the_paper_and_take_auto():
+    from anchordiff_core import auto
+    from anchordiff_eval.__main__ import build_parser
+
+    base = ["--comfyui", "x", "--out", "y"]
+    args = build_parser().parse_args(base)
+    assert (args.gate_percentile, args.steps) == (auto.PAPER_GATE_PERCENTILE, auto.PAPER_STEPS)
+    args = build_parser().parse_args(base + ["--gate-percentile", "auto", "--steps", "Paper"])
+    assert (args.gate_percentile, args.steps) == ("auto", "paper")
+    args = build_parser().parse_args(base + ["--gate-percentile", "95.5", "--steps", "40"])
+    assert (args.gate_percentile, args.steps) == (95.5, 40)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(base + ["--steps", "4.5"])
+
+
+def test_method_registry_is_what_the_command_and_the_pipeline_use():
+    from anchordiff_core import methods, pipeline
+    from anchordiff_eval.comfy import NodeRecorder
+    from anchordiff_eval.run import METHOD_TITLES
+
+    assert NodeRecorder.METHODS == tuple(methods.METHODS) == tuple(METHOD_TITLES)
+    assert methods.BASELINES == ("cross_attention", "conceptattention", "seg4diff")
+    with pytest.raises(ValueError, match="unknown baseline 'anchordiff'"):
+        pipeline.baseline_heat(None, "anchordiff")

@@ -17,7 +17,7 @@ EXPECTED = {  # what ComfyUI's detection must read back from each file
 # --- ComfyUI in-process ---------------------------------------------------------
 
 def test_import_comfy_is_idempotent_and_cpu(comfy):
-    from fixtures.comfy_env import comfyui_dir, get_nodes, import_comfy, is_stub
+    from toyworld.comfy_env import comfyui_dir, get_nodes, import_comfy, is_stub
     assert import_comfy() is comfy and import_comfy() is comfy
     assert sys.path[0] == str(comfyui_dir())
     import comfy.model_management as mm
@@ -38,7 +38,7 @@ def test_import_comfy_is_idempotent_and_cpu(comfy):
 
 
 def test_comfyui_dir_env_override(monkeypatch, tmp_path):
-    from fixtures.comfy_env import comfyui_dir
+    from toyworld.comfy_env import comfyui_dir
     monkeypatch.setenv("ANCHORDIFF_COMFYUI_DIR", str(tmp_path))
     assert comfyui_dir() == tmp_path.resolve()
 
@@ -185,7 +185,7 @@ def test_clip_deterministic_and_word_specific(fixture_clip, comfy):
 
 
 def test_clip_through_comfy_nodes(fixture_clip, comfy):
-    from fixtures.comfy_env import get_nodes
+    from toyworld.comfy_env import get_nodes
     nodes = get_nodes(extras=False)
     (cond,) = nodes.CLIPTextEncode().encode(fixture_clip, "a red cube")
     assert len(cond) == 1 and cond[0][0].shape == (1, 77, 4096)
@@ -196,7 +196,7 @@ def test_clip_through_comfy_nodes(fixture_clip, comfy):
 
 def test_test_node_pack_loads_through_comfy_loader(comfy):
     from fixtures.comfy_base import TEST_NODES_DIR
-    from fixtures.comfy_env import get_nodes, load_custom_node_pack
+    from toyworld.comfy_env import get_nodes, load_custom_node_pack
     assert load_custom_node_pack(TEST_NODES_DIR)
     nodes = get_nodes(extras=False)
     node_cls = nodes.NODE_CLASS_MAPPINGS["AnchorDiffTestCLIP"]
@@ -207,7 +207,7 @@ def test_test_node_pack_loads_through_comfy_loader(comfy):
 # --- fixture VAE ------------------------------------------------------------------
 
 def test_vae_loads_via_comfy_and_round_trips_1024(comfy_models_dir):
-    from fixtures.comfy_env import get_nodes
+    from toyworld.comfy_env import get_nodes
     nodes = get_nodes(extras=False)
     assert "taesd3" in nodes.VAELoader.vae_list(nodes.VAELoader)
     (vae,) = nodes.VAELoader().load_vae("taesd3")
@@ -226,7 +226,7 @@ def test_vae_loads_via_comfy_and_round_trips_1024(comfy_models_dir):
 
 def test_fixtures_sample_through_comfy_nodes(comfy_models_dir, fixture_clip):
     """UNETLoader + fixture CLIP + KSampler + taesd3 VAEDecode: the route server tests use."""
-    from fixtures.comfy_env import get_nodes
+    from toyworld.comfy_env import get_nodes
     nodes = get_nodes(extras=False)
     (model,) = nodes.UNETLoader().load_unet("tiny_sd3.safetensors", "default")
     (pos,) = nodes.CLIPTextEncode().encode(fixture_clip, "a cat")

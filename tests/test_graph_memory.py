@@ -25,3 +25,22 @@ def test_graph_peak_memory_in_the_core_and_through_the_node():
     # node's layer mean on top (2 layers averaged without a [G, N, N] copy)
     assert peak_n2("graph_ours", 4096, 64) <= 1.7
     assert peak_n2("graph_node", 4096, 64) <= 2.3
+
+
+def test_live_tensor_peak_counts_new_storage_only():
+    """benchmarks/live_memory.py: new outputs count until freed; inputs, views and in-place results never."""
+    import torch
+
+    sys.path.insert(0, str(BENCH.parent))
+    from live_memory import LiveTensorPeak
+
+    n = 256
+    a = torch.randn(n, n)
+    with LiveTensorPeak() as live:
+        x = torch.empty(n, n)
+        y = x + 1
+        del x
+        z = y * 2
+        del y, z
+        view, _, t = a[:10], a.add_(1), a.t()
+    assert live.peak == 2 * 4 * n * n and live.live == 0

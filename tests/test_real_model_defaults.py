@@ -31,7 +31,7 @@ DEFAULTS = {
 
 @pytest.fixture(scope="module")
 def pack(comfy):
-    from fixtures import comfy_env
+    from toyworld import comfy_env
 
     comfy_env.get_nodes(extras=False)
     assert comfy_env.load_custom_node_pack(REPO)

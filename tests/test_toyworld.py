@@ -74,8 +74,8 @@ def test_toy_text_encoder_binds_adjectives_to_nouns():
 def test_sample_reader_reads_the_worlds_own_renderings():
     # toyworld.samples reads colour and shape of generated samples; on true renderings it must be
     # right nearly always, and a different colour or shape must not pass as the named one
-    from toyworld.samples import evaluate, read_sample, render_truth
-    truth = evaluate(20, truth=True)
+    from toyworld.samples import read_sample, render_truth, sample_accuracy
+    truth = sample_accuracy(20, truth=True)
     assert truth["colour_rate"] >= 0.95 and truth["shape_rate"] >= 0.85, truth
     got = read_sample(render_truth("triangle", "blue", "sand", seed=3), "sand")
     assert (got["colour"], got["shape"]) == ("blue", "triangle")

@@ -8,19 +8,20 @@
 Used by the quality measurements (toyworld.grounding, benchmarks/) so that every number comes from
 the path users run: ComfyUI's loaders (UNETLoader's load_diffusion_model, VAELoader "taesd3"), the
 toy CLIP through ComfyUI's CLIP object (the Concepts node and CLIPTextEncode), and the recording
-patch. ComfyUI is found as the tests find it (tests/fixtures/comfy_env.py).
+patch. ComfyUI is found as the tests find it (toyworld/comfy_env.py).
 """
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .comfy_import import REPO, import_comfy
+from anchordiff_core.anchors import PIXELS_PER_LATENT
+
+from .comfy_env import REPO_ROOT as REPO, get_nodes, import_comfy, load_custom_node_pack, set_models_dir
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_FILE = "toy_sd3.safetensors"
@@ -50,21 +51,16 @@ class ToyComfy:
         and computed in bf16 (on a CPU ComfyUI would compute a bf16 model in float32 by manual cast;
         the ModelComputeDtype node's patch, set_model_compute_dtype, turns that off)."""
         import_comfy()
-        sys.path.insert(0, str(REPO / "tests"))
-        from fixtures import comfy_env
-        from fixtures.comfy_base import TEST_NODES_DIR
-        self.nodes = comfy_env.get_nodes(extras=True)
+        self.nodes = get_nodes(extras=True)
         if not any(k.startswith("AnchorDiff") and k != "AnchorDiffTestCLIP" for k in self.nodes.NODE_CLASS_MAPPINGS):
-            assert comfy_env.load_custom_node_pack(REPO), "the AnchorDiff pack failed to load"
-        if "AnchorDiffTestCLIP" not in self.nodes.NODE_CLASS_MAPPINGS:
-            assert comfy_env.load_custom_node_pack(TEST_NODES_DIR)
+            assert load_custom_node_pack(REPO), "the AnchorDiff pack failed to load"
         self._tmp = None
         if models_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="toy-models-")
             models_dir = self._tmp.name
         link_toy_models(models_dir, weights)
-        comfy_env.set_models_dir(models_dir)
-        from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
+        set_models_dir(models_dir)
+        from .comfy_clip import make_fixture_clip
         import comfy.sd
         self.N = self.nodes.NODE_CLASS_MAPPINGS
         self.model = comfy.sd.load_diffusion_model(str(Path(models_dir) / "diffusion_models" / MODEL_FILE),
@@ -100,7 +96,7 @@ class ToyComfy:
     def generate(self, caption: str, seed: int = 0, size: int = 256, steps: int = 20, cfg: float = 5.0,
                  negative: str = "", model=None) -> tuple[np.ndarray, dict]:
         """KSampler (euler, sgm_uniform: the workflows' settings) + VAE Decode -> uint8 image, LATENT."""
-        latent = {"samples": torch.zeros(1, 16, size // 8, size // 8)}
+        latent = {"samples": torch.zeros(1, 16, size // PIXELS_PER_LATENT, size // PIXELS_PER_LATENT)}
         out = self.nodes.KSampler().sample(model or self.model, seed, steps, cfg, "euler", "sgm_uniform",
                                            self.encode_text(caption), self.encode_text(negative), latent)[0]
         image = self.nodes.VAEDecode().decode(self.vae, out)[0]

@@ -28,6 +28,8 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS
+
 from .world import SPLITS, make_scene
 
 
@@ -60,7 +62,7 @@ def anchor_maps(maps, ic_maps: dict[int, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def anchordiff_heat(maps, anchors: torch.Tensor, gate: float | None = 98.0, steps: int = 160) -> torch.Tensor:
+def anchordiff_heat(maps, anchors: torch.Tensor, gate: float | None = PAPER_GATE_PERCENTILE, steps: int = PAPER_STEPS) -> torch.Tensor:
     from anchordiff_core import build_gated_graph, propagate
     a_ii, o_ii = maps.graph_inputs(0)
     return propagate(build_gated_graph(a_ii, o_ii, gate_percentile=gate), anchors, steps=steps)
@@ -71,7 +73,7 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return float((pred & truth).sum() / union) if union else 1.0
 
 
-def evaluate(toy, seeds, size: int = 256, record_at: float = 0.5, per_layer_ic: bool = True, log=print) -> dict:
+def grounding_accuracy(toy, seeds, size: int = 256, record_at: float = 0.5, per_layer_ic: bool = True, log=print) -> dict:
     from anchordiff_core import to_mask
     rng = np.random.default_rng(0)
     hits: dict[tuple[str, str], list[float]] = defaultdict(list)   # (level, source) -> 0/1
@@ -151,7 +153,7 @@ def main(argv=None) -> int:
     from .comfy_run import WEIGHTS, ToyComfy
     from pathlib import Path
     toy = ToyComfy(Path(args.weights) if args.weights else WEIGHTS)
-    r = evaluate(toy, SPLITS[args.split].seeds(args.scenes), args.size, args.record_at, not args.no_per_layer_ic)
+    r = grounding_accuracy(toy, SPLITS[args.split].seeds(args.scenes), args.size, args.record_at, not args.no_per_layer_ic)
     print(format_result(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))

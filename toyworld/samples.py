@@ -125,7 +125,7 @@ def read_sample(image: np.ndarray, ground: str) -> dict:
     return {"colour": colour, "shape": shape, "shape_iou": iou, "object_fraction": float(counts.max() / labels.size)}
 
 
-def evaluate(n: int, truth: bool = False, steps: int = 20, cfg: float = 5.0, size: int = 256) -> dict:
+def sample_accuracy(n: int, truth: bool = False, steps: int = 20, cfg: float = 5.0, size: int = 256) -> dict:
     toy = None
     if not truth:
         from .comfy_run import ToyComfy
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     t0, c0 = time.perf_counter(), time.process_time()
-    res = evaluate(args.n, truth=args.truth, steps=args.steps, cfg=args.cfg)
+    res = sample_accuracy(args.n, truth=args.truth, steps=args.steps, cfg=args.cfg)
     res["wall_s"], res["cpu_s"] = round(time.perf_counter() - t0, 1), round(time.process_time() - c0, 1)
     print(f"{res['source']}: {res['n']} single-object captions; colour right {res['colour_rate']:.0%}, "
           f"named shape in the named colour {res['shape_rate']:.0%} ({res['wall_s']} s wall, {res['cpu_s']} s CPU)")

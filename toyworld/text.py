@@ -11,7 +11,7 @@ context-free and the model sees a bag of words: "a red circle and a blue square"
 and a red square" would encode alike and colours could not be bound to shapes. With it the noun
 carries its adjective, as CLIP's causal output does.
 
-Used by the ComfyUI CLIP of the test node pack (tests/fixtures/comfy_test_nodes/fixture_clip.py),
+Used by the toy's ComfyUI CLIP (toyworld/comfy_clip.py, also the test node pack's fixture CLIP),
 so the Concepts node encodes concepts through exactly the path the model was trained with.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def encode_lg(l_ids: list[int], g_ids: list[int], l_weights=None, g_weights=None
 def tokenizer():
     """text -> (CLIP-L ids, CLIP-G ids) of the first 77-token chunk, by ComfyUI's SD3Tokenizer (CLIP's BPE
     vocabulary, padded to 77 as SD3 pads): the token ids the toy was trained on."""
-    from .comfy_import import import_comfy
+    from .comfy_env import import_comfy
     import_comfy()
     from comfy.text_encoders.sd3_clip import SD3Tokenizer
     tok = SD3Tokenizer()

@@ -14,12 +14,14 @@ from typing import Sequence
 
 import torch
 
-from .comfy_import import import_comfy
+from anchordiff_core.anchors import PATCH_SIZE
+
+from .comfy_env import import_comfy
 from .text import encode_prompt, tokenizer
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 HEAD_DIM = 64
-TEXT_DIM, POOLED_DIM, LATENT_CHANNELS, PATCH = 4096, 2048, 16, 2
+TEXT_DIM, POOLED_DIM, LATENT_CHANNELS = 4096, 2048, 16
 
 
 def diffusers_config(depth: int, heads: int, pos_embed_max_size: int, dual_attention_layers: Sequence[int] = (),
@@ -29,7 +31,7 @@ def diffusers_config(depth: int, heads: int, pos_embed_max_size: int, dual_atten
     if qk_norm not in (None, "rms"):
         raise ValueError(f"qk_norm must be None or 'rms'; got {qk_norm!r}")
     return dict(
-        sample_size=128, patch_size=PATCH, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        sample_size=128, patch_size=PATCH_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
         num_layers=depth, attention_head_dim=HEAD_DIM, num_attention_heads=heads,
         joint_attention_dim=TEXT_DIM, caption_projection_dim=HEAD_DIM * heads, pooled_projection_dim=POOLED_DIM,
         pos_embed_max_size=pos_embed_max_size, dual_attention_layers=tuple(dual_attention_layers),

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .comfy_import import import_comfy
+from .comfy_env import import_comfy
 from .text import encode_lg, pooled_vector, tokenizer
 from .world import SPLITS, make_scene
 

@@ -30,10 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .comfy_import import import_comfy
+from anchordiff_core.anchors import PIXELS_PER_LATENT
+
+from .comfy_env import import_comfy
 from .world import SPLITS, make_scene
 
-PATCH, CHANNELS = 8, 16
+CHANNELS = 16  # latent channels; one latent per PIXELS_PER_LATENT x PIXELS_PER_LATENT pixels
 
 
 def fit_pca(n_scenes: int = 300, size: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -142,13 +144,14 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     writer = csv.writer(open(out / "vae_loss.csv", "w", newline=""))
     writer.writerow(["step", "recon_mse", "seconds"])
-    lat = args.crop // 8
+    lat = args.crop // PIXELS_PER_LATENT
     for step in range(args.steps):
         xs, zs = [], []
         for s in rng.integers(SPLITS["train"].start, SPLITS["train"].stop, size=args.batch):
             img = make_scene(int(s), 256).image
             i, j = rng.integers(0, 32 - lat + 1, size=2)
-            crop = img[8 * i:8 * (i + lat), 8 * j:8 * (j + lat)]
+            p = PIXELS_PER_LATENT
+            crop = img[p * i:p * (i + lat), p * j:p * (j + lat)]
             xs.append(crop)
             zs.append(encode_fast(crop, mean, comps, scale))
         x = torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).float() / 255.0

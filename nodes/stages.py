@@ -1,4 +1,5 @@
-"""The four named AnchorDiff steps: Anchor Select, Build Gated Graph, Propagate, Mask."""
+"""The four stages of AnchorDiff as nodes: Anchor Select, Build Gated Graph, Propagate, Mask.
+(Named "stages", not "steps": a step is one propagation iteration, the Propagate node's `steps`.)"""
 from __future__ import annotations
 
 import comfy.model_management
@@ -82,8 +83,9 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
         return io.NodeOutput(anchors, ui=ui)
 
 
-GATE_SETTINGS = {"auto": auto.AUTO, "paper (98th percentile)": auto.PAPER, "custom": None}
-STEPS_SETTINGS = {"auto": auto.AUTO, "paper (160 steps)": auto.PAPER, "custom": None}
+PAPER_GATE, PAPER_STEPS = f"{auto.PAPER_GATE_PERCENTILE:g}", f"{auto.PAPER_STEPS}"  # "98", "160" (auto.py is their home)
+GATE_SETTINGS = {"auto": auto.AUTO, f"paper ({PAPER_GATE}th percentile)": auto.PAPER, "custom": None}
+STEPS_SETTINGS = {"auto": auto.AUTO, f"paper ({PAPER_STEPS} steps)": auto.PAPER, "custom": None}
 AUTO_TIP = "(measured on the toy world at 128-1024 px: README, 'Gate and steps at other image sizes')"
 
 
@@ -103,14 +105,14 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
             description="Build the sparse affinity graph: output-space similarity, gated by row-wise attention similarity (auto: sized to the image; the paper keeps the top 2% of pairs at 1024 px).",
             inputs=[
                 Maps.Input("maps", tooltip=MAPS_TIP),
-                io.Float.Input("gate_percentile", default=98.0, min=0.0, max=100.0, step=0.1, tooltip="Used when gate_setting is 'custom': keep pairs whose attention-row similarity is above this percentile (98 = the paper's top 2%)."),
+                io.Float.Input("gate_percentile", default=auto.PAPER_GATE_PERCENTILE, min=0.0, max=100.0, step=0.1, tooltip=f"Used when gate_setting is 'custom': keep pairs whose attention-row similarity is above this percentile ({PAPER_GATE} = the paper's top {100 - auto.PAPER_GATE_PERCENTILE:g}%)."),
                 io.String.Input("layers", default="", tooltip="Recorded graph layers to average (e.g. '9' for one); empty = all recorded."),
                 io.Boolean.Input("gate", default=True, tooltip="Off = the paper's 'w/o gate' ablation (dense, leaks onto look-alikes; slow)."),
                 io.Combo.Input(
                     "gate_setting", options=list(GATE_SETTINGS), default="auto", optional=True,
                     tooltip="The gate's percentile. auto = keep the paper's 81.92 neighbours per token, but at most 1/16 of "
-                    "the tokens: the 98th percentile at 1024 x 1024 px, 93.75th at 576 px and smaller " + AUTO_TIP + ". paper = the "
-                    "98th percentile at every size (about 5 neighbours per token at 256 px). custom = the gate_percentile value.",
+                    f"the tokens: the {PAPER_GATE}th percentile at 1024 x 1024 px, 93.75th at 576 px and smaller " + AUTO_TIP + ". paper = the "
+                    f"{PAPER_GATE}th percentile at every size (about 5 neighbours per token at 256 px). custom = the gate_percentile value.",
                 ),
             ],
             outputs=[Graph.Output("graph", display_name="graph", tooltip="Graph for 'Propagate'.")],
@@ -140,11 +142,11 @@ class AnchorDiffPropagate(io.ComfyNode):
             inputs=[
                 Graph.Input("graph", tooltip="From 'Build Gated Graph'."),
                 Anchors.Input("anchors", tooltip="From 'Anchor Select' (same maps as the graph)."),
-                io.Int.Input("steps", default=160, min=0, max=10000, tooltip="Used when steps_setting is 'custom': propagation steps. More spreads further and leaks more."),
+                io.Int.Input("steps", default=auto.PAPER_STEPS, min=0, max=10000, tooltip="Used when steps_setting is 'custom': propagation steps. More spreads further and leaks more."),
                 io.Combo.Input(
                     "steps_setting", options=list(STEPS_SETTINGS), default="auto", optional=True,
-                    tooltip="Propagation steps. auto = 2.5 per token-grid side: 160 at 1024 x 1024 px, 40 at 256 px (the masks "
-                    "settle within 10-20 steps at every size) " + AUTO_TIP + ". paper = 160 at every size. custom = the steps value.",
+                    tooltip=f"Propagation steps. auto = {auto.STEPS_PER_SIDE:g} per token-grid side: {PAPER_STEPS} at 1024 x 1024 px, 40 at 256 px (the masks "
+                    "settle within 10-20 steps at every size) " + AUTO_TIP + f". paper = {PAPER_STEPS} at every size. custom = the steps value.",
                 ),
             ],
             outputs=[Heat.Output("heat", display_name="heat", tooltip="Heat maps for 'Mask'.")],
