@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 from .baselines import AnchorDiffConceptAttentionHeat, AnchorDiffCrossAttentionHeat, AnchorDiffSeg4DiffHeat
 from .record import AnchorDiffConcepts, AnchorDiffLookAtImage, AnchorDiffReadMaps, AnchorDiffRecordAttention
 from .stages import AnchorDiffAnchorSelect, AnchorDiffBuildGatedGraph, AnchorDiffMask, AnchorDiffPropagate
+from . import toy
 
 NODES = [
     AnchorDiffConcepts,
@@ -17,7 +18,7 @@ NODES = [
     AnchorDiffCrossAttentionHeat,
     AnchorDiffConceptAttentionHeat,
     AnchorDiffSeg4DiffHeat,
-]
+] + ([toy.AnchorDiffToySD3] if toy.available() else [])  # the demo model, where its weights are shipped
 
 
 class AnchorDiffExtension(ComfyExtension):

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # the test fixtures (a throwaway server) need toyworld
 
 from fixtures.workflow_format import SYNC_COMFYUI, api_path_for, dump, ui_to_api  # noqa: E402
 

@@ -91,3 +91,17 @@ def test_recording_near_pure_noise_loses_the_grounding(toy):
     print(f"near pure noise: anchor accuracy {acc}, chance {chance:.3f}, true-centre mask IoU {graph_iou:.3f}")
     assert acc["concept_to_image"] < FLOOR_CI_PHRASE and acc["image_to_concept"] < FLOOR_IC_PHRASE
     assert graph_iou < FLOOR_GRAPH_IOU
+
+
+def test_toy_loader_node_is_the_toy_the_measurements_use(toy):
+    # AnchorDiff Toy SD3 (the templates' way in without SD3 weights) returns exactly the model, text
+    # encoder and VAE that ComfyUI's own loaders give for the same files (toyworld.comfy_run)
+    model, clip, vae = toy.run("AnchorDiffToySD3")
+    ours, ref = model.model.diffusion_model.state_dict(), toy.model.model.diffusion_model.state_dict()
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert type(model.model.model_config).__name__ == "SD3"
+    text = "a red circle and an orange circle on grass"
+    assert torch.equal(toy.nodes.CLIPTextEncode().encode(clip, text)[0][0][0], toy.encode_text(text)[0][0])
+    scene = make_scene(SPLITS["val"].start)
+    pixels = torch.from_numpy(scene.image).float()[None] / 255.0
+    assert torch.equal(toy.nodes.VAEEncode().encode(vae, pixels)[0]["samples"], toy.latent(scene.image)["samples"])

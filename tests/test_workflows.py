@@ -30,6 +30,8 @@ STITCH_SPACING = 16
 
 # Per workflow, each saved mask: SaveImage filename_prefix -> (Mask node's concept, node type of its heat).
 MASKS = {
+    "anchordiff-00-toy-generate-mask-inpaint": {
+        "anchordiff/00_toy_generate_mask_inpaint/mask_red_circle": ("red circle", "AnchorDiffPropagate")},
     "anchordiff-01-generate-mask-inpaint": {
         "anchordiff/01_generate_mask_inpaint/mask_cat": ("cat", "AnchorDiffPropagate")},
     "anchordiff-02-image-mask-inpaint": {
@@ -45,6 +47,8 @@ MASKS = {
 }
 # Every other saved image: prefix -> (height, width) at the test size.
 IMAGES = {
+    "anchordiff-00-toy-generate-mask-inpaint": {"anchordiff/00_toy_generate_mask_inpaint/generated": (H, W),
+                                                "anchordiff/00_toy_generate_mask_inpaint/inpainted": (H, W)},
     "anchordiff-01-generate-mask-inpaint": {"anchordiff/01_generate_mask_inpaint/generated": (H, W),
                                             "anchordiff/01_generate_mask_inpaint/inpainted": (H, W)},
     "anchordiff-02-image-mask-inpaint": {"anchordiff/02_image_mask_inpaint/inpainted": (H, W)},
@@ -156,6 +160,20 @@ def test_node_types_are_core_or_ours(name, object_info):
         assert module == "nodes" or module.startswith("comfy_extras.") or module == f"custom_nodes.{PACK_NAME}", (node["type"], module)
     assert any(n["type"] == "MarkdownNote" for n in ui["nodes"]), "explain the workflow in a note"
     assert ui["groups"], "group the workflow's stages"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflows_that_invite_clicking_keep_their_seeds(name):
+    """Click-to-anchor re-runs the prompt: with 'randomize' the sampler would draw a new picture and
+    the hand-placed anchor would land on a different image. Every sampler of a workflow with Anchor
+    Select keeps its seed fixed, and the note says why."""
+    ui = load(ROOT / "workflows" / f"{name}.json")
+    if not any(n["type"] == "AnchorDiffAnchorSelect" for n in ui["nodes"]):
+        return
+    samplers = [n for n in ui["nodes"] if n["type"] in ("KSampler", "KSamplerAdvanced")]
+    assert samplers and all("fixed" in n["widgets_values"] for n in samplers), [n["widgets_values"] for n in samplers]
+    note = next(n for n in ui["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
+    assert "Seeds are fixed" in note
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -317,7 +335,8 @@ def test_workflow_runs_on_the_trained_toy_model(name, toy_server):
     prompt = substituted(load(ROOT / "workflows" / "api" / f"{name}.json"), TOY_MODELS, size=(256, 256), max_steps=4,
                          input_image=TOY_IMAGE)
     loaders = [n for n in prompt.values() if n["class_type"] in ("AnchorDiffTestCheckpoint", "UNETLoader")]
-    assert loaders and all(n["inputs"]["unet_name"] == "toy_sd3.safetensors" for n in loaders)
+    toy_loaders = [n for n in prompt.values() if n["class_type"] == "AnchorDiffToySD3"]  # needs no substitution
+    assert (loaders or toy_loaders) and all(n["inputs"]["unet_name"] == "toy_sd3.safetensors" for n in loaders)
     assert all(n["inputs"].get("text_encoders", "toy") == "toy" for n in loaders)
     assert all(n["inputs"]["context"] and not n["inputs"]["t5"] for n in prompt.values() if n["class_type"] == "AnchorDiffTestCLIP")
     entry = run_prompt(toy_server, prompt, timeout=300)
