@@ -25,7 +25,7 @@ class AnchorDiffCrossAttentionHeat(io.ComfyNode):
         return io.Schema(
             node_id="AnchorDiffCrossAttentionHeat",
             **PREVIEW_SCHEMA,
-            display_name="Cross-Attention Heat (baseline)",
+            display_name="Cross-Attention Heat (AnchorDiff baseline)",
             category=BASELINE_CATEGORY,
             description="Raw concept-to-image attention, averaged over heads and blocks, as a heat map.",
             inputs=[Maps.Input("maps", tooltip=MAPS_TIP), io.String.Input("layers", default="", tooltip=LAYERS_TIP), _image_input()],
@@ -44,7 +44,7 @@ class AnchorDiffConceptAttentionHeat(io.ComfyNode):
         return io.Schema(
             node_id="AnchorDiffConceptAttentionHeat",
             **PREVIEW_SCHEMA,
-            display_name="ConceptAttention Heat (baseline)",
+            display_name="ConceptAttention Heat (AnchorDiff baseline)",
             category=BASELINE_CATEGORY,
             description=(
                 "ConceptAttention (Helbling et al., 2025): image and concept attention outputs compared by dot product, "
@@ -71,7 +71,7 @@ class AnchorDiffSeg4DiffHeat(io.ComfyNode):
         return io.Schema(
             node_id="AnchorDiffSeg4DiffHeat",
             **PREVIEW_SCHEMA,
-            display_name="Seg4Diff Heat (baseline)",
+            display_name="Seg4Diff Heat (AnchorDiff baseline)",
             category=BASELINE_CATEGORY,
             description="Seg4Diff (Kim et al., 2025): image-to-text attention of the expert block (set on the recorder).",
             inputs=[Maps.Input("maps", tooltip=MAPS_TIP), _image_input()],

@@ -7,6 +7,8 @@ import torch
 
 import comfy.model_management
 import comfy.utils
+import dataclasses
+
 from comfy_api.latest import io, ui
 
 from ..anchordiff_core.maps import AttentionMaps
@@ -88,3 +90,12 @@ def heat_preview(cls, soft: torch.Tensor, names, image_size, image=None, points=
         backdrop = None if image is None else image[min(b, image.shape[0] - 1)]
         pictures.append(preview.heat_panels(soft[b], names, backdrop, points[b] if points else None, manual))
     return preview_ui(cls, pictures, preview.layout(names, image_size, len(names), manual or ()))
+
+
+_SCHEMA_FIELDS = {f.name for f in dataclasses.fields(io.Schema)} if dataclasses.is_dataclass(io.Schema) else set()
+
+
+def search_aliases(*names: str) -> dict:
+    """io.Schema keyword for names the node search also matches (the design card's plain names, next
+    to the AnchorDiff-prefixed display names); ComfyUI before 0.4 has no such field, and gets none."""
+    return {"search_aliases": list(names)} if "search_aliases" in _SCHEMA_FIELDS else {}

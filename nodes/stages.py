@@ -13,7 +13,7 @@ from ..anchordiff_core.masks import EDGE_RADIUS
 from . import preview
 from .common import (
     CATEGORY, MAPS_TIP, PREVIEW_SCHEMA, Anchors, Graph, Heat, Maps, check_image, heat_preview, parse_block_list, preview_ui,
-    progress_callback, user_errors,
+    progress_callback, search_aliases, user_errors,
 )
 from .sd3_patch import AnchorDiffError
 
@@ -42,7 +42,8 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
         return io.Schema(
             node_id="AnchorDiffAnchorSelect",
             **PREVIEW_SCHEMA,
-            display_name="Anchor Select",
+            display_name="AnchorDiff Anchor Select",
+            **search_aliases("Anchor Select", "anchor point", "click anchor"),
             category=CATEGORY,
             description=(
                 "Pick each concept's anchor: the peak of its concept-to-image attention (the paper), several separated "
@@ -100,7 +101,8 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="AnchorDiffBuildGatedGraph",
-            display_name="Build Gated Graph",
+            display_name="AnchorDiff Build Gated Graph",
+            **search_aliases("Build Gated Graph", "affinity graph"),
             category=CATEGORY,
             description="Build the sparse affinity graph: output-space similarity, gated by row-wise attention similarity (auto: sized to the image; the paper keeps the top 2% of pairs at 1024 px).",
             inputs=[
@@ -136,7 +138,8 @@ class AnchorDiffPropagate(io.ComfyNode):
         return io.Schema(
             node_id="AnchorDiffPropagate",
             **PREVIEW_SCHEMA,
-            display_name="Propagate",
+            display_name="AnchorDiff Propagate",
+            **search_aliases("Propagate", "heat diffusion"),
             category=CATEGORY,
             description="Spread each anchor over the gated graph (all concepts at once) into a heat map per concept.",
             inputs=[
@@ -168,7 +171,8 @@ class AnchorDiffMask(io.ComfyNode):
         return io.Schema(
             node_id="AnchorDiffMask",
             **PREVIEW_SCHEMA,
-            display_name="Mask",
+            display_name="AnchorDiff Mask",
+            **search_aliases("Mask", "concept mask", "segment", "segmentation"),
             category=CATEGORY,
             description="Turn heat maps (AnchorDiff or a baseline) into ComfyUI MASKs at image resolution.",
             inputs=[

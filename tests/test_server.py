@@ -160,30 +160,30 @@ EXPECTED = {  # node id: (display name, category, [(input, type, default)], [(ou
                                ("latent", "LATENT", None), ("seed", "INT", 0), ("record_at", "FLOAT", 0.5),
                                ("graph_layers", "STRING", ""), ("seg4diff_layer", "INT", -1)],
                               [("ANCHORDIFF_MAPS", "maps")]),
-    "AnchorDiffAnchorSelect": ("Anchor Select", "AnchorDiff",
+    "AnchorDiffAnchorSelect": ("AnchorDiff Anchor Select", "AnchorDiff",
                                [MAPS_IN, ("max_anchors", "INT", 1), ("min_distance", "FLOAT", 8.0), ("min_relative_score", "FLOAT", 0.5),
                                 ("manual_anchors", "STRING", ""), ("exclude_last_block", "BOOLEAN", False), IMAGE_OPT,
                                 ("anchor_from" + OPTIONAL, "COMBO", "concept→image (paper)")],
                                [("ANCHORDIFF_ANCHORS", "anchors")]),
-    "AnchorDiffBuildGatedGraph": ("Build Gated Graph", "AnchorDiff",
+    "AnchorDiffBuildGatedGraph": ("AnchorDiff Build Gated Graph", "AnchorDiff",
                                   [MAPS_IN, ("gate_percentile", "FLOAT", 98.0), ("layers", "STRING", ""), ("gate", "BOOLEAN", True),
                                    ("gate_setting" + OPTIONAL, "COMBO", "auto")],
                                   [("ANCHORDIFF_GRAPH", "graph")]),
-    "AnchorDiffPropagate": ("Propagate", "AnchorDiff",
+    "AnchorDiffPropagate": ("AnchorDiff Propagate", "AnchorDiff",
                             [("graph", "ANCHORDIFF_GRAPH", None), ("anchors", "ANCHORDIFF_ANCHORS", None), ("steps", "INT", 160),
                              ("steps_setting" + OPTIONAL, "COMBO", "auto")],
                             [("ANCHORDIFF_HEAT", "heat")]),
-    "AnchorDiffMask": ("Mask", "AnchorDiff",
+    "AnchorDiffMask": ("AnchorDiff Mask", "AnchorDiff",
                        [("heat", "ANCHORDIFF_HEAT", None), ("concept", "STRING", ""), ("threshold", "COMBO", "mean"),
                         ("fixed_threshold", "FLOAT", 0.5), ("refine_edges" + OPTIONAL, "BOOLEAN", False),
                         ("edge_radius" + OPTIONAL, "INT", 16), IMAGE_OPT],
                        [("MASK", "mask"), ("MASK", "soft_mask")]),
-    "AnchorDiffCrossAttentionHeat": ("Cross-Attention Heat (baseline)", "AnchorDiff/baselines",
+    "AnchorDiffCrossAttentionHeat": ("Cross-Attention Heat (AnchorDiff baseline)", "AnchorDiff/baselines",
                                      [MAPS_IN, ("layers", "STRING", ""), IMAGE_OPT], BASELINE_OUT),
-    "AnchorDiffConceptAttentionHeat": ("ConceptAttention Heat (baseline)", "AnchorDiff/baselines",
+    "AnchorDiffConceptAttentionHeat": ("ConceptAttention Heat (AnchorDiff baseline)", "AnchorDiff/baselines",
                                        [MAPS_IN, ("softmax", "BOOLEAN", True), ("layers", "STRING", ""), IMAGE_OPT],
                                        BASELINE_OUT),
-    "AnchorDiffSeg4DiffHeat": ("Seg4Diff Heat (baseline)", "AnchorDiff/baselines", [MAPS_IN, IMAGE_OPT], BASELINE_OUT),
+    "AnchorDiffSeg4DiffHeat": ("Seg4Diff Heat (AnchorDiff baseline)", "AnchorDiff/baselines", [MAPS_IN, IMAGE_OPT], BASELINE_OUT),
     "AnchorDiffToySD3": ("AnchorDiff Toy SD3 (demo model)", "AnchorDiff/demo", [],
                          [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
 }
@@ -196,6 +196,7 @@ def test_object_info_lists_every_node(server):
     for node_id, (display, category, inputs, outputs) in EXPECTED.items():
         entry = info[node_id]
         assert (entry["display_name"], entry["category"]) == (display, category), node_id
+        assert "AnchorDiff" in entry["display_name"], f"{node_id}: search results show it beside core nodes"
         assert entry["description"], node_id
         declared = {**{k: (v, False) for k, v in entry["input"]["required"].items()},
                     **{k: (v, True) for k, v in entry["input"].get("optional", {}).items()}}
@@ -212,6 +213,12 @@ def test_object_info_lists_every_node(server):
         assert entry["output_name"] == [name for _, name in outputs], node_id
         assert all(t.strip() for t in entry["output_tooltips"]), node_id
     assert info["AnchorDiffMask"]["input"]["required"]["threshold"][1]["options"] == ["mean", "otsu", "fixed"]
+    # the design card's plain names still find the prefixed nodes, where ComfyUI has search aliases (0.4+)
+    version = tuple(int(x) for x in get_json(server.url + "/system_stats")["system"]["comfyui_version"].split(".")[:2])
+    if version >= (0, 4):
+        for node_id, name in [("AnchorDiffAnchorSelect", "Anchor Select"), ("AnchorDiffBuildGatedGraph", "Build Gated Graph"),
+                              ("AnchorDiffPropagate", "Propagate"), ("AnchorDiffMask", "Mask")]:
+            assert name in info[node_id]["search_aliases"], node_id
 
 
 # ------------------------------------------------------------------------------ the AnchorDiff chain
