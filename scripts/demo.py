@@ -77,10 +77,10 @@ def configure(prompt: dict, scene, pair: list[str], inpaint_prompt: str, folder:
     for node in prompt.values():
         if node["class_type"] in ("AnchorDiffRecordAttention", "AnchorDiffLookAtImage"):
             node["inputs"]["record_at"] = RECORD_AT
-    for node in prompt.values():   # file names: mask_<concept>
+    for node in prompt.values():   # file names: mask_a (the workflow's mask), mask_b (added below)
         prefix = node["inputs"].get("filename_prefix")
         if isinstance(prefix, str):
-            node["inputs"]["filename_prefix"] = f"{folder}/" + prefix.rsplit("/", 1)[-1].replace("mask_cat", "mask_a").replace("mask_dog", "mask_a")
+            node["inputs"]["filename_prefix"] = f"{folder}/" + prefix.rsplit("/", 1)[-1].replace("mask_inpaint_region", "mask_a")
     add_second_mask(prompt, pair[1], f"{folder}/mask_b")
     return prompt
 

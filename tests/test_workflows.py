@@ -31,19 +31,19 @@ STITCH_SPACING = 16
 # Per workflow, each saved mask: SaveImage filename_prefix -> (Mask node's concept, node type of its heat).
 MASKS = {
     "anchordiff-00-toy-generate-mask-inpaint": {
-        "anchordiff/00_toy_generate_mask_inpaint/mask_red_circle": ("red circle", "AnchorDiffPropagate")},
+        "anchordiff/00_toy_generate_mask_inpaint/mask_inpaint_region": ("red circle", "AnchorDiffPropagate")},
     "anchordiff-01-generate-mask-inpaint": {
-        "anchordiff/01_generate_mask_inpaint/mask_cat": ("cat", "AnchorDiffPropagate")},
+        "anchordiff/01_generate_mask_inpaint/mask_inpaint_region": ("cat", "AnchorDiffPropagate")},
     "anchordiff-02-image-mask-inpaint": {
-        "anchordiff/02_image_mask_inpaint/mask_dog": ("dog", "AnchorDiffPropagate")},
+        "anchordiff/02_image_mask_inpaint/mask_inpaint_region": ("dog", "AnchorDiffPropagate")},
     "anchordiff-03-two-dogs-regional-recolour": {
-        "anchordiff/03_two_dogs_recolour/mask_left_dog": ("left dog", "AnchorDiffPropagate"),
-        "anchordiff/03_two_dogs_recolour/mask_right_dog": ("right dog", "AnchorDiffPropagate")},
+        "anchordiff/03_two_dogs_recolour/mask_recolour": ("left dog", "AnchorDiffPropagate"),
+        "anchordiff/03_two_dogs_recolour/mask_other_region": ("right dog", "AnchorDiffPropagate")},
     "anchordiff-04-compare-baselines": {
-        "anchordiff/04_compare_baselines/cat_anchordiff": ("cat", "AnchorDiffPropagate"),
-        "anchordiff/04_compare_baselines/cat_cross_attention": ("cat", "AnchorDiffCrossAttentionHeat"),
-        "anchordiff/04_compare_baselines/cat_conceptattention": ("cat", "AnchorDiffConceptAttentionHeat"),
-        "anchordiff/04_compare_baselines/cat_seg4diff": ("cat", "AnchorDiffSeg4DiffHeat")},
+        "anchordiff/04_compare_baselines/mask_anchordiff": ("cat", "AnchorDiffPropagate"),
+        "anchordiff/04_compare_baselines/mask_cross_attention": ("cat", "AnchorDiffCrossAttentionHeat"),
+        "anchordiff/04_compare_baselines/mask_conceptattention": ("cat", "AnchorDiffConceptAttentionHeat"),
+        "anchordiff/04_compare_baselines/mask_seg4diff": ("cat", "AnchorDiffSeg4DiffHeat")},
 }
 # Every other saved image: prefix -> (height, width) at the test size.
 IMAGES = {
@@ -55,7 +55,7 @@ IMAGES = {
     "anchordiff-03-two-dogs-regional-recolour": {"anchordiff/03_two_dogs_recolour/generated": (H, W),
                                                  "anchordiff/03_two_dogs_recolour/recoloured": (H, W)},
     "anchordiff-04-compare-baselines": {"anchordiff/04_compare_baselines/generated": (H, W),
-                                        "anchordiff/04_compare_baselines/cat_side_by_side": (H, 5 * W + 4 * STITCH_SPACING)},
+                                        "anchordiff/04_compare_baselines/side_by_side": (H, 5 * W + 4 * STITCH_SPACING)},
 }
 
 
@@ -174,6 +174,21 @@ def test_workflows_that_invite_clicking_keep_their_seeds(name):
     assert samplers and all("fixed" in n["widgets_values"] for n in samplers), [n["widgets_values"] for n in samplers]
     note = next(n for n in ui["nodes"] if n["type"] == "MarkdownNote")["widgets_values"][0]
     assert "Seeds are fixed" in note
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mask_names_follow_their_role_not_the_default_concept(name):
+    """A user changes the concept; titles and file names that say "cat" would then lie. The Mask
+    nodes, their savers and the saved files are named by role (region to inpaint, AnchorDiff, ...)."""
+    prompt = load(ROOT / "workflows" / "api" / f"{name}.json")
+    for prefix, save_id in saved_by_prefix(prompt).items():
+        image_id = upstream(prompt, save_id, "images")
+        if prompt[image_id]["class_type"] != "MaskToImage":
+            continue
+        mask_id = upstream(prompt, image_id, "mask")
+        words = set(prompt[mask_id]["inputs"]["concept"].lower().split())
+        for text in (prefix.rsplit("/", 1)[-1].replace("_", " "), prompt[save_id]["_meta"]["title"], prompt[mask_id]["_meta"]["title"]):
+            assert not words & set(text.lower().replace("(", " ").replace(")", " ").split()), (name, text)
 
 
 @pytest.mark.parametrize("name", NAMES)
