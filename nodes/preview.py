@@ -40,9 +40,20 @@ def _background(image: Optional[torch.Tensor], size: tuple[int, int]) -> np.ndar
     return (grey.numpy() * 255).astype(np.uint8)
 
 
-def _label(canvas: np.ndarray, text: str, color) -> None:
-    cv2.putText(canvas, text, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 3, cv2.LINE_AA)
-    cv2.putText(canvas, text, (8, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, color, 1, cv2.LINE_AA)
+LABEL_FONT, LABEL_SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.55
+
+
+def _label(canvas: np.ndarray, text: str, color, line: int = 0) -> None:
+    """`text` in `color` on a solid dark box, one label per line from the top left: no outline
+    stroke that can drift from the letters, and labels never run into each other."""
+    (tw, th), base = cv2.getTextSize(text, LABEL_FONT, LABEL_SCALE, 1)
+    pad, h = 3, th + base + 6
+    x0, y0 = 4, 4 + line * (h + 2)
+    x1, y1 = min(canvas.shape[1] - 1, x0 + tw + 2 * pad), min(canvas.shape[0] - 1, y0 + h)
+    if y0 >= canvas.shape[0]:
+        return
+    canvas[y0:y1, x0:x1] = (canvas[y0:y1, x0:x1].astype(np.float32) * 0.25).astype(np.uint8)
+    cv2.putText(canvas, text, (x0 + pad, y0 + 3 + th), LABEL_FONT, LABEL_SCALE, color, 1, cv2.LINE_AA)
 
 
 def _marker(canvas: np.ndarray, x: float, y: float, color, manual: bool) -> None:
@@ -93,7 +104,8 @@ def mask_overlay(masks: torch.Tensor, names: Sequence[str], image: Optional[torc
     for c in range(k):
         contours, _ = cv2.findContours(small[c].astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(canvas, contours, -1, concept_color(c), 2, cv2.LINE_AA)
-    _label(canvas, "  ".join(f"{c + 1}: {n}" for c, n in enumerate(names)), (255, 255, 255))
+    for c, n in enumerate(names):
+        _label(canvas, f"{c + 1}: {n}", concept_color(c), line=c)
     return torch.from_numpy(canvas).float().div(255)[None]
 
 
