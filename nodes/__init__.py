@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 from .baselines import AnchorDiffConceptAttentionHeat, AnchorDiffCrossAttentionHeat, AnchorDiffSeg4DiffHeat
 from .record import AnchorDiffConcepts, AnchorDiffLookAtImage, AnchorDiffReadMaps, AnchorDiffRecordAttention
 from .stages import AnchorDiffAnchorSelect, AnchorDiffBuildGatedGraph, AnchorDiffMask, AnchorDiffPropagate
+from .segmenter import AnchorDiffSegmenterPrompts
 from . import toy
 
 NODES = [
@@ -15,6 +16,7 @@ NODES = [
     AnchorDiffBuildGatedGraph,
     AnchorDiffPropagate,
     AnchorDiffMask,
+    AnchorDiffSegmenterPrompts,
     AnchorDiffCrossAttentionHeat,
     AnchorDiffConceptAttentionHeat,
     AnchorDiffSeg4DiffHeat,

@@ -3,7 +3,7 @@
 # .venv-comfy033 (scripts/setup_comfy033.sh: ComfyUI 0.33.0, from ../shared/vendor) and the browser
 # for the UI test (scripts/install_browser.sh: Debian's Chromium), all idempotent, then pytest:
 #   1. every test on ComfyUI 0.3.75 with its frontend 1.32.9 (browser test: classic and Nodes 2.0);
-#   2. the capture, server, workflow and browser tests on ComfyUI 0.33.0 with its frontend 1.49.6;
+#   2. the capture, server, workflow, browser and SAM3-prompt tests on ComfyUI 0.33.0 with its frontend 1.49.6;
 #   3. the browser test on ComfyUI 0.33.0 with the newest frontend, 1.58.1.
 # Each run's tests pick the ComfyUI of the venv whose python runs them (toyworld/comfy_env.py).
 # Extra arguments go to every pytest run, e.g.  bash scripts/test.sh -k capture  (a run they leave
@@ -32,7 +32,8 @@ run() {  # run NAME ENV... -- PYTEST-ARGS...
 run "ComfyUI 0.3.75" -- .venv/bin/python -m pytest "$@"
 if [ "${ANCHORDIFF_MATRIX:-1}" != "0" ]; then
     run "ComfyUI 0.33.0" -- .venv-comfy033/bin/python -m pytest \
-        tests/test_capture.py tests/test_server.py tests/test_workflows.py tests/test_browser.py "$@"
+        tests/test_capture.py tests/test_server.py tests/test_workflows.py tests/test_browser.py \
+        tests/test_segmenter_prompts.py "$@"
     run "ComfyUI 0.33.0, frontend $NEWEST_FRONTEND" ANCHORDIFF_FRONTEND="$NEWEST_FRONTEND" -- \
         .venv-comfy033/bin/python -m pytest tests/test_browser.py "$@"
 fi

@@ -23,7 +23,7 @@ from fixtures.comfy_base import REPO_ROOT, link_anchordiff_pack, populate_base_d
 from fixtures.comfy_server import get_json, start_server, stop_server
 from fixtures.timings import record
 
-OUR_NODES = 12  # 11 + the toy demo loader (registered where toyworld/weights is shipped, as here)
+OUR_NODES = 13  # 12 + the toy demo loader (registered where toyworld/weights is shipped, as here)
 MASK_NODE = "13"  # AnchorDiffMask in chain()
 
 
@@ -184,6 +184,9 @@ EXPECTED = {  # node id: (display name, category, [(input, type, default)], [(ou
                                        [MAPS_IN, ("softmax", "BOOLEAN", True), ("layers", "STRING", ""), IMAGE_OPT],
                                        BASELINE_OUT),
     "AnchorDiffSeg4DiffHeat": ("Seg4Diff Heat (AnchorDiff baseline)", "AnchorDiff/baselines", [MAPS_IN, IMAGE_OPT], BASELINE_OUT),
+    "AnchorDiffSegmenterPrompts": ("AnchorDiff Points and Boxes (for SAM3)", "AnchorDiff",
+                                   [("anchors", "ANCHORDIFF_ANCHORS", None), ("concept", "STRING", ""), ("mask" + OPTIONAL, "MASK", None)],
+                                   [("STRING", "positive_coords"), ("STRING", "negative_coords"), ("BOUNDING_BOX", "bboxes")]),
     "AnchorDiffToySD3": ("AnchorDiff Toy SD3 (demo model)", "AnchorDiff/demo", [],
                          [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]),
 }
