@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..anchordiff_core.recorder import RECORD_PRECISIONS, RecordSpec
 from . import sd3_patch
-from .common import CATEGORY, Concepts, Maps, Recorder
+from .common import CATEGORY, Concepts, Maps, Recorder, finite_inputs, user_errors
 from .sd3_patch import AnchorDiffError, AttentionRecorder, RecordSettings
 from .text import encode_concepts
 
@@ -64,7 +64,7 @@ def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precis
     if seg4diff_layer >= depth:
         raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {sd3_patch.model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")
     seg = sd3_patch.default_seg4diff_layer(dm) if seg4diff_layer < 0 else seg4diff_layer
-    spec = RecordSpec(concepts.names, concepts.token_concept, depth, layers, seg, precision=precision)
+    spec = user_errors(RecordSpec, concepts.names, concepts.token_concept, depth, layers, seg, precision=precision)
     return spec, sd3_patch.model_variant(dm)
 
 
@@ -108,6 +108,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="auto") -> io.NodeOutput:
+        finite_inputs(cls, record_at=record_at)
         spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision)
         recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), variant)
         return io.NodeOutput(recorder.attach(model), recorder)
@@ -175,6 +176,7 @@ class AnchorDiffLookAtImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, concepts, positive, latent, seed, record_at, graph_layers, seg4diff_layer) -> io.NodeOutput:
+        finite_inputs(cls, record_at=record_at)
         spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer)
         if not positive:
             raise AnchorDiffError("'positive' conditioning is empty: connect a CLIP Text Encode describing the image.")
