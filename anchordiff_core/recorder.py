@@ -45,11 +45,16 @@ class RecordSpec:
             raise ValueError("at least one graph layer is needed")
         if len(self.concepts) == 0:
             raise ValueError("no concepts to record")
-        if self.precision not in RECORD_PRECISIONS:
-            raise ValueError(f"precision must be one of {RECORD_PRECISIONS}; got '{self.precision}'")
+        check_precision(self.precision)
 
 
 RECORD_PRECISIONS = ("auto", "exact", "fast", "compact")
+
+
+def check_precision(precision) -> None:
+    if precision not in RECORD_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(RECORD_PRECISIONS)}; got {precision!r}. Pick one of them "
+                         "(auto, the default, suits every device).")
 AUTO_MAP_SHARE = 0.25  # "auto" keeps the maps on the accelerator only within this share of its free memory
 
 
@@ -67,8 +72,7 @@ def resolve_precision(precision: str, device, map_bytes: int, free_bytes: int) -
     (`map_bytes`, kept there until the graph is built) fit in AUTO_MAP_SHARE of the free memory, else
     exact (maps in float32 where ComfyUI keeps intermediates, the accelerator holding one layer's
     temporaries).  Other settings are returned as they are."""
-    if precision not in RECORD_PRECISIONS:
-        raise ValueError(f"precision must be one of {RECORD_PRECISIONS}; got '{precision}'")
+    check_precision(precision)
     if precision != "auto":
         return precision
     if torch.device(device).type == "cpu":
