@@ -385,6 +385,35 @@ def test_img2img_advice_points_the_right_way(env):
         assert read_maps(env, recorder, latent).step == 0
 
 
+def test_advice_that_no_record_at_can_follow_is_not_given(env):
+    """ddim_uniform at 1 step samples only sigma 0.006 (denoise 1): no record_at (0.99 is sigma 0.029)
+    reaches it, so the advice is record_step, and record_step 0 records."""
+    model = load_model(env)
+    cs = concepts(env)
+    for record_at in (0.5, 0.99):
+        patched, recorder = record(env, model, cs, record_at=record_at)
+        latent = sample(env, patched, steps=1, scheduler="ddim_uniform")
+        with refused(r"starts at sigma 0\.006, below the noise level of every record_at \(0\.99 is sigma 0\.029\)\. "
+                     r"Use record_step \(0, the only step\), or more steps or another scheduler\.$") as info:
+            read_maps(env, recorder, latent)
+        assert "raise record_at" not in str(info.value) and "denoise" not in str(info.value)
+    patched, recorder = record(env, model, cs, record_step=0)
+    maps = read_maps(env, recorder, sample(env, patched, steps=1, scheduler="ddim_uniform"))
+    assert (maps.step, round(maps.sigma, 3)) == (0, 0.006)
+
+
+def test_a_non_finite_sigma_is_reported_when_recording(env):
+    """kl_optimal at 1 step: ComfyUI's schedule is [nan, 0]. Read Maps says so (not Anchor Select, later)."""
+    model = load_model(env)
+    cs = concepts(env)
+    for record_at, record_step in ((0.5, -1), (0.5, 0)):
+        patched, recorder = record(env, model, cs, record_at=record_at, record_step=record_step)
+        latent = sample(env, patched, steps=1, scheduler="kl_optimal")
+        with refused(r"the sampler's noise schedule holds a non-finite sigma \(nan at step 0 of 1; kl_optimal at 1 step does "
+                     r"this\), so the model ran on NaN and the image is broken too\. Use more steps or another scheduler\.$"):
+            read_maps(env, recorder, latent)
+
+
 def test_maps_of_different_steps_differ(env):
     model = load_model(env)
     cs = concepts(env)
