@@ -414,6 +414,20 @@ def test_a_non_finite_sigma_is_reported_when_recording(env):
             read_maps(env, recorder, latent)
 
 
+@pytest.mark.parametrize("width, height", [(1000, 600), (776, 1032)])
+def test_sizes_that_are_not_multiples_of_16_px_record_the_padded_grid(env, width, height):
+    """A 1000 x 600 image: latent 125 x 75, padded by the model to 126 x 76, so 63 x 38 tokens
+    covering 1008 x 608 px; the maps say so, and Mask returns the image's own size (the padding
+    cropped: tests/test_odd_sizes.py checks where)."""
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env), record_step=0)
+    maps = read_maps(env, recorder, sample(env, patched, steps=1, size=(height // 8, width // 8)))
+    assert maps.grid == (-(-height // 16), -(-width // 16)) and maps.image_size == (height, width)
+    heat = run(env, "AnchorDiffCrossAttentionHeat", maps, "")[0]
+    mask, soft = run(env, "AnchorDiffMask", heat, "", "mean", 0.5)
+    assert mask.shape == soft.shape == (2, height, width)
+
+
 def test_maps_of_different_steps_differ(env):
     model = load_model(env)
     cs = concepts(env)
