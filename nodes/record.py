@@ -95,7 +95,8 @@ class AnchorDiffRecordAttention(io.ComfyNode):
                     tooltip="Where in the trajectory to record, as a fraction of the noise schedule (0.5 = the paper's midpoint). "
                     "The sampled step whose noise level is nearest to it is recorded; 'AnchorDiff Read Maps' shows which.",
                 ),
-                io.Int.Input("record_step", default=-1, min=-1, max=10000, tooltip="-1: use record_at. Otherwise record this sampled step index (0-based)."),
+                io.Int.Input("record_step", default=-1, min=-1, max=10000, tooltip="-1: use record_at. Otherwise record this sampled step, counted from 0: record_step 2 is "
+                             "the step the sampler's progress bar shows as 3/4 (Read Maps shows both)."),
                 *_common_inputs(),
                 io.Int.Input("keep_runs", default=2, min=1, max=16, tooltip="How many sampling runs' maps to keep in memory."),
                 io.Combo.Input("precision", options=list(RECORD_PRECISIONS), default="auto", optional=True, tooltip=PRECISION_TIP),
@@ -139,10 +140,8 @@ class AnchorDiffReadMaps(io.ComfyNode):
 
 def recorded_text(maps) -> str:
     """Which step and noise level the maps come from, for the node's output text and the log."""
-    steps = maps.meta.get("sampled_steps")
-    of = f" of {steps}" if steps else ""
     asked = f" ({maps.meta['asked']})" if maps.meta.get("asked") else ""
-    return f"recorded step {maps.step}{of} (0-based) at sigma {maps.sigma:.4f}{asked}"
+    return f"recorded {sd3_patch.step_text(maps.step, maps.meta.get('sampled_steps'))} at sigma {maps.sigma:.4f}{asked}"
 
 
 class AnchorDiffLookAtImage(io.ComfyNode):

@@ -171,6 +171,14 @@ def choose_recording_step(sigmas, record_at: float, record_step: int, percent_to
     return step, sigmas[step], ""
 
 
+def step_text(step: int, steps: Optional[int] = None) -> str:
+    """A sampled step as users read it everywhere (Read Maps, the log, messages): counted from 1 as
+    the sampler's progress bar counts ("step 3/4" is the bar's 3/4), with the record_step value
+    that picks it (record_step counts from 0)."""
+    of = f"/{steps}" if steps else ""
+    return f"step {step + 1}{of} of the sampler (record_step {step})"
+
+
 def _step_range(steps: int) -> str:
     """The record_step values of a run of `steps` sampled steps, as Read Maps counts them."""
     return "0, the only step" if steps == 1 else f"0..{steps - 1}"
@@ -302,9 +310,9 @@ class AttentionRecorder:
             run.sigmas, self.settings.record_at, self.settings.record_step, model_sampling.percent_to_sigma
         )
         if run.target_step is not None:
-            log.info("AnchorDiff: recording step %d of %d (sigma %.4f; %s)", run.target_step, len(run.sigmas) - 1,
-                     run.target_sigma, self._asked())
-            run.reason = f"the sampler never evaluated the model at the recording step {run.target_step} (sigma {run.target_sigma:.4f})"
+            where = step_text(run.target_step, len(run.sigmas) - 1)
+            log.info("AnchorDiff: recording %s at sigma %.4f (%s)", where, run.target_sigma, self._asked())
+            run.reason = f"the sampler never evaluated the model at the recording {where} (sigma {run.target_sigma:.4f})"
 
     def _asked(self) -> str:
         if self.settings.record_step >= 0:

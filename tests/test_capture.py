@@ -341,16 +341,23 @@ def test_recording_step_ties_go_to_the_earlier_step_and_a_far_target_is_refused(
     assert step is None and "starts at sigma 0.700" in reason and "raise record_at" in reason
 
 
-def test_recording_point_through_the_samplers(env):
+def test_recording_point_through_the_samplers(env, caplog):
+    import logging
+
     model = load_model(env)
     cs = concepts(env)
     # the shipped workflows' scheduler: no sampled sigma equals 0.75, step 2 (0.7511) is nearest
     patched, recorder = record(env, model, cs)
-    latent = sample(env, patched, steps=4, scheduler="sgm_uniform")
+    bar = []  # what the sampler's progress bar shows: ComfyUI's callback step + 1, of the total
+    with caplog.at_level(logging.INFO):
+        latent = sample(env, patched, steps=4, scheduler="sgm_uniform", callback=lambda step, x0, x, total: bar.append(f"{step + 1}/{total}"))
     maps = read_maps(env, recorder, latent)
     assert (maps.step, round(maps.sigma, 4)) == (2, 0.7511)
     text = env.N["AnchorDiffReadMaps"].execute(recorder, latent).ui.as_dict()["text"][0]
-    assert text == "recorded step 2 of 4 (0-based) at sigma 0.7511 (record_at=0.5)"
+    assert text == "recorded step 3/4 of the sampler (record_step 2) at sigma 0.7511 (record_at=0.5)"
+    # one convention everywhere: the log says the same, and the bar's 3/4 is the recorded step
+    assert "AnchorDiff: recording step 3/4 of the sampler (record_step 2) at sigma 0.7511 (record_at=0.5)" in caplog.messages
+    assert bar[maps.step] == "3/4"
     # KSamplerAdvanced ending at step 5 of 8: its last sampled step (4) is at 0.7511
     maps = read_maps(env, recorder, sample(env, patched, steps=8, scheduler="sgm_uniform", last_step=5))
     assert (maps.step, round(maps.sigma, 4), maps.meta["sampled_steps"]) == (4, 0.7511, 5)
