@@ -476,7 +476,7 @@ class _Call:
         self.dm = diffusion_model
         self.rows = rows
         heads = diffusion_model.joint_blocks[0].x_block.attn.num_heads
-        self.step = StepRecorder(spec, heads, store_device)
+        self.step = StepRecorder(spec, heads, store_device, comfy.model_management.throw_exception_if_processing_interrupted)
         self.previous: dict[int, Optional[callable]] = {}
         self.concept_state: Optional[torch.Tensor] = None
         self.problem = ""
