@@ -435,6 +435,30 @@ def test_sizes_that_are_not_multiples_of_16_px_record_the_padded_grid(env, width
     assert mask.shape == soft.shape == (2, height, width)
 
 
+def test_interrupt_stops_the_recording_step_inside_a_block(env, monkeypatch):
+    """ComfyUI's interrupt flag, set as a graph layer's self-attention starts, stops it after its
+    first chunk (the recorder passes ComfyUI's check down), not at the end of the block."""
+    import comfy.model_management
+
+    recorder_module = sys.modules[env.pack.__name__ + ".anchordiff_core.recorder"]
+    real, finished = recorder_module.image_self_attention, []
+
+    def interrupted_attention(*args, **kwargs):
+        comfy.model_management.interrupt_current_processing(True)
+        out = real(*args, **kwargs)
+        finished.append(True)
+        return out
+
+    monkeypatch.setattr(recorder_module, "image_self_attention", interrupted_attention)
+    patched, recorder = record(env, load_model(env), concepts(env), record_step=0)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            sample(env, patched, steps=2)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert finished == []
+
+
 def test_maps_of_different_steps_differ(env):
     model = load_model(env)
     cs = concepts(env)
