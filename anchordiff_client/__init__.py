@@ -112,6 +112,16 @@ def format_rejection(body: dict, prompt: dict) -> str:
     return "\n".join(lines + node_error_lines(body.get("node_errors") or {}, prompt))
 
 
+def _rejection_well_formed(body: dict) -> bool:
+    """POST /prompt's 400 answer has ComfyUI's shape: error a dict or text, node_errors
+    {id: {"errors": [{message, details}...]}}."""
+    node_errors = body.get("node_errors") or {}
+    return isinstance(body.get("error") or {}, (dict, str)) and isinstance(node_errors, dict) and all(
+        isinstance(info or {}, dict) and isinstance((info or {}).get("errors", []), list)
+        and all(isinstance(item, dict) for item in (info or {}).get("errors", []))
+        for info in node_errors.values())
+
+
 def node_error_lines(node_errors: dict, prompt: dict) -> list[str]:
     """ComfyUI's per-node validation errors, one indented line each."""
     return [f"  {node_label(prompt, node_id)}: {_message(item)}"
@@ -332,9 +342,11 @@ class ComfyClient:
         except json.JSONDecodeError:
             raise self.not_comfyui("POST /prompt", status, body) from None
         if status == 400 and isinstance(answer, dict) and ("error" in answer or "node_errors" in answer):
+            if not _rejection_well_formed(answer):
+                raise self.not_comfyui("POST /prompt", status, body)
             raise PromptRejected(answer, prompt)
         if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("prompt_id"), str) \
-                or not isinstance(answer.get("node_errors") or {}, dict):
+                or not _rejection_well_formed(answer):
             raise self.not_comfyui("POST /prompt", status, body)
         return answer
 
@@ -342,7 +354,10 @@ class ComfyClient:
         """The prompt's class types that are output nodes (GET /object_info/<class>)."""
         found = set()
         for class_type in sorted({node["class_type"] for node in prompt.values()}):
-            info = self.get_json(f"/object_info/{urllib.parse.quote(class_type)}").get(class_type) or {}
+            answer = self.get_json(f"/object_info/{urllib.parse.quote(class_type)}")
+            info = (answer.get(class_type) if isinstance(answer, dict) else None) or {}
+            if not isinstance(info, dict):
+                raise self.not_protocol(f"GET /object_info/{class_type} answered something other than a node description")
             if info.get("output_node"):
                 found.add(class_type)
         return found
@@ -555,6 +570,8 @@ def parse_event(client: ComfyClient, message) -> tuple[str, dict]:
     data = event.get("data") or {}
     if event["type"] == "execution_cached" and not isinstance(data.get("nodes", []), list):
         raise client.not_protocol("the websocket /ws sent an execution_cached event without a list of nodes")
+    if event["type"] in ("executing", "progress", "executed") and not isinstance(data.get("node"), (str, int, type(None))):
+        raise client.not_protocol(f"the websocket /ws sent an {event['type']} event whose node is not a node id")
     return event["type"], data
 
 

@@ -184,6 +184,7 @@ class FakeComfy:
         import threading
 
         self.history, self.ws_messages, self.trickle_prompt, self.views = None, None, False, []
+        self.prompt_answer = (200, {"prompt_id": "p1", "number": 0, "node_errors": {}})  # POST /prompt's status and body
         fake = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -214,9 +215,10 @@ class FakeComfy:
 
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                body = json.dumps({"prompt_id": "p1", "number": 0, "node_errors": {}}).encode()
+                status, answer = fake.prompt_answer
+                body = json.dumps(answer).encode()
                 if not fake.trickle_prompt:
-                    return self.send_body(body)
+                    return self.send_body(body, status)
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -340,7 +342,8 @@ def test_hostile_history_writes_only_inside_out(fake_comfy, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("message", ["not json at all", "[1, 2]", '{"data": {}}', '{"type": 5}',
-                                     '{"type": "status", "data": "x"}', '{"type": "execution_cached", "data": {"nodes": 3}}'])
+                                     '{"type": "status", "data": "x"}', '{"type": "execution_cached", "data": {"nodes": 3}}',
+                                     '{"type": "executing", "data": {"node": [1], "prompt_id": "p1"}}'])
 def test_a_websocket_message_that_is_not_comfyuis_protocol_is_the_not_comfyui_error(fake_comfy, tmp_path, capsys, message):
     fake_comfy.ws_messages = [message]
     code, _ = run_cli(tmp_path, fake_comfy.url, "--timeout", "20")
@@ -376,3 +379,16 @@ def test_timeout_bounds_a_success_that_never_reaches_history(fake_comfy, tmp_pat
     code, seconds = run_cli(tmp_path, fake_comfy.url, "--timeout", "3")
     assert code == 4 and seconds < 5.0, (code, seconds)
     assert "time limit" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("status, answer", [
+    (200, {"prompt_id": 5}), (200, {"prompt_id": "p1", "node_errors": ["x"]}),
+    (200, {"prompt_id": "p1", "node_errors": {"3": {"errors": "bad"}}}),
+    (400, {"error": {"message": "x"}, "node_errors": {"3": ["bad"]}}), (400, {"error": 5}),
+])
+def test_a_prompt_answer_that_is_not_comfyuis_is_the_not_comfyui_error(fake_comfy, tmp_path, capsys, monkeypatch, status, answer):
+    monkeypatch.setattr(cc, "websocket", None)
+    fake_comfy.prompt_answer = (status, answer)
+    code, _ = run_cli(tmp_path, fake_comfy.url, "--timeout", "20")
+    err = capsys.readouterr().err
+    assert code == 4 and f"does not look like a ComfyUI server: POST /prompt answered HTTP {status}" in err, err
