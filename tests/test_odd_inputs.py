@@ -20,9 +20,9 @@ BAD_FLOATS = [math.nan, math.inf, -math.inf]
 
 @pytest.fixture(scope="module")
 def env(comfy):
-    from fixtures import comfy_env
+    from toyworld import comfy_env
     from fixtures.comfy_base import TEST_NODES_DIR
-    from fixtures.comfy_test_nodes.fixture_clip import make_fixture_clip
+    from toyworld.comfy_clip import make_fixture_clip
 
     nodes = comfy_env.get_nodes(extras=True)
     if "AnchorDiffMask" not in nodes.NODE_CLASS_MAPPINGS:

@@ -64,7 +64,7 @@ def test_core_masks_line_up_with_the_image(size, rows, cols):
 
 @pytest.fixture(scope="module")
 def nodes(comfy):
-    from fixtures import comfy_env
+    from toyworld import comfy_env
 
     found = comfy_env.get_nodes(extras=True)
     if "AnchorDiffMask" not in found.NODE_CLASS_MAPPINGS:
@@ -95,13 +95,13 @@ def test_anchor_marker_sits_on_the_anchor_x_across_y_down(nodes, size, rows, col
     """Anchor Select on a non-square image: the anchor token (row r, column c) is the pixel centre
     (x = 16 c + 8, y = 16 r + 8), and the preview draws its marker there (scaled to the panel)."""
     pack, N = nodes
-    steps = sys.modules[pack.__name__ + ".nodes.steps"]
+    stages = sys.modules[pack.__name__ + ".nodes.stages"]
     preview = sys.modules[pack.__name__ + ".nodes.preview"]
     row, col = rows[0] + 1, cols[0] + 2
     maps = peaked_maps(size, row, col)
     anchors = pipeline.pick_anchors(maps)
     assert anchors.indices[0].tolist() == [[row * maps.grid[1] + col]]
-    points = steps._anchor_points(anchors)
+    points = stages._anchor_points(anchors)
     assert points == [[[(col * TOKEN + 8, row * TOKEN + 8)]]]
     width, height = size
     picture = preview.heat_panels(torch.zeros(1, height, width), ["thing"], None, points[0])[0].numpy()
