@@ -15,13 +15,15 @@ live progress; without it the client polls /history instead. No torch, no ComfyU
 from __future__ import annotations
 
 import argparse
+import contextlib
+import http.client
 import json
 import mimetypes
+import socket
 import sys
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,8 @@ except ImportError:  # pragma: no cover - exercised only where the extra is miss
 
 DEFAULT_SERVER = "http://127.0.0.1:8188"
 SEED_INPUTS = ("seed", "noise_seed")
+CHECK_SERVER = "Check --server (ComfyUI's address, e.g. http://127.0.0.1:8188)."
+MAX_NAME_BYTES = 200  # a downloaded file's name: under every common filesystem's 255, with room for "-N"
 
 
 # ------------------------------------------------------------------------------ errors
@@ -106,6 +110,16 @@ def format_rejection(body: dict, prompt: dict) -> str:
         error = {"message": error}
     lines = [f"ComfyUI rejected the prompt: {_message(error) or 'invalid prompt'}"]
     return "\n".join(lines + node_error_lines(body.get("node_errors") or {}, prompt))
+
+
+def _rejection_well_formed(body: dict) -> bool:
+    """POST /prompt's 400 answer has ComfyUI's shape: error a dict or text, node_errors
+    {id: {"errors": [{message, details}...]}}."""
+    node_errors = body.get("node_errors") or {}
+    return isinstance(body.get("error") or {}, (dict, str)) and isinstance(node_errors, dict) and all(
+        isinstance(info or {}, dict) and isinstance((info or {}).get("errors", []), list)
+        and all(isinstance(item, dict) for item in (info or {}).get("errors", []))
+        for info in node_errors.values())
 
 
 def node_error_lines(node_errors: dict, prompt: dict) -> list[str]:
@@ -249,24 +263,63 @@ class ComfyClient:
         self.server = server.rstrip("/")
         self.client_id = client_id or uuid.uuid4().hex
         self.http_timeout = http_timeout
+        self.deadline: Optional[float] = None  # time.monotonic() by which every request and wait ends (time_limit)
 
     # ---------------------------------------------------------------- HTTP
-    def request(self, path: str, data: Optional[bytes] = None, headers: Optional[dict] = None) -> tuple[int, bytes]:
-        req = urllib.request.Request(self.server + path, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    def seconds_left(self, what: str) -> float:
+        """Seconds `what` may take: the HTTP timeout, cut to what is left of the run's deadline."""
+        if self.deadline is None:
+            return self.http_timeout
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise ServerError(f"time limit reached before {what}")
+        return min(self.http_timeout, left)
+
+    @contextlib.contextmanager
+    def time_limit(self, seconds: float):
+        """Every request and wait inside ends within `seconds` (or the earlier deadline already set)."""
+        previous = self.deadline
+        end = time.monotonic() + seconds
+        self.deadline = end if previous is None else min(previous, end)
         try:
-            with urllib.request.urlopen(req, timeout=self.http_timeout) as response:
-                return response.status, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, error.read()
-        except (urllib.error.URLError, OSError) as error:
-            reason = getattr(error, "reason", error)
-            raise ServerError(f"cannot reach ComfyUI at {self.server}: {reason}") from None
+            yield
+        finally:
+            self.deadline = previous
+
+    def request(self, path: str, data: Optional[bytes] = None, headers: Optional[dict] = None) -> tuple[int, bytes]:
+        """(HTTP status, body); the whole exchange, however slowly the server answers, ends within
+        seconds_left() (a server sending a byte a second is cut off, not waited for)."""
+        method = "POST" if data is not None else "GET"
+        what = f"{method} {path.split('?')[0]}"
+        seconds = self.seconds_left(what)
+        url = urllib.parse.urlsplit(self.server)
+        connection = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(url.netloc, timeout=seconds)
+        with cut_off_after(seconds, lambda: connection.sock) as expired:
+            try:
+                connection.request(method, url.path + path, body=data, headers=headers or {})
+                response = connection.getresponse()
+                status, body = response.status, response.read()
+            except (OSError, http.client.HTTPException) as error:
+                if expired.is_set() or isinstance(error, socket.timeout):
+                    raise self.no_answer(what) from None
+                raise ServerError(f"cannot reach ComfyUI at {self.server}: {getattr(error, 'reason', None) or error}") from None
+            finally:
+                connection.close()
+        if expired.is_set():  # the cut-off ended a body sent without a length
+            raise self.no_answer(what)
+        return status, body
+
+    def no_answer(self, what: str) -> ServerError:
+        return ServerError(f"cannot reach ComfyUI at {self.server}: {what} got no complete answer within the time limit")
 
     def not_comfyui(self, what: str, status, body: bytes = b"") -> ServerError:
         """One line for an answer no ComfyUI server gives (an HTML page, another service)."""
         looks = " with an HTML page" if body.lstrip()[:1] == b"<" else ""
-        return ServerError(f"{self.server} does not look like a ComfyUI server: {what} answered HTTP {status}{looks}. "
-                           "Check --server (ComfyUI's address, e.g. http://127.0.0.1:8188).")
+        return self.not_protocol(f"{what} answered HTTP {status}{looks}")
+
+    def not_protocol(self, what: str) -> ServerError:
+        """The error for anything the server sends that is not ComfyUI's protocol (exit code 4)."""
+        return ServerError(f"{self.server} does not look like a ComfyUI server: {what}. {CHECK_SERVER}")
 
     def get_json(self, path: str):
         status, body = self.request(path)
@@ -289,8 +342,11 @@ class ComfyClient:
         except json.JSONDecodeError:
             raise self.not_comfyui("POST /prompt", status, body) from None
         if status == 400 and isinstance(answer, dict) and ("error" in answer or "node_errors" in answer):
+            if not _rejection_well_formed(answer):
+                raise self.not_comfyui("POST /prompt", status, body)
             raise PromptRejected(answer, prompt)
-        if status != 200 or not isinstance(answer, dict) or "prompt_id" not in answer:
+        if status != 200 or not isinstance(answer, dict) or not isinstance(answer.get("prompt_id"), str) \
+                or not _rejection_well_formed(answer):
             raise self.not_comfyui("POST /prompt", status, body)
         return answer
 
@@ -298,7 +354,10 @@ class ComfyClient:
         """The prompt's class types that are output nodes (GET /object_info/<class>)."""
         found = set()
         for class_type in sorted({node["class_type"] for node in prompt.values()}):
-            info = self.get_json(f"/object_info/{urllib.parse.quote(class_type)}").get(class_type) or {}
+            answer = self.get_json(f"/object_info/{urllib.parse.quote(class_type)}")
+            info = (answer.get(class_type) if isinstance(answer, dict) else None) or {}
+            if not isinstance(info, dict):
+                raise self.not_protocol(f"GET /object_info/{class_type} answered something other than a node description")
             if info.get("output_node"):
                 found.add(class_type)
         return found
@@ -307,7 +366,11 @@ class ComfyClient:
         self.post_json("/interrupt", {"prompt_id": prompt_id} if prompt_id else {})
 
     def history(self, prompt_id: str) -> Optional[dict]:
-        return self.get_json(f"/history/{urllib.parse.quote(prompt_id)}").get(prompt_id)
+        """The /history entry of `prompt_id` (None while there is none), its shape checked."""
+        answer = self.get_json(f"/history/{urllib.parse.quote(prompt_id)}")
+        if not isinstance(answer, dict):
+            raise self.not_protocol("GET /history answered something other than a JSON object")
+        return check_history_entry(self, answer.get(prompt_id))
 
     def upload_image(self, path) -> str:
         """POST /upload/image; returns the name to give LoadImage ('subfolder/name' if any)."""
@@ -332,6 +395,8 @@ class ComfyClient:
             info = json.loads(answer)
         except json.JSONDecodeError:
             raise self.not_comfyui("POST /upload/image", status, answer) from None
+        if not isinstance(info, dict) or not isinstance(info.get("name"), str) or not isinstance(info.get("subfolder", ""), (str, type(None))):
+            raise self.not_comfyui("POST /upload/image", status, answer)
         return f"{info['subfolder']}/{info['name']}" if info.get("subfolder") else info["name"]
 
     def download(self, image: dict, dest: Path) -> Path:
@@ -345,18 +410,48 @@ class ComfyClient:
 
     # ---------------------------------------------------------------- websocket
     def connect(self, timeout: float = 10.0):
-        """An open websocket for this client id, or None without websocket-client."""
+        """An open websocket for this client id, or None without websocket-client. The handshake
+        ends within `timeout` (and the run's deadline)."""
         if websocket is None:
             return None
         url = urllib.parse.urlsplit(self.server)
         scheme = "wss" if url.scheme == "https" else "ws"
-        try:
-            return websocket.create_connection(f"{scheme}://{url.netloc}{url.path}/ws?clientId={self.client_id}", timeout=timeout)
-        except websocket.WebSocketBadStatusException as error:
-            raise self.not_comfyui("the websocket /ws", error.status_code, error.resp_body or b"") from None
-        except (OSError, websocket.WebSocketException) as error:
-            reason = "no answer within the time limit" if isinstance(error, (TimeoutError, websocket.WebSocketTimeoutException)) else error
-            raise ServerError(f"cannot reach ComfyUI at {self.server} (websocket /ws): {reason}") from None
+        seconds = min(timeout, self.seconds_left("the websocket /ws"))
+        ws = websocket.WebSocket()
+        with cut_off_after(seconds, lambda: ws.sock) as expired:
+            try:
+                ws.connect(f"{scheme}://{url.netloc}{url.path}/ws?clientId={self.client_id}", timeout=seconds)
+                return ws
+            except websocket.WebSocketBadStatusException as error:
+                raise self.not_comfyui("the websocket /ws", error.status_code, error.resp_body or b"") from None
+            except (OSError, websocket.WebSocketException) as error:
+                ws.close()
+                timed_out = expired.is_set() or isinstance(error, (TimeoutError, websocket.WebSocketTimeoutException))
+                reason = "no answer within the time limit" if timed_out else error
+                raise ServerError(f"cannot reach ComfyUI at {self.server} (websocket /ws): {reason}") from None
+
+
+@contextlib.contextmanager
+def cut_off_after(seconds: float, sock_of: Callable[[], Optional[socket.socket]]):
+    """Shut down the socket `sock_of()` when `seconds` have passed, so a blocked read returns
+    (socket timeouts bound each read, not a server that sends a byte at a time). Yields an Event
+    that is set if it did."""
+    expired = threading.Event()
+
+    def cut() -> None:
+        expired.set()
+        sock = sock_of()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(max(seconds, 0.0), cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
 
 
 # ------------------------------------------------------------------------------ following a prompt
@@ -390,10 +485,11 @@ class Progress:
         self.stream.flush()
 
 
-def follow(client: ComfyClient, ws, prompt_id: str, prompt: dict, deadline: float, progress: Progress,
+def follow(client: ComfyClient, ws, prompt_id: str, prompt: dict, progress: Progress,
            result: RunResult, on_event: Optional[Callable[[str, dict], None]] = None) -> None:
-    """Read websocket events of `prompt_id` until it ends; raise on error or interruption.
-    Polls /history whenever the socket is silent for 5 s (or is gone), so it cannot miss the end."""
+    """Read websocket events of `prompt_id` until it ends (by client.deadline); raise on error or
+    interruption. Polls /history whenever the socket is silent for 5 s (or is gone), so it cannot
+    miss the end."""
     started: dict = {}
 
     def node_done(now: float) -> None:
@@ -402,18 +498,23 @@ def follow(client: ComfyClient, ws, prompt_id: str, prompt: dict, deadline: floa
         started.clear()
 
     while True:
-        remaining = deadline - time.monotonic()
+        remaining = client.deadline - time.monotonic() if client.deadline is not None else 5.0
         if remaining <= 0:
             raise ServerError(f"prompt {prompt_id} did not finish within the time limit")
         message = None
         if ws is not None:
-            try:
-                ws.settimeout(min(5.0, remaining))
-                message = ws.recv()
-            except websocket.WebSocketTimeoutException:
-                pass
-            except (OSError, websocket.WebSocketException):
-                progress.say("websocket closed; polling /history")
+            seconds = min(5.0, remaining)
+            with cut_off_after(seconds + 0.5, lambda: ws.sock) as expired:
+                try:
+                    ws.settimeout(seconds)
+                    message = ws.recv()
+                except websocket.WebSocketTimeoutException:
+                    pass
+                except (OSError, websocket.WebSocketException):
+                    if not expired.is_set():
+                        progress.say("websocket closed; polling /history")
+                    ws = None
+            if expired.is_set():  # a frame trickling in slower than the time left: polling takes over
                 ws = None
         else:
             time.sleep(min(1.0, remaining))
@@ -421,13 +522,12 @@ def follow(client: ComfyClient, ws, prompt_id: str, prompt: dict, deadline: floa
             continue
         if not message:  # silence or no socket: ask /history
             entry = client.history(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None:
+            if entry and entry["status"].get("completed") is not None:
                 node_done(time.monotonic())
                 _raise_for_history(entry, prompt)
                 return
             continue
-        event = json.loads(message)
-        kind, data = event.get("type"), event.get("data") or {}
+        kind, data = parse_event(client, message)
         if data.get("prompt_id") not in (None, prompt_id):
             continue
         if on_event is not None:
@@ -436,8 +536,8 @@ def follow(client: ComfyClient, ws, prompt_id: str, prompt: dict, deadline: floa
         if kind == "execution_start":
             progress.say(f"prompt {prompt_id}: started")
         elif kind == "execution_cached" and data.get("nodes"):
-            result.cached = list(data["nodes"])
-            progress.say(f"  cached: {', '.join(map(str, data['nodes']))}")
+            result.cached = [str(node) for node in data["nodes"]]
+            progress.say(f"  cached: {', '.join(result.cached)}")
         elif kind == "executing" and data.get("prompt_id") == prompt_id:
             node_done(now)
             if data.get("node") is None:  # end of the prompt (older servers send only this)
@@ -446,7 +546,7 @@ def follow(client: ComfyClient, ws, prompt_id: str, prompt: dict, deadline: floa
             result.executed.append(str(data["node"]))
             progress.say(f"  {node_label(prompt, data['node'])}")
         elif kind == "progress":
-            progress.progress(data.get("node"), int(data.get("value", 0)), int(data.get("max", 0)))
+            progress.progress(data.get("node"), _number(data.get("value")), _number(data.get("max")))
         elif kind == "executed":
             node_done(now)
         elif kind == "execution_success":
@@ -458,27 +558,70 @@ def follow(client: ComfyClient, ws, prompt_id: str, prompt: dict, deadline: floa
             raise ExecutionInterrupted(data, prompt)
 
 
+def parse_event(client: ComfyClient, message) -> tuple[str, dict]:
+    """(type, data) of one websocket text message; anything that is not ComfyUI's protocol
+    ({"type": str, "data": {...}} in JSON) is the not-a-ComfyUI-server error."""
+    try:
+        event = json.loads(message)
+    except (ValueError, TypeError):
+        raise client.not_protocol("the websocket /ws sent a message that is not JSON") from None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str) or not isinstance(event.get("data", {}), (dict, type(None))):
+        raise client.not_protocol("the websocket /ws sent a message without ComfyUI's {type, data} form")
+    data = event.get("data") or {}
+    if event["type"] == "execution_cached" and not isinstance(data.get("nodes", []), list):
+        raise client.not_protocol("the websocket /ws sent an execution_cached event without a list of nodes")
+    if event["type"] in ("executing", "progress", "executed") and not isinstance(data.get("node"), (str, int, type(None))):
+        raise client.not_protocol(f"the websocket /ws sent an {event['type']} event whose node is not a node id")
+    return event["type"], data
+
+
+def _number(value) -> int:
+    """A progress count as an int (0 for anything else the server sends)."""
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def check_history_entry(client: ComfyClient, entry) -> Optional[dict]:
+    """One /history entry with the shapes the client reads, or the not-a-ComfyUI-server error."""
+    if entry is None:
+        return None
+    status = entry.get("status", {}) if isinstance(entry, dict) else None
+    outputs = entry.get("outputs", {}) if isinstance(entry, dict) else None
+    messages = status.get("messages", []) if isinstance(status, dict) else None
+    well_formed = (
+        isinstance(outputs, dict) and all(isinstance(output, dict) for output in outputs.values())
+        and isinstance(messages, list)
+        and all(isinstance(m, list) and len(m) == 2 and isinstance(m[0], str) and isinstance(m[1], (dict, type(None))) for m in messages)
+    )
+    if not well_formed:
+        raise client.not_protocol("GET /history sent an entry without ComfyUI's {status, outputs} form")
+    return {**entry, "status": status, "outputs": outputs}
+
+
 def _raise_for_history(entry: dict, prompt: dict) -> None:
-    status = entry.get("status", {})
+    status = entry["status"]
     for kind, data in status.get("messages", []):
         if kind == "execution_error":
-            raise ExecutionFailed(data, prompt)
+            raise ExecutionFailed(data or {}, prompt)
         if kind == "execution_interrupted":
-            raise ExecutionInterrupted(data, prompt)
+            raise ExecutionInterrupted(data or {}, prompt)
     if status.get("status_str") not in (None, "success"):
         raise ServerError(f"prompt ended with status {status.get('status_str')}")
 
 
-def wait_for_history(client: ComfyClient, prompt_id: str, timeout: float = 60.0) -> dict:
-    """ComfyUI writes history right after execution_success: wait (bounded) until it is there."""
-    deadline = time.monotonic() + timeout
-    while True:
-        entry = client.history(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None:
-            return entry
-        if time.monotonic() > deadline:
-            raise ServerError(f"prompt {prompt_id} finished but /history has no entry for it")
-        time.sleep(0.2)
+def wait_for_history(client: ComfyClient, prompt_id: str, timeout: Optional[float] = None) -> dict:
+    """ComfyUI writes history right after execution_success: wait until it is there, within the
+    run's deadline (client.time_limit) or `timeout` seconds, whichever ends first."""
+    with client.time_limit(client.http_timeout if timeout is None else timeout):
+        while True:
+            entry = client.history(prompt_id)
+            if entry and entry["status"].get("completed") is not None:
+                return entry
+            if client.deadline - time.monotonic() <= 0.2:
+                raise ServerError(f"prompt {prompt_id} finished but /history has no entry for it within the time limit")
+            time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------------ the whole run
@@ -513,14 +656,19 @@ def prepare_prompt(prompt: dict, sets=(), concepts: Optional[str] = None, seed: 
 def run_prompt(prompt: dict, server: str = DEFAULT_SERVER, output_dir="comfy_output", timeout: float = 3600.0,
                previews: bool = True, quiet: bool = False, stream=None,
                on_event: Optional[Callable[[str, dict], None]] = None, client: Optional[ComfyClient] = None) -> RunResult:
-    """Queue an API prompt, follow it to the end, download its images into `output_dir`.
+    """Queue an API prompt, follow it to the end, download its images into `output_dir`; all of it
+    within `timeout` seconds (one deadline for every request and wait).
 
     Raises PromptRejected / ExecutionFailed / ExecutionInterrupted (messages: ComfyUI's own text),
     ServerError, ClientError. `on_event(type, data)` sees every websocket event of this prompt."""
     client = client or ComfyClient(server, http_timeout=min(60.0, timeout))
-    progress = Progress(prompt, stream, quiet)
+    with client.time_limit(timeout):
+        return _run(client, prompt, Path(output_dir), previews, Progress(prompt, stream, quiet), on_event)
+
+
+def _run(client: ComfyClient, prompt: dict, out: Path, previews: bool, progress: Progress, on_event) -> RunResult:
     t0 = time.monotonic()
-    ws = client.connect(timeout=min(10.0, timeout))
+    ws = client.connect()
     if ws is None:
         progress.say("websocket-client is not installed: no live progress, polling /history")
     try:
@@ -531,26 +679,23 @@ def run_prompt(prompt: dict, server: str = DEFAULT_SERVER, output_dir="comfy_out
         for line in node_error_lines(result.node_errors, prompt):
             progress.say(f"  dropped for a validation error:{line[1:]}")
         try:
-            follow(client, ws, prompt_id, prompt, t0 + timeout, progress, result, on_event)
+            follow(client, ws, prompt_id, prompt, progress, result, on_event)
         except KeyboardInterrupt:
-            client.interrupt(prompt_id)
-            client.post_json("/queue", {"delete": [prompt_id]})
+            with client.time_limit(5.0), contextlib.suppress(ServerError):
+                client.interrupt(prompt_id)
+                client.post_json("/queue", {"delete": [prompt_id]})
             raise
     finally:
-        if ws is not None:
-            ws.close()
+        if ws is not None:  # websocket-client waits up to 3 s for the server's close frame: not past the deadline
+            ws.close(timeout=max(0.0, min(1.0, client.deadline - time.monotonic())))
     entry = wait_for_history(client, prompt_id)
     _raise_for_history(entry, prompt)
-    result.outputs = entry.get("outputs", {})
-    out = Path(output_dir)
+    result.outputs = entry["outputs"]
     for node_id, output in result.outputs.items():
-        for image in output_files(output):
-            saved = image.get("type") == "output"
-            if not saved and not previews:
+        for item in output_files(output):
+            if not previews and not is_saved(item):
                 continue
-            name = Path(image["filename"]).name
-            name = "_".join(Path(image.get("subfolder") or "").parts + (name,)) if saved else f"preview-{node_id}-{name}"
-            path = client.download(image, _unused(out / name))
+            path = client.download(item, _unused(out / local_name(node_id, item)))
             result.files.append(path)
             result.node_files.setdefault(node_id, []).append(path)
     result.seconds = round(time.monotonic() - t0, 3)
@@ -561,6 +706,47 @@ def run_prompt(prompt: dict, server: str = DEFAULT_SERVER, output_dir="comfy_out
         raise OutputsMissing(missing, result.node_errors, prompt, result)
     progress.say(f"done in {result.seconds:.1f} s: {len(result.files)} file(s) in {out}")
     return result
+
+
+def is_saved(item: dict) -> bool:
+    """A file SaveImage wrote (type "output"), not a node's temp preview."""
+    return item.get("type") == "output"
+
+
+def safe_part(text) -> str:
+    """`text` (sent by a server) as one harmless piece of a file name: letters, digits, '-', '_'
+    and '.' kept, every other character (separators, NUL, controls, surrogates...) made '_',
+    leading dots dropped (no '..', no hidden files)."""
+    return "".join(c if (c.isalnum() and c.isprintable()) or c in "-_." else "_" for c in str(text)).lstrip(".")
+
+
+def _fit(name: str, limit: int = MAX_NAME_BYTES) -> str:
+    """`name` cut to `limit` UTF-8 bytes, keeping its extension (if short)."""
+    if len(name.encode()) <= limit:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    ext = "." + ext if dot and stem and len(ext.encode()) <= 16 else ""
+    stem = name[: len(name) - len(ext)]
+    return stem.encode()[: limit - len(ext.encode())].decode(errors="ignore") + ext
+
+
+def _safe_parts(path) -> list[str]:
+    """The non-empty safe_part()s of a server's path (either separator); [] for None."""
+    parts = (safe_part(p) for p in str(path or "").replace("\\", "/").split("/"))
+    return [p for p in parts if p]
+
+
+def local_name(node_id, item: dict) -> str:
+    """The local file name of one output file named by /history: nothing the server sends (node id,
+    subfolder, file name, type) can lead outside the output folder. Saved images: the subfolder's
+    parts and the file name joined by '_'; previews: preview-<node id>-<file name>."""
+    pieces = _safe_parts(item.get("filename"))
+    name = pieces[-1] if pieces else "file"
+    if is_saved(item):
+        name = "_".join(_safe_parts(item.get("subfolder")) + [name])
+    else:
+        name = f"preview-{safe_part(node_id) or 'node'}-{name}"
+    return _fit(name)
 
 
 def output_files(output: dict) -> list[dict]:
@@ -592,8 +778,9 @@ def run_workflow(workflow, server: str = DEFAULT_SERVER, sets=(), concepts: Opti
     """`workflow`: a path to an API-format file or the prompt dict itself; overrides as the CLI's."""
     prompt = load_workflow(workflow) if isinstance(workflow, (str, Path)) else check_api_prompt(workflow)
     client = kwargs.pop("client", None) or ComfyClient(server)
-    prompt = prepare_prompt(prompt, sets, concepts, seed, images, client)
-    return run_prompt(prompt, client=client, **kwargs)
+    with client.time_limit(kwargs.get("timeout", 3600.0)):  # the uploads count too
+        prompt = prepare_prompt(prompt, sets, concepts, seed, images, client)
+        return run_prompt(prompt, client=client, **kwargs)
 
 
 # ------------------------------------------------------------------------------ command line

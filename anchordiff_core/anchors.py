@@ -40,8 +40,9 @@ def select_anchors(
     if grid is None:
         raise ValueError("multi-anchor selection needs the token grid (h, w) to measure distances")
     h, w = check_grid(n, grid)
-    if min_distance < 0 or not 0.0 <= min_relative_score <= 1.0:
-        raise ValueError("min_distance must be >= 0 and min_relative_score within [0, 1]")
+    if not 0.0 <= min_distance < math.inf or not 0.0 <= min_relative_score <= 1.0:  # NaN fails both
+        raise ValueError(f"min_distance must be a finite number >= 0 and min_relative_score within [0, 1]; "
+                         f"got {min_distance!r} and {min_relative_score!r}")
     ys = torch.arange(n, device=a_ci.device) // w
     xs = torch.arange(n, device=a_ci.device) % w
     out = torch.full((k, max_anchors), -1, dtype=torch.long, device=a_ci.device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,10 @@ def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.float().view(b, length, heads, dim // heads).transpose(1, 2)
 
 
+def _no_check() -> None:
+    """The `interrupt` of a computation nobody can stop."""
+
+
 def _rows_per_chunk(heads: int, keys: int, max_chunk_bytes: Optional[int], device) -> int:
     budget = default_chunk_bytes(device) if max_chunk_bytes is None else int(max_chunk_bytes)
     return max(1, budget // (heads * keys * 4))
@@ -100,6 +104,7 @@ def image_self_attention(
     extra_keys: Optional[torch.Tensor] = None,
     extra_columns: Optional[torch.Tensor] = None,
     precision: str = "exact",
+    interrupt: Optional[Callable[[], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """A_II and O_II of the paper (eqs. 3-4) from image-token q, k, v [B, N, H*d].
 
@@ -119,7 +124,11 @@ def image_self_attention(
     With `extra_keys` [B, M, H*d] it also returns, per image query, the head-averaged probability
     on `extra_columns` (indices into the extra keys) of a softmax over [image keys; extra keys]
     -> [B, N, len(extra_columns)]: Seg4Diff's map, read from the same image scores.
+
+    `interrupt()` (it raises to stop) runs after each head's chunk of query rows, so a stop request
+    waits for one chunk (a few MB of scores on a CPU), not for the whole block.
     """
+    check = interrupt if interrupt is not None else _no_check
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}; got '{precision}'")
     fast = precision == "fast"
@@ -184,6 +193,7 @@ def image_self_attention(
                     if vh is not None:
                         out[i, start:stop, h * d : (h + 1) * d] = torch.mm(probs, vh[i, h])
                     del probs
+                    check()
                 total.div_(heads)
                 if total.data_ptr() != a_mean[i, start:stop].data_ptr():
                     a_mean[i, start:stop].copy_(total)
@@ -220,6 +230,7 @@ def image_and_extra_key_columns(
     heads: int,
     max_chunk_bytes: Optional[int] = None,
     precision: str = "exact",
+    interrupt: Optional[Callable[[], None]] = None,
 ) -> torch.Tensor:
     """Seg4Diff's map where A_II is not wanted: per image query, the head-averaged probability on
     `extra_columns` of the extra keys under a softmax over [image keys k; extra keys] -> [B, N, C].
@@ -237,7 +248,7 @@ def image_and_extra_key_columns(
         else:
             return _extra_column_probs(q, extra_keys, columns, heads, lse)
     keys = torch.cat([k, extra_keys], 1)
-    return key_column_attention(q, keys, columns + k.shape[1], heads, max_chunk_bytes)
+    return key_column_attention(q, keys, columns + k.shape[1], heads, max_chunk_bytes, interrupt)
 
 
 def query_key_attention(q: torch.Tensor, k: torch.Tensor, heads: int) -> torch.Tensor:
@@ -258,15 +269,17 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 
 
 def key_column_attention(
-    q: torch.Tensor, k: torch.Tensor, columns: torch.Tensor, heads: int, max_chunk_bytes: Optional[int] = None
+    q: torch.Tensor, k: torch.Tensor, columns: torch.Tensor, heads: int, max_chunk_bytes: Optional[int] = None,
+    interrupt: Optional[Callable[[], None]] = None,
 ) -> torch.Tensor:
     """Head-averaged attention probabilities of every query on selected key columns.
 
     softmax over ALL keys of k, then only `columns` are kept: [B, Lq, len(columns)].  Head by head,
     in chunks of query rows (`max_chunk_bytes` of one head's scores, as `image_self_attention`: a
     few rows of all heads at once make matrix products too small to run at BLAS speed).  Seg4Diff's
-    image-query -> text-key map on a layer without A_II.
+    image-query -> text-key map on a layer without A_II. `interrupt()` runs after each head's chunk.
     """
+    check = interrupt if interrupt is not None else _no_check
     qh, kh = split_heads(q, heads), split_heads(k, heads)
     b, _, lq, d = qh.shape
     qh = (qh * d**-0.5).contiguous()
@@ -283,6 +296,7 @@ def key_column_attention(
                     probs = torch.mm(qh[i, h, start:stop], kh[i, h].T).softmax(dim=-1)
                     total += probs[:, columns]
                     del probs
+                    check()
                 total.div_(heads)
     return out
 

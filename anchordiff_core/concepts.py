@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -44,6 +45,13 @@ def parse_concepts(text: str) -> list[str]:
         raise TypeError("concepts must be text")
     names = [part.strip() for part in SEPARATORS.split(text)]
     names = [name for name in names if name]
+    for name in names:
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = name.encode("utf-8", "backslashreplace").decode()
+            raise ValueError(f"Concept '{shown}' holds a character that is not text (a lone UTF-16 surrogate): "
+                             "retype the concept (or paste it again from a source that saves proper text).") from None
     if not names:
         raise ValueError("No concepts given: type at least one concept, e.g. 'cat, dog' or one per line.")
     if len(names) > MAX_CONCEPTS:
@@ -58,6 +66,13 @@ def parse_concepts(text: str) -> list[str]:
 def join_concepts(names) -> str:
     """The concept string the text encoder sees (see JOINER)."""
     return JOINER.join(names)
+
+
+def concept_number(text: str) -> Optional[int]:
+    """The 1-based concept number `text` writes ('2', '０２'), or None if it is not a plain number
+    ('²', '①' and 'two' are not: int() refuses them, so they are looked up as names)."""
+    text = text.strip()
+    return int(text) if text.isdecimal() else None
 
 
 def concept_index(names, name: str) -> int:

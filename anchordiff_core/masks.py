@@ -1,6 +1,7 @@
 """Heat maps on the token grid -> image-sized soft maps and binary masks."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -62,6 +63,8 @@ def thresholds_for(maps: torch.Tensor, threshold: Threshold) -> torch.Tensor:
         if threshold == "otsu":
             return otsu_thresholds(maps)
         raise ValueError(f"threshold must be 'mean', 'otsu' or a number; got {threshold!r}")
+    if not math.isfinite(float(threshold)):
+        raise ValueError(f"threshold must be 'mean', 'otsu' or a finite number (heat is in 0..1); got {threshold!r}")
     return torch.full((maps.shape[0],), float(threshold), dtype=torch.float32, device=maps.device)
 
 

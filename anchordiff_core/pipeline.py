@@ -10,6 +10,7 @@ mixed silently.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -18,7 +19,7 @@ import torch
 from .anchors import PIXELS_PER_TOKEN, point_to_token, select_anchors
 from .attention import mean_over_layers
 from .auto import AUTO, Setting, gate_percentile_for, steps_for
-from .concepts import concept_index
+from .concepts import concept_index, concept_number
 from .graph import GatedGraph, build_gated_graph
 from .maps import AttentionMaps
 from .masks import EDGE_EPS, EDGE_RADIUS, Threshold, refine_edges, soft_map, thresholds_for, to_mask
@@ -92,8 +93,9 @@ def parse_manual_points(text: str, concepts: Sequence[str]) -> dict[int, list[tu
         if ":" not in line:
             raise ValueError(f"manual anchor '{line}' must look like 'concept: x, y' (pixels), e.g. 'cat: 512, 300'")
         who, where = (part.strip() for part in line.rsplit(":", 1))
-        if who.isdigit():
-            concept = int(who) - 1
+        number = concept_number(who)
+        if number is not None:
+            concept = number - 1
             if not 0 <= concept < len(concepts):
                 raise ValueError(f"manual anchor '{line}': concept number {who} is not between 1 and {len(concepts)}")
         else:
@@ -104,6 +106,8 @@ def parse_manual_points(text: str, concepts: Sequence[str]) -> dict[int, list[tu
             x, y = (float(v) for v in where.split(","))
         except ValueError:
             raise ValueError(f"manual anchor '{line}': the point must be two numbers 'x, y'") from None
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise ValueError(f"manual anchor '{line}': x and y must be finite numbers of pixels, e.g. 'cat: 512, 300'")
         points.setdefault(concept, []).append((x, y))
     return points
 

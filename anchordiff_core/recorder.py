@@ -9,7 +9,7 @@ block's temporaries.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -45,11 +45,16 @@ class RecordSpec:
             raise ValueError("at least one graph layer is needed")
         if len(self.concepts) == 0:
             raise ValueError("no concepts to record")
-        if self.precision not in RECORD_PRECISIONS:
-            raise ValueError(f"precision must be one of {RECORD_PRECISIONS}; got '{self.precision}'")
+        check_precision(self.precision)
 
 
 RECORD_PRECISIONS = ("auto", "exact", "fast", "compact")
+
+
+def check_precision(precision) -> None:
+    if precision not in RECORD_PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(RECORD_PRECISIONS)}; got {precision!r}. Pick one of them "
+                         "(auto, the default, suits every device).")
 AUTO_MAP_SHARE = 0.25  # "auto" keeps the maps on the accelerator only within this share of its free memory
 
 
@@ -67,8 +72,7 @@ def resolve_precision(precision: str, device, map_bytes: int, free_bytes: int) -
     (`map_bytes`, kept there until the graph is built) fit in AUTO_MAP_SHARE of the free memory, else
     exact (maps in float32 where ComfyUI keeps intermediates, the accelerator holding one layer's
     temporaries).  Other settings are returned as they are."""
-    if precision not in RECORD_PRECISIONS:
-        raise ValueError(f"precision must be one of {RECORD_PRECISIONS}; got '{precision}'")
+    check_precision(precision)
     if precision != "auto":
         return precision
     if torch.device(device).type == "cpu":
@@ -93,12 +97,15 @@ def map_dtypes(precision: str, model_dtype: torch.dtype) -> tuple[torch.dtype, t
 class StepRecorder:
     """Collects one denoising step's maps for the rows being recorded, block by block."""
 
-    def __init__(self, spec: RecordSpec, heads: int, store_device=None):
+    def __init__(self, spec: RecordSpec, heads: int, store_device=None, interrupt: Optional[Callable[[], None]] = None):
+        """`interrupt()` (raising to stop, e.g. ComfyUI's throw_exception_if_processing_interrupted)
+        runs between chunks of the image self-attention, so a stop lands within one chunk."""
         if spec.precision == "auto":
             raise ValueError("resolve precision 'auto' for the recording call first (recorder.resolve_precision)")
         self.spec = spec
         self.heads = heads
         self.store_device = store_device
+        self.interrupt = interrupt
         self.a_ci: list[Optional[torch.Tensor]] = [None] * spec.num_blocks
         self.ca_scores: list[Optional[torch.Tensor]] = [None] * spec.num_blocks
         self.a_ii: Optional[torch.Tensor] = None  # [B, G, N, N], allocated at the first graph layer
@@ -149,11 +156,12 @@ class StepRecorder:
             if self.a_ii.device == q_img.device:
                 _, _, per_token = image_self_attention(
                     q_img, k_img, v_img, heads, spec.max_chunk_bytes, self.a_ii[:, slot], self.o_ii[:, slot], *seg_args,
-                    precision=attention_precision(spec.precision),
+                    precision=attention_precision(spec.precision), interrupt=self.interrupt,
                 )
             else:
                 a, o, per_token = image_self_attention(
-                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, None, None, *seg_args, precision=attention_precision(spec.precision)
+                    q_img, k_img, v_img, heads, spec.max_chunk_bytes, None, None, *seg_args, precision=attention_precision(spec.precision),
+                    interrupt=self.interrupt,
                 )
                 self.a_ii[:, slot].copy_(a)
                 self.o_ii[:, slot].copy_(o)
@@ -161,7 +169,7 @@ class StepRecorder:
             self.graph_done.add(block)
         elif seg_here:
             per_token = image_and_extra_key_columns(
-                q_img, k_img, extra_keys, columns, heads, spec.max_chunk_bytes, attention_precision(spec.precision)
+                q_img, k_img, extra_keys, columns, heads, spec.max_chunk_bytes, attention_precision(spec.precision), self.interrupt
             )
         if seg_here:  # per_token [B, N, T] -> per concept [B, K, N]
             self.seg4diff = self._store(group_mean(per_token, groups, k, dim=2).transpose(1, 2).contiguous())

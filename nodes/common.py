@@ -1,6 +1,7 @@
 """Shared bits of the node classes: socket types, progress, previews, layer lists."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -35,6 +36,20 @@ def user_errors(call, *args, **kwargs):
         raise
     except ValueError as error:
         raise AnchorDiffError(str(error)) from None
+
+
+def finite_inputs(cls, **values) -> None:
+    """Refuse NaN and +-inf in the FLOAT inputs `values` of node `cls`, naming the input and the
+    range its schema allows (ComfyUI's own min/max checks let NaN through: NaN < min is false)."""
+    schema = cls.define_schema()
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            continue
+        spec = next(i for i in schema.inputs if i.id == name)
+        raise AnchorDiffError(
+            f"{name} is {value!r} in {schema.display_name}: it needs a finite number from {spec.min:g} to {spec.max:g} "
+            f"(default {spec.default:g}). Type a number there (a workflow file must not hold NaN or Infinity)."
+        )
 
 
 def progress_callback(total: int):

@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..anchordiff_core.recorder import RECORD_PRECISIONS, RecordSpec
 from . import sd3_patch
-from .common import CATEGORY, Concepts, Maps, Recorder
+from .common import CATEGORY, Concepts, Maps, Recorder, finite_inputs, user_errors
 from .sd3_patch import AnchorDiffError, AttentionRecorder, RecordSettings
 from .text import encode_concepts
 
@@ -64,7 +64,7 @@ def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precis
     if seg4diff_layer >= depth:
         raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {sd3_patch.model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")
     seg = sd3_patch.default_seg4diff_layer(dm) if seg4diff_layer < 0 else seg4diff_layer
-    spec = RecordSpec(concepts.names, concepts.token_concept, depth, layers, seg, precision=precision)
+    spec = user_errors(RecordSpec, concepts.names, concepts.token_concept, depth, layers, seg, precision=precision)
     return spec, sd3_patch.model_variant(dm)
 
 
@@ -95,7 +95,8 @@ class AnchorDiffRecordAttention(io.ComfyNode):
                     tooltip="Where in the trajectory to record, as a fraction of the noise schedule (0.5 = the paper's midpoint). "
                     "The sampled step whose noise level is nearest to it is recorded; 'AnchorDiff Read Maps' shows which.",
                 ),
-                io.Int.Input("record_step", default=-1, min=-1, max=10000, tooltip="-1: use record_at. Otherwise record this sampled step index (0-based)."),
+                io.Int.Input("record_step", default=-1, min=-1, max=10000, tooltip="-1: use record_at. Otherwise record this sampled step, counted from 0: record_step 2 is "
+                             "the step the sampler's progress bar shows as 3/4 (Read Maps shows both)."),
                 *_common_inputs(),
                 io.Int.Input("keep_runs", default=2, min=1, max=16, tooltip="How many sampling runs' maps to keep in memory."),
                 io.Combo.Input("precision", options=list(RECORD_PRECISIONS), default="auto", optional=True, tooltip=PRECISION_TIP),
@@ -108,6 +109,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="auto") -> io.NodeOutput:
+        finite_inputs(cls, record_at=record_at)
         spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision)
         recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), variant)
         return io.NodeOutput(recorder.attach(model), recorder)
@@ -138,10 +140,8 @@ class AnchorDiffReadMaps(io.ComfyNode):
 
 def recorded_text(maps) -> str:
     """Which step and noise level the maps come from, for the node's output text and the log."""
-    steps = maps.meta.get("sampled_steps")
-    of = f" of {steps}" if steps else ""
     asked = f" ({maps.meta['asked']})" if maps.meta.get("asked") else ""
-    return f"recorded step {maps.step}{of} (0-based) at sigma {maps.sigma:.4f}{asked}"
+    return f"recorded {sd3_patch.step_text(maps.step, maps.meta.get('sampled_steps'))} at sigma {maps.sigma:.4f}{asked}"
 
 
 class AnchorDiffLookAtImage(io.ComfyNode):
@@ -175,6 +175,7 @@ class AnchorDiffLookAtImage(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, concepts, positive, latent, seed, record_at, graph_layers, seg4diff_layer) -> io.NodeOutput:
+        finite_inputs(cls, record_at=record_at)
         spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer)
         if not positive:
             raise AnchorDiffError("'positive' conditioning is empty: connect a CLIP Text Encode describing the image.")

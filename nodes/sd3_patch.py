@@ -124,6 +124,13 @@ def choose_recording_step(sigmas, record_at: float, record_step: int, percent_to
     """
     sigmas = [float(s) for s in sigmas]
     steps = len(sigmas) - 1
+    broken = [i for i, s in enumerate(sigmas) if not math.isfinite(s)]
+    if broken:
+        return None, math.nan, (
+            f"the sampler's noise schedule holds a non-finite sigma ({sigmas[broken[0]]} at step {broken[0]} of {steps}; "
+            "kl_optimal at 1 step does this), so the model ran on NaN and the image is broken too. "
+            "Use more steps or another scheduler"
+        )
     if record_step >= 0:
         if record_step >= steps:
             return None, math.nan, (
@@ -138,18 +145,43 @@ def choose_recording_step(sigmas, record_at: float, record_step: int, percent_to
     first, last = sigmas[0], sigmas[steps - 1]
     if target > first + (first - sigmas[1]) / 2:
         at_least = _record_at_for(first, percent_to_sigma, upward=True)
+        if float(percent_to_sigma(at_least)) > first + (first - sigmas[1]) / 2:  # not even record_at 0.99 reaches it
+            return None, math.nan, (
+                f"{where}: it starts at sigma {first:.3f}, below the noise level of every record_at "
+                f"({at_least:.2f} is sigma {float(percent_to_sigma(at_least)):.3f}). "
+                f"Use record_step ({_step_range(steps)}), or more steps or another scheduler"
+            )
         return None, math.nan, (
             f"{where}: it starts at sigma {first:.3f}, with less noise (img2img: denoise below 1). "
             f"Raise denoise, or raise record_at to {at_least:.2f} or more, or use record_step"
         )
     if target < (last + sigmas[steps]) / 2:
         at_most = _record_at_for(last, percent_to_sigma, upward=False)
+        if float(percent_to_sigma(at_most)) < (last + sigmas[steps]) / 2:  # not even record_at 0.01 reaches it
+            return None, math.nan, (
+                f"{where}: its {steps} sampled step(s) end at sigma {last:.3f}, above the noise level of every record_at "
+                f"({at_most:.2f} is sigma {float(percent_to_sigma(at_most)):.3f}). "
+                f"Use record_step ({_step_range(steps)}), or more steps (or a later end_at_step)"
+            )
         return None, math.nan, (
             f"{where}: its {steps} sampled step(s) end at sigma {last:.3f}, with more noise. "
             f"Use more steps (or a later end_at_step), or lower record_at to {at_most:.2f} or less, or use record_step"
         )
     step = min(range(steps), key=lambda i: (abs(sigmas[i] - target), i))
     return step, sigmas[step], ""
+
+
+def step_text(step: int, steps: Optional[int] = None) -> str:
+    """A sampled step as users read it everywhere (Read Maps, the log, messages): counted from 1 as
+    the sampler's progress bar counts ("step 3/4" is the bar's 3/4), with the record_step value
+    that picks it (record_step counts from 0)."""
+    of = f"/{steps}" if steps else ""
+    return f"step {step + 1}{of} of the sampler (record_step {step})"
+
+
+def _step_range(steps: int) -> str:
+    """The record_step values of a run of `steps` sampled steps, as Read Maps counts them."""
+    return "0, the only step" if steps == 1 else f"0..{steps - 1}"
 
 
 def _record_at_for(sigma: float, percent_to_sigma, upward: bool) -> float:
@@ -278,9 +310,9 @@ class AttentionRecorder:
             run.sigmas, self.settings.record_at, self.settings.record_step, model_sampling.percent_to_sigma
         )
         if run.target_step is not None:
-            log.info("AnchorDiff: recording step %d of %d (sigma %.4f; %s)", run.target_step, len(run.sigmas) - 1,
-                     run.target_sigma, self._asked())
-            run.reason = f"the sampler never evaluated the model at the recording step {run.target_step} (sigma {run.target_sigma:.4f})"
+            where = step_text(run.target_step, len(run.sigmas) - 1)
+            log.info("AnchorDiff: recording %s at sigma %.4f (%s)", where, run.target_sigma, self._asked())
+            run.reason = f"the sampler never evaluated the model at the recording {where} (sigma {run.target_sigma:.4f})"
 
     def _asked(self) -> str:
         if self.settings.record_step >= 0:
@@ -444,7 +476,7 @@ class _Call:
         self.dm = diffusion_model
         self.rows = rows
         heads = diffusion_model.joint_blocks[0].x_block.attn.num_heads
-        self.step = StepRecorder(spec, heads, store_device)
+        self.step = StepRecorder(spec, heads, store_device, comfy.model_management.throw_exception_if_processing_interrupted)
         self.previous: dict[int, Optional[callable]] = {}
         self.concept_state: Optional[torch.Tensor] = None
         self.problem = ""

@@ -8,12 +8,12 @@ from comfy_api.latest import io
 from ..anchordiff_core import pipeline
 from ..anchordiff_core import auto
 from ..anchordiff_core.anchors import PIXELS_PER_TOKEN
-from ..anchordiff_core.concepts import concept_index
+from ..anchordiff_core.concepts import concept_index, concept_number
 from ..anchordiff_core.masks import EDGE_RADIUS
 from . import preview
 from .common import (
-    CATEGORY, MAPS_TIP, PREVIEW_SCHEMA, Anchors, Graph, Heat, Maps, check_image, heat_preview, parse_block_list, preview_ui,
-    progress_callback, search_aliases, user_errors,
+    CATEGORY, MAPS_TIP, PREVIEW_SCHEMA, Anchors, Graph, Heat, Maps, check_image, finite_inputs, heat_preview, parse_block_list,
+    preview_ui, progress_callback, search_aliases, user_errors,
 )
 from .sd3_patch import AnchorDiffError
 
@@ -69,6 +69,7 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
     @classmethod
     def execute(cls, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block, image=None,
                 anchor_from="concept→image (paper)") -> io.NodeOutput:
+        finite_inputs(cls, min_distance=min_distance, min_relative_score=min_relative_score)
         source = ANCHOR_FROM.get(anchor_from)
         if source is None:
             raise AnchorDiffError(f"anchor_from must be one of {', '.join(ANCHOR_FROM)}; got '{anchor_from}'.")
@@ -122,6 +123,7 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
 
     @classmethod
     def execute(cls, maps, gate_percentile, layers, gate, gate_setting="auto") -> io.NodeOutput:
+        finite_inputs(cls, gate_percentile=gate_percentile)
         chosen = parse_block_list(layers, maps, "layers")
         percentile = _setting(gate_setting, gate_percentile, GATE_SETTINGS, "gate_setting")
         graphs = user_errors(
@@ -195,6 +197,7 @@ class AnchorDiffMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, heat, concept, threshold, fixed_threshold, image=None, refine_edges=False, edge_radius=EDGE_RADIUS) -> io.NodeOutput:
+        finite_inputs(cls, fixed_threshold=fixed_threshold)
         picked = _pick_concepts(heat, concept)
         rule = fixed_threshold if threshold == "fixed" else threshold
         image = check_image(image, heat.values.shape[0])
@@ -222,8 +225,9 @@ def _pick_concepts(heat: pipeline.Heat, concept: str) -> list[int]:
     text = (concept or "").strip()
     if not text:
         return list(range(len(heat.concepts)))
-    if text.isdigit():
-        index = int(text) - 1
+    number = concept_number(text)
+    if number is not None:
+        index = number - 1
         if not 0 <= index < len(heat.concepts):
             raise AnchorDiffError(f"concept {text} does not exist: there are {len(heat.concepts)} concepts ({', '.join(heat.concepts)}).")
         return [index]

@@ -50,6 +50,12 @@ def encode_concepts(clip, text: str) -> ConceptSet:
     cond, _pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     if cond.dim() != 3 or cond.shape[-1] != SD3_CONTEXT_WIDTH:
         raise AnchorDiffError(f"The text encoder output has shape {tuple(cond.shape)}; SD3 expects [1, L, {SD3_CONTEXT_WIDTH}].")
+    for name, concept in zip(names, positions):
+        if not bool(torch.isfinite(cond[0, concept]).all()):
+            raise AnchorDiffError(
+                f"Concept '{name}' encodes to NaN or infinite values: its weight in ComfyUI's (text:weight) syntax must be a "
+                "moderate finite number, e.g. (cat:1.2); or write the concept without the parentheses."
+            )
     flat = [p for concept in positions for p in concept]
     owner = [k for k, concept in enumerate(positions) for _ in concept]
     return ConceptSet(tuple(names), cond[0, flat].detach().float().cpu(), torch.tensor(owner, dtype=torch.long))

@@ -341,16 +341,23 @@ def test_recording_step_ties_go_to_the_earlier_step_and_a_far_target_is_refused(
     assert step is None and "starts at sigma 0.700" in reason and "raise record_at" in reason
 
 
-def test_recording_point_through_the_samplers(env):
+def test_recording_point_through_the_samplers(env, caplog):
+    import logging
+
     model = load_model(env)
     cs = concepts(env)
     # the shipped workflows' scheduler: no sampled sigma equals 0.75, step 2 (0.7511) is nearest
     patched, recorder = record(env, model, cs)
-    latent = sample(env, patched, steps=4, scheduler="sgm_uniform")
+    bar = []  # what the sampler's progress bar shows: ComfyUI's callback step + 1, of the total
+    with caplog.at_level(logging.INFO):
+        latent = sample(env, patched, steps=4, scheduler="sgm_uniform", callback=lambda step, x0, x, total: bar.append(f"{step + 1}/{total}"))
     maps = read_maps(env, recorder, latent)
     assert (maps.step, round(maps.sigma, 4)) == (2, 0.7511)
     text = env.N["AnchorDiffReadMaps"].execute(recorder, latent).ui.as_dict()["text"][0]
-    assert text == "recorded step 2 of 4 (0-based) at sigma 0.7511 (record_at=0.5)"
+    assert text == "recorded step 3/4 of the sampler (record_step 2) at sigma 0.7511 (record_at=0.5)"
+    # one convention everywhere: the log says the same, and the bar's 3/4 is the recorded step
+    assert "AnchorDiff: recording step 3/4 of the sampler (record_step 2) at sigma 0.7511 (record_at=0.5)" in caplog.messages
+    assert bar[maps.step] == "3/4"
     # KSamplerAdvanced ending at step 5 of 8: its last sampled step (4) is at 0.7511
     maps = read_maps(env, recorder, sample(env, patched, steps=8, scheduler="sgm_uniform", last_step=5))
     assert (maps.step, round(maps.sigma, 4), maps.meta["sampled_steps"]) == (4, 0.7511, 5)
@@ -383,6 +390,73 @@ def test_img2img_advice_points_the_right_way(env):
     for record_at in (0.57, 0.6):
         recorder, latent = img2img(record_at)
         assert read_maps(env, recorder, latent).step == 0
+
+
+def test_advice_that_no_record_at_can_follow_is_not_given(env):
+    """ddim_uniform at 1 step samples only sigma 0.006 (denoise 1): no record_at (0.99 is sigma 0.029)
+    reaches it, so the advice is record_step, and record_step 0 records."""
+    model = load_model(env)
+    cs = concepts(env)
+    for record_at in (0.5, 0.99):
+        patched, recorder = record(env, model, cs, record_at=record_at)
+        latent = sample(env, patched, steps=1, scheduler="ddim_uniform")
+        with refused(r"starts at sigma 0\.006, below the noise level of every record_at \(0\.99 is sigma 0\.029\)\. "
+                     r"Use record_step \(0, the only step\), or more steps or another scheduler\.$") as info:
+            read_maps(env, recorder, latent)
+        assert "raise record_at" not in str(info.value) and "denoise" not in str(info.value)
+    patched, recorder = record(env, model, cs, record_step=0)
+    maps = read_maps(env, recorder, sample(env, patched, steps=1, scheduler="ddim_uniform"))
+    assert (maps.step, round(maps.sigma, 3)) == (0, 0.006)
+
+
+def test_a_non_finite_sigma_is_reported_when_recording(env):
+    """kl_optimal at 1 step: ComfyUI's schedule is [nan, 0]. Read Maps says so (not Anchor Select, later)."""
+    model = load_model(env)
+    cs = concepts(env)
+    for record_at, record_step in ((0.5, -1), (0.5, 0)):
+        patched, recorder = record(env, model, cs, record_at=record_at, record_step=record_step)
+        latent = sample(env, patched, steps=1, scheduler="kl_optimal")
+        with refused(r"the sampler's noise schedule holds a non-finite sigma \(nan at step 0 of 1; kl_optimal at 1 step does "
+                     r"this\), so the model ran on NaN and the image is broken too\. Use more steps or another scheduler\.$"):
+            read_maps(env, recorder, latent)
+
+
+@pytest.mark.parametrize("width, height", [(1000, 600), (776, 1032)])
+def test_sizes_that_are_not_multiples_of_16_px_record_the_padded_grid(env, width, height):
+    """A 1000 x 600 image: latent 125 x 75, padded by the model to 126 x 76, so 63 x 38 tokens
+    covering 1008 x 608 px; the maps say so, and Mask returns the image's own size (the padding
+    cropped: tests/test_odd_sizes.py checks where)."""
+    model = load_model(env)
+    patched, recorder = record(env, model, concepts(env), record_step=0)
+    maps = read_maps(env, recorder, sample(env, patched, steps=1, size=(height // 8, width // 8)))
+    assert maps.grid == (-(-height // 16), -(-width // 16)) and maps.image_size == (height, width)
+    heat = run(env, "AnchorDiffCrossAttentionHeat", maps, "")[0]
+    mask, soft = run(env, "AnchorDiffMask", heat, "", "mean", 0.5)
+    assert mask.shape == soft.shape == (2, height, width)
+
+
+def test_interrupt_stops_the_recording_step_inside_a_block(env, monkeypatch):
+    """ComfyUI's interrupt flag, set as a graph layer's self-attention starts, stops it after its
+    first chunk (the recorder passes ComfyUI's check down), not at the end of the block."""
+    import comfy.model_management
+
+    recorder_module = sys.modules[env.pack.__name__ + ".anchordiff_core.recorder"]
+    real, finished = recorder_module.image_self_attention, []
+
+    def interrupted_attention(*args, **kwargs):
+        comfy.model_management.interrupt_current_processing(True)
+        out = real(*args, **kwargs)
+        finished.append(True)
+        return out
+
+    monkeypatch.setattr(recorder_module, "image_self_attention", interrupted_attention)
+    patched, recorder = record(env, load_model(env), concepts(env), record_step=0)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            sample(env, patched, steps=2)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    assert finished == []
 
 
 def test_maps_of_different_steps_differ(env):

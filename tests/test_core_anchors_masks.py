@@ -146,3 +146,15 @@ def test_concept_attention_scores_and_softmax_over_concepts():
 
 def test_seg4diff_heat_is_minmax_of_expert_map():
     torch.testing.assert_close(ad.seg4diff_heat(torch.tensor([[1.0, 3.0, 2.0]])), torch.tensor([[0.0, 1.0, 0.5]]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_core_refuses_non_finite_numbers(bad):
+    """NaN compares false with every bound, so each range check must be written to fail on it."""
+    a_ci = torch.rand(2, 16)
+    with pytest.raises(ValueError, match="min_distance must be a finite number"):
+        ad.select_anchors(a_ci, 2, bad, 0.5, (4, 4))
+    with pytest.raises(ValueError, match="min_relative_score within"):
+        ad.select_anchors(a_ci, 2, 1.0, bad, (4, 4))
+    with pytest.raises(ValueError, match="finite number"):
+        ad.to_mask(a_ci, (4, 4), (64, 64), bad)

@@ -77,3 +77,55 @@ def test_auto_precision_rule_and_the_fast_maps_it_weighs():
     assert fast_map_bytes(spec, 3, 4096, 1536, torch.bfloat16) == 3 * 152 * 2**20
     with pytest.raises(ValueError, match="resolve precision 'auto'"):
         StepRecorder(RecordSpec(("cat",), torch.zeros(1, dtype=torch.long), 24, (9, 18), 9, precision="auto"), 24)
+
+
+# ------------------------------------------------------------------------------ stopping inside a block
+class Stop(Exception):
+    pass
+
+
+def counting(stop_at=None):
+    """An interrupt() that counts its calls and raises Stop at call `stop_at`."""
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if stop_at is not None and len(calls) >= stop_at:
+            raise Stop
+
+    return interrupt, calls
+
+
+@pytest.mark.parametrize("graph_layers, seg4diff_layer", [((0, 2), 1), ((0, 2), 2)])
+def test_interrupt_runs_after_every_chunk_and_changes_no_map(graph_layers, seg4diff_layer):
+    """interrupt() runs after every head's chunk of query rows of every recorded row, on graph layers
+    and on a Seg4Diff-only layer: a stop waits for one chunk, not a block. The maps are those
+    recorded without it."""
+    chunk = HEADS * N * 4 * 5 // HEADS  # one head's scores of 5 rows
+    blocks = [block_inputs(2, seed) for seed in range(BLOCKS)]
+    plain, _ = record(blocks, graph_layers, seg4diff_layer, [0, 1], 2, chunk)
+    spec = RecordSpec(("cat", "red car"), TOKEN_CONCEPT, BLOCKS, graph_layers, seg4diff_layer, chunk)
+    interrupt, calls = counting()
+    step = StepRecorder(spec, HEADS, interrupt=interrupt)
+    per_block = []
+    for index, inputs in enumerate(blocks):
+        before = len(calls)
+        step.record_block(index, *inputs)
+        per_block.append(len(calls) - before)
+    # graph layers: 5 rows of 12 image keys per chunk -> 3 chunks; a Seg4Diff-only layer: 240 bytes
+    # of 12 + 5 + 3 keys -> 3 rows per chunk -> 4 chunks
+    chunks = [3 if i in graph_layers else 4 if i == seg4diff_layer else 0 for i in range(BLOCKS)]
+    assert per_block == [2 * HEADS * c for c in chunks]
+    checked = step.finish(torch.tensor([0, 1]), 2, grid=(3, 4), image_size=(48, 64), sigma=0.75, step=2)
+    for name in ("a_ci", "ca_scores", "a_ii", "o_ii", "seg4diff"):
+        assert torch.equal(getattr(checked, name), getattr(plain, name)), name
+
+
+@pytest.mark.parametrize("block, graph_layers, seg4diff_layer", [(0, (0,), 1), (1, (0,), 1)])  # a graph layer; Seg4Diff alone
+def test_interrupt_stops_a_block_midway(block, graph_layers, seg4diff_layer):
+    spec = RecordSpec(("cat", "red car"), TOKEN_CONCEPT, BLOCKS, graph_layers, seg4diff_layer, HEADS * N * 4 * 5 // HEADS)
+    interrupt, calls = counting(stop_at=2)
+    step = StepRecorder(spec, HEADS, interrupt=interrupt)
+    with pytest.raises(Stop):
+        step.record_block(block, *block_inputs(2, 0))
+    assert len(calls) == 2  # the second of 12 chunks: the rest never ran

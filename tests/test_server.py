@@ -289,6 +289,43 @@ def test_empty_concepts_are_refused_with_our_message(server, tmp_path, concepts)
                         (256, 256), 3)
 
 
+def float_inputs(server) -> list[tuple[str, str]]:
+    """(class, input) of every FLOAT input of every AnchorDiff node, as the server declares them."""
+    info = get_json(server.url + "/object_info")
+    return sorted((cls, name) for cls, entry in info.items() if str(entry.get("category", "")).startswith("AnchorDiff")
+                  for group in ("required", "optional") for name, spec in entry["input"].get(group, {}).items()
+                  if spec[0] == "FLOAT")
+
+
+def prompt_with(server, cls: str, name: str, value) -> tuple[dict, str]:
+    """chain() (Look At Image: look_at_image_chain()) with `cls`.`name` = value; and that node's id."""
+    prompt = look_at_image_chain() if cls == "AnchorDiffLookAtImage" else chain()
+    if cls == "AnchorDiffLookAtImage":
+        prompt["16"]["inputs"]["image"] = WORKFLOW_PHOTO
+    node_id = next(i for i, node in prompt.items() if node["class_type"] == cls)
+    prompt[node_id]["inputs"][name] = value
+    return prompt, node_id
+
+
+def test_every_float_input_refuses_nan_at_its_node(server, tmp_path):
+    """NaN passes ComfyUI's min/max validation (NaN < min is false): each node refuses it itself,
+    naming the input; +-inf stop at ComfyUI's validation. Covers every FLOAT input /object_info lists."""
+    inputs = float_inputs(server)
+    assert len(inputs) == 6, inputs  # record_at x2, min_distance, min_relative_score, gate_percentile, fixed_threshold
+    for cls, name in inputs:
+        prompt, node_id = prompt_with(server, cls, name, float("nan"))
+        with pytest.raises(cc.ExecutionFailed) as failed:
+            server.run(prompt, f"{cls}.{name} = NaN (error)", tmp_path / f"{cls}-{name}")
+        data = failed.value.data
+        assert (data["node_id"], data["node_type"]) == (node_id, cls)
+        assert data["exception_message"].startswith(f"{name} is nan in "), data["exception_message"]
+        assert "needs a finite number from" in data["exception_message"]
+        for value in (float("inf"), float("-inf")):
+            prompt, node_id = prompt_with(server, cls, name, value)
+            with pytest.raises(cc.PromptRejected, match=name):
+                server.run(prompt, f"{cls}.{name} = {value} (rejected)", tmp_path / f"{cls}-{name}-inf")
+
+
 def test_interrupt_during_propagate(server, tmp_path):
     """POST /interrupt while Propagate runs: 768x768, a denser graph (gate at the 90th percentile)
     and 10000 steps take ~3.5 s uninterrupted here; the interrupt lands within milliseconds."""
