@@ -255,8 +255,10 @@ def test_odd_latent_and_non_square_image(env):
     assert not torch.equal(edged, mask) and not torch.equal(edged_soft, soft)
     across = (edged[:, :, 1:] != edged[:, :, :-1]).float().mean((0, 1))  # how often the mask switches per column
     assert across[99] > 0.1 and across[99] == across.max()
-    with pytest.raises(ValueError, match="refine_edges needs the image"):
-        run(env, "AnchorDiffMask", heat, "", "mean", 0.5, None, True, 16)
+    # refine_edges is on by default and needs the image: without one the mask keeps its token blocks
+    assert torch.equal(run(env, "AnchorDiffMask", heat, "", "mean", 0.5, None, True, 16)[0], mask)
+    assert torch.equal(run(env, "AnchorDiffMask", heat, "", "mean", 0.5, image, False, 16)[0], mask)
+    assert torch.equal(run(env, "AnchorDiffMask", heat, "", "mean", 0.5, image)[0], edged)
 
 
 # ------------------------------------------------------------------ stale maps, step selection

@@ -175,7 +175,7 @@ EXPECTED = {  # node id: (display name, category, [(input, type, default)], [(ou
                             [("ANCHORDIFF_HEAT", "heat")]),
     "AnchorDiffMask": ("AnchorDiff Mask", "AnchorDiff",
                        [("heat", "ANCHORDIFF_HEAT", None), ("concept", "STRING", ""), ("threshold", "COMBO", "mean"),
-                        ("fixed_threshold", "FLOAT", 0.5), ("refine_edges" + OPTIONAL, "BOOLEAN", False),
+                        ("fixed_threshold", "FLOAT", 0.5), ("refine_edges" + OPTIONAL, "BOOLEAN", True),
                         ("edge_radius" + OPTIONAL, "INT", 16), IMAGE_OPT],
                        [("MASK", "mask"), ("MASK", "soft_mask")]),
     "AnchorDiffCrossAttentionHeat": ("Cross-Attention Heat (AnchorDiff baseline)", "AnchorDiff/baselines",
