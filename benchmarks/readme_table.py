@@ -1,4 +1,4 @@
-"""Regenerate the README's performance table from the benchmarks' JSON results.
+"""Regenerate the performance tables (docs/PERFORMANCE.md; the README summarises them) from the benchmarks' JSON results.
 
     python benchmarks/readme_table.py --run          # runs bench_core.py, bench_capture.py --full (long) and gpu_estimate.py, then writes
     python benchmarks/readme_table.py CORE.json FULL.json [--large LARGE.json] [--gpu GPU.json]   # from saved results
@@ -6,7 +6,7 @@
 --large: bench_capture.py --full sd3.5-large --blocks N (depth-reduced; --run makes it with 4 blocks).
 --gpu: gpu_estimate.py --json (a roofline count, not a measurement; said so in the table).
 
-Replaces the text between the markers <!-- bench:begin --> and <!-- bench:end --> in README.md.
+Replaces the text between the markers <!-- bench:begin --> and <!-- bench:end --> in docs/PERFORMANCE.md.
 """
 import argparse
 import json
@@ -139,7 +139,7 @@ def main():
     full = json.load(open(args.full)) if args.full else None
     large = json.load(open(args.large)) if args.large else None
     gpu = json.load(open(args.gpu)) if args.gpu else None
-    path = os.path.join(ROOT, "README.md")
+    path = os.path.join(ROOT, "docs", "PERFORMANCE.md")
     text = open(path).read()
     start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
     open(path, "w").write(text[:start] + "\n" + table(core, full, large, gpu) + "\n" + text[end:])
