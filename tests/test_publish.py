@@ -55,3 +55,15 @@ def test_shipped_python_imports_nothing_left_out():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
             for name in names:
                 assert name.split(".")[0] not in left_out, f"{f} imports {name}"
+
+
+def test_shipped_workflows_need_no_toy_model():
+    """The toy's loader node registers only where toyworld/weights ships, which a publish leaves out:
+    a shipped template that used it would open with a missing node."""
+    import json
+    files = shipped()
+    workflows = [f for f in files if f.startswith("workflows/") and f.endswith(".json")]
+    assert workflows
+    for f in workflows:
+        assert "AnchorDiffToySD3" not in (ROOT / f).read_text(), f
+    assert not [f for f in files if "anchordiff-00-toy" in f]
