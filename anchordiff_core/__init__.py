@@ -13,7 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "anchors": ["anchor_seeds", "point_to_token", "select_anchors"],
+    "anchors": ["agreement_weights", "anchor_seeds", "consensus_anchors", "consensus_map", "point_to_token", "select_anchors", "weighted_map"],
     "auto": ["auto_gate_percentile", "auto_steps"],
     "attention": ["group_mean", "image_self_attention", "key_column_attention", "mean_over_layers", "multihead_attention", "query_key_attention"],
     "baselines": ["concept_attention_heat", "concept_attention_scores", "cross_attention_heat", "seg4diff_heat"],

@@ -7,6 +7,7 @@ concept), or a float seed tensor [K, N].
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -106,3 +107,69 @@ def anchor_seeds(anchors: torch.Tensor, num_tokens: int, device=None) -> torch.T
     rows = torch.arange(anchors.shape[0], device=device)[:, None].expand_as(anchors)
     seeds.index_put_((rows[valid], anchors[valid]), torch.ones(int(valid.sum()), device=device), accumulate=True)
     return seeds
+
+
+# --- Label-free anchor selection beyond the argmax (issue 17) ------------------------------------
+#
+# The paper's anchor is the argmax of A_CI averaged over every block with equal weight.  When some
+# blocks' maps are noise (never-trained text queries of the pre_only block; early or late blocks of
+# a small model) the flat mean is dragged off the object.  The "consensus" anchor weights each map
+# (every recorded block, both directions: concept-to-image A_CI and image-to-concept, the Seg4Diff
+# map of that block) by how well it agrees with the other maps of the same concept, computed from
+# the maps alone at run time: no labels, no validation-chosen block.  docs/DESIGN.md "Consensus
+# anchor" has the measurements that chose it and the ones that did not win (concentration
+# weights, smoothing over the gated graph, mask verification).
+
+ANCHOR_SELECTORS = ("argmax", "consensus")
+
+
+def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Each map [..., N] (negatives clamped to 0) divided by its sum: a distribution over tokens;
+    an all-zero map stays zero."""
+    if not isinstance(maps, torch.Tensor) or maps.dim() < 1:
+        raise TypeError("maps must be a tensor [..., N]")
+    p = maps.float().clamp_min(0)
+    return p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def agreement_weights(maps: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Label-free reliability of each of S maps per concept: maps [S, K, N] -> weights [S, K].
+
+    Map s's weight for concept k is the cosine similarity (clamped at 0) between its normalised map
+    and the mean of the other S - 1 normalised maps of that concept (leave-one-out), raised to
+    `power`.  A map that points where the others point is trusted; one that points elsewhere (noise,
+    a wrong object) is down-weighted.  Needs S >= 2."""
+    if not isinstance(maps, torch.Tensor) or maps.dim() != 3:
+        raise ValueError(f"maps must be [S, K, N]; got {getattr(maps, 'shape', type(maps))}")
+    s = maps.shape[0]
+    if s < 2:
+        raise ValueError("agreement needs at least two maps per concept")
+    if not power >= 0:
+        raise ValueError(f"power must be >= 0; got {power}")
+    p = normalize_maps(maps)
+    others = (p.sum(0, keepdim=True) - p) / (s - 1)
+    cos = torch.nn.functional.cosine_similarity(p, others, dim=-1, eps=1e-30)
+    return cos.clamp_min(0) ** power
+
+
+def weighted_map(maps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_s w[s, k] p[s, k] / sum_s w[s, k] over normalised maps [S, K, N] -> [K, N]; a concept whose
+    weights are all zero falls back to equal weights."""
+    p = normalize_maps(maps)
+    if weights.shape != maps.shape[:2]:
+        raise ValueError(f"weights must be [S, K] = {tuple(maps.shape[:2])}; got {tuple(weights.shape)}")
+    w = weights.to(p)
+    w = torch.where(w.sum(0, keepdim=True) > 0, w, torch.ones_like(w))
+    return (w[..., None] * p).sum(0) / w.sum(0)[..., None]
+
+
+def consensus_map(a_ci: torch.Tensor, ic: Optional[torch.Tensor] = None, power: float = 1.0) -> torch.Tensor:
+    """The consensus anchor map [K, N] from per-block A_CI [L, K, N] and, when recorded, per-block
+    image-to-concept maps [L', K, N]: all maps pooled, weighted by `agreement_weights`."""
+    stack = a_ci if ic is None else torch.cat([a_ci.float(), ic.float().to(a_ci.device)], 0)
+    return weighted_map(stack, agreement_weights(stack, power))
+
+
+def consensus_anchors(a_ci: torch.Tensor, ic: Optional[torch.Tensor] = None, power: float = 1.0, **select) -> torch.Tensor:
+    """Anchors (as `select_anchors`: [K], or [K, M] with max_anchors > 1) at the consensus map's peaks."""
+    return select_anchors(consensus_map(a_ci, ic, power), **select)

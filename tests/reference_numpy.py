@@ -65,3 +65,20 @@ def head_averaged_attention(q, k, v, heads):
             a[i] += p / heads
             o[i, :, sl] = p @ v[i, :, sl]
     return a, o
+
+
+def consensus_map(maps, power=1.0):
+    """Leave-one-out agreement weighting of S maps per concept, written as loops: maps [S, K, N]."""
+    m = np.maximum(np.asarray(maps, dtype=np.float64), 0.0)
+    s_count, k_count, _ = m.shape
+    out = []
+    weights = np.zeros((s_count, k_count))
+    for k in range(k_count):
+        p = [m[s, k] / max(m[s, k].sum(), 1e-30) for s in range(s_count)]
+        for s in range(s_count):
+            rest = sum(p[t] for t in range(s_count) if t != s) / (s_count - 1)
+            cos = float(p[s] @ rest) / max(np.linalg.norm(p[s]) * np.linalg.norm(rest), 1e-30)
+            weights[s, k] = max(cos, 0.0) ** power
+        w = weights[:, k] if weights[:, k].sum() > 0 else np.ones(s_count)
+        out.append(sum(w[s] * p[s] for s in range(s_count)) / w.sum())
+    return np.stack(out), weights
