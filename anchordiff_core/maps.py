@@ -19,6 +19,8 @@ class AttentionMaps:
     a_ii:       [B, G, N, N]  image-to-image attention per graph layer (heads averaged)
     o_ii:       [B, G, N, D]  its output A_II V per graph layer (heads concatenated)
     seg4diff:   [B, K, N] or None  expert-layer image-to-concept attention
+    ic:         [B, L, K, N] or None  the same image-to-concept map at every joint block (recorded
+                              only for the consensus anchor: RecordSpec.ic_blocks)
     """
 
     concepts: tuple[str, ...]
@@ -31,6 +33,7 @@ class AttentionMaps:
     graph_layers: tuple[int, ...]
     seg4diff: Optional[torch.Tensor] = None
     seg4diff_layer: Optional[int] = None
+    ic: Optional[torch.Tensor] = None
     num_blocks: int = 0
     sigma: float = float("nan")
     step: int = -1
@@ -71,7 +74,8 @@ class AttentionMaps:
         """Maps of a subset of the batch, in the given order."""
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         seg = None if self.seg4diff is None else self.seg4diff[idx]
-        return replace(self, a_ci=self.a_ci[idx], ca_scores=self.ca_scores[idx], a_ii=self.a_ii[idx], o_ii=self.o_ii[idx], seg4diff=seg)
+        ic = None if self.ic is None else self.ic[idx]
+        return replace(self, a_ci=self.a_ci[idx], ca_scores=self.ca_scores[idx], a_ii=self.a_ii[idx], o_ii=self.o_ii[idx], seg4diff=seg, ic=ic)
 
 
 def _compact_mean(per_layer: torch.Tensor, slots: list[int]) -> tuple[torch.Tensor, ...]:

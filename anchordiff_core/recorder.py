@@ -33,7 +33,11 @@ class RecordSpec:
     # "compact": fast, A_II stored as float16 (summed in float32 first).  "auto": `resolve_precision`
     # picks exact or fast at the recording call.  docs/DESIGN.md "Speed and memory".
     precision: str = "exact"
-
+    # Image-to-concept maps (the Seg4Diff map) at every block, for the consensus anchor
+    # (anchors.consensus_map): [B, L, K, N] more, L*K*N floats per image (SD3 Medium at 1024 px:
+    # 24 * 4096 * 4 B = 393 KB per concept) and one extra image-query attention pass per block that
+    # is not a graph layer.  Off by default: the paper's anchor needs only A_CI.
+    ic_blocks: bool = False
 
     def __post_init__(self):
         bad = [layer for layer in self.graph_layers if not 0 <= layer < self.num_blocks]
@@ -112,6 +116,7 @@ class StepRecorder:
         self.o_ii: Optional[torch.Tensor] = None
         self.graph_done: set[int] = set()
         self.seg4diff: Optional[torch.Tensor] = None
+        self.ic: list[Optional[torch.Tensor]] = [None] * spec.num_blocks
 
     def _store(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.store_device) if self.store_device is not None else x
@@ -139,7 +144,7 @@ class StepRecorder:
         # ConceptAttention's one-directional attention: concepts see image and concept keys
         o_c = multihead_attention(q_c, torch.cat([k_img, k_c], 1), torch.cat([v_img, v_c], 1), heads)
         self.ca_scores[block] = self._store(concept_attention_scores(img_out, o_c, groups, k))
-        seg_here = block == spec.seg4diff_layer
+        seg_here = block == spec.seg4diff_layer or spec.ic_blocks
         if seg_here:
             # image queries over the joint keys with the concept tokens appended to the prompt
             extra_keys = torch.cat([k_txt, k_c], 1)
@@ -172,7 +177,11 @@ class StepRecorder:
                 q_img, k_img, extra_keys, columns, heads, spec.max_chunk_bytes, attention_precision(spec.precision), self.interrupt
             )
         if seg_here:  # per_token [B, N, T] -> per concept [B, K, N]
-            self.seg4diff = self._store(group_mean(per_token, groups, k, dim=2).transpose(1, 2).contiguous())
+            per_concept = self._store(group_mean(per_token, groups, k, dim=2).transpose(1, 2).contiguous())
+            if block == spec.seg4diff_layer:
+                self.seg4diff = per_concept
+            if spec.ic_blocks:
+                self.ic[block] = per_concept
         return o_c
 
     def missing_blocks(self) -> list[int]:
@@ -208,6 +217,7 @@ class StepRecorder:
             graph_layers=tuple(layers),
             seg4diff=None if self.seg4diff is None else per_image(self.seg4diff),
             seg4diff_layer=self.spec.seg4diff_layer,
+            ic=per_image(torch.stack(self.ic, dim=1)) if self.spec.ic_blocks else None,
             num_blocks=self.spec.num_blocks,
             **info,
         )

@@ -85,5 +85,6 @@ def recorded_step(blocks, heads, token_concept, k, graph_layers, seg4diff_layer,
         "a_ii": image_mean([np.stack([row[g]["a_ii"] for g in graph_layers]) for row in per_row]),
         "o_ii": image_mean([np.stack([row[g]["o_ii"] for g in graph_layers]) for row in per_row]),
         "seg4diff": image_mean([row[seg4diff_layer]["seg4diff"] for row in per_row]),
+        "ic": image_mean([np.stack([m["seg4diff"] for m in row]) for row in per_row]),  # every block [B, L, K, N]
         "o_c": [[m["o_c"] for m in row] for row in per_row],  # per row, per block
     }

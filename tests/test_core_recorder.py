@@ -20,8 +20,8 @@ def block_inputs(rows, seed):
     return [torch.randn(rows, length, width, generator=g) * 1.5 for length in lengths]
 
 
-def record(blocks, graph_layers, seg4diff_layer, row_image, num_images, max_chunk_bytes=None):
-    spec = RecordSpec(("cat", "red car"), TOKEN_CONCEPT, BLOCKS, graph_layers, seg4diff_layer, max_chunk_bytes)
+def record(blocks, graph_layers, seg4diff_layer, row_image, num_images, max_chunk_bytes=None, ic_blocks=False):
+    spec = RecordSpec(("cat", "red car"), TOKEN_CONCEPT, BLOCKS, graph_layers, seg4diff_layer, max_chunk_bytes, ic_blocks=ic_blocks)
     step = StepRecorder(spec, HEADS)
     concept_outputs = [step.record_block(index, *inputs) for index, inputs in enumerate(blocks)]
     maps = step.finish(torch.tensor(row_image), num_images, grid=(3, 4), image_size=(48, 64), sigma=0.75, step=2)
@@ -46,6 +46,26 @@ def test_step_recorder_equals_the_transcription_of_the_paper(graph_layers, seg4d
     # not trivially equal: concepts, layers and images differ
     assert (maps.a_ci[:, :, 0] - maps.a_ci[:, :, 1]).abs().max() > 1e-2
     assert (maps.a_ii[0] - maps.a_ii[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("graph_layers, seg4diff_layer, row_image", [((0, 2), 1, [0, 1]), ((1,), None, [0, 1, 0, 1])])
+def test_image_to_concept_maps_at_every_block_for_the_consensus_anchor(graph_layers, seg4diff_layer, row_image):
+    """RecordSpec.ic_blocks: the Seg4Diff map at every block (graph layers or not, with or without a
+    Seg4Diff layer), rows of one image averaged; the other maps do not change; off -> maps.ic is None."""
+    blocks = [block_inputs(len(row_image), 20 + seed) for seed in range(BLOCKS)]
+    maps, _ = record(blocks, graph_layers, seg4diff_layer, row_image, 2, HEADS * N * 4 * 5, ic_blocks=True)
+    want = ref.recorded_step([[x.numpy() for x in b] for b in blocks], HEADS, TOKEN_CONCEPT.numpy(), K,
+                             graph_layers, seg4diff_layer or 0, row_image, 2)
+    assert maps.ic.shape == (2, BLOCKS, K, N)
+    np.testing.assert_allclose(maps.ic.numpy(), want["ic"], atol=2e-5, rtol=1e-4)
+    assert (maps.ic[:, 0] - maps.ic[:, 2]).abs().max() > 1e-3  # blocks differ: not one block copied
+    plain, _ = record(blocks, graph_layers, seg4diff_layer, row_image, 2, HEADS * N * 4 * 5)
+    assert plain.ic is None
+    for name in ("a_ci", "ca_scores", "a_ii", "o_ii", "seg4diff"):
+        a, b = getattr(maps, name), getattr(plain, name)
+        # equal up to float rounding: at a graph layer A_II is computed in the same pass as the extra columns
+        assert (a is None and b is None) or torch.allclose(a, b, rtol=0, atol=1e-6), name
+    assert torch.equal(maps.select([1]).ic, maps.ic[1:])
 
 
 def test_several_positive_conditionings_of_one_image_are_averaged():
