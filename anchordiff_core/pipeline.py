@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .anchors import PIXELS_PER_TOKEN, point_to_token, select_anchors
+from .anchors import PIXELS_PER_TOKEN, consensus_map, point_to_token, select_anchors
 from .attention import mean_over_layers
 from .auto import AUTO, Setting, gate_percentile_for, steps_for
 from .concepts import concept_index, concept_number
@@ -24,7 +24,7 @@ from .graph import GatedGraph, build_gated_graph
 from .maps import AttentionMaps
 from .masks import EDGE_EPS, EDGE_RADIUS, Threshold, refine_edges, soft_map, thresholds_for, to_mask
 from .methods import baseline
-from .propagation import propagate
+from .propagation import minmax_rows, propagate
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -68,12 +68,37 @@ def anchor_layers(maps: AttentionMaps, exclude_last_block: bool = False) -> Opti
 # or image-to-concept attention (image queries over [image; prompt; concept] keys, read at the
 # concept's columns: the map recorded at the Seg4Diff layer). The second is an option because on the
 # toy SD3 trained here it localises far better (toyworld/README.md); the paper's is the default.
-ANCHOR_SOURCES = ("concept_to_image", "image_to_concept")
+# "consensus" (issue 17): every recorded map of the concept but the last block's, A_CI per block and
+# the image-to-concept map per block (maps.ic, recorded with RecordSpec.ic_blocks; without it the
+# Seg4Diff layer's map), weighted by their agreement with each other (anchors.consensus_map):
+# label-free.  The last (pre_only) block is always left out, in both directions: measured on the toy
+# validation split, its maps pull the consensus off in both (docs/DESIGN.md "Consensus anchor").
+ANCHOR_SOURCES = ("concept_to_image", "image_to_concept", "consensus")
+
+
+def consensus_sources(maps: AttentionMaps) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The maps the consensus anchor pools, per image: A_CI [B, L, K, N] of every block but the last
+    and the image-to-concept maps [B, L', K, N] of the same blocks when recorded (maps.ic), else the
+    Seg4Diff layer's map when it is not the last block, else None."""
+    blocks = list(range(max(maps.a_ci.shape[1] - 1, 1)))
+    a_ci = maps.a_ci[:, blocks]
+    if maps.ic is not None:
+        return a_ci, maps.ic[:, blocks]
+    if maps.seg4diff is not None and maps.seg4diff_layer in blocks:
+        return a_ci, maps.seg4diff[:, None]
+    return a_ci, None
 
 
 def anchor_map(maps: AttentionMaps, exclude_last_block: bool = False, source: str = "concept_to_image") -> torch.Tensor:
     """The map anchors are the peaks of -> [B, K, N]: A_CI averaged over the anchor layers (the
-    paper), or the image-to-concept map of the Seg4Diff layer."""
+    paper), the image-to-concept map of the Seg4Diff layer, or the consensus map (which always leaves
+    the last block out: `exclude_last_block` does not change it)."""
+    if source == "consensus":
+        a_ci, ic = consensus_sources(maps)
+        if a_ci.shape[1] + (0 if ic is None else ic.shape[1]) < 2:
+            raise ValueError("The consensus anchor needs at least two maps per concept besides the last block's: record with "
+                             "anchor_maps 'all blocks, both directions' (or a model with more blocks).")
+        return torch.stack([consensus_map(a_ci[b], None if ic is None else ic[b]) for b in range(maps.batch_size)])
     if source == "image_to_concept":
         if maps.seg4diff is None:
             raise ValueError("This recording has no image-to-concept map: set the recorder's seg4diff_layer (-1 = default) and record again.")
@@ -192,6 +217,12 @@ def baseline_heat(maps: AttentionMaps, method: str, layers: Sequence[int] = (), 
         raise ValueError(spec.missing)
     values = [spec.heat(maps, b, chosen, softmax) for b in range(maps.batch_size)]
     return Heat(torch.stack(values).cpu(), maps.grid, maps.image_size, maps.concepts, method, recording_id(maps))
+
+
+def consensus_heat(maps: AttentionMaps) -> Heat:
+    """The consensus anchor map (min-max per concept) as heat: what the consensus anchor is the peak of."""
+    values = minmax_rows(anchor_map(maps, False, "consensus").flatten(0, 1).float()).view(maps.a_ci.shape[0], len(maps.concepts), -1)
+    return Heat(values.cpu(), maps.grid, maps.image_size, maps.concepts, "consensus", recording_id(maps))
 
 
 def heat_masks(

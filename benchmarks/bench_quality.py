@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import sys
 import time
 from collections import defaultdict
@@ -36,6 +37,7 @@ from anchordiff_core import build_gated_graph, propagate, select_anchors, soft_m
 from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, auto_gate_percentile, auto_steps  # noqa: E402
 from anchordiff_core.baselines import concept_attention_heat, cross_attention_heat, seg4diff_heat  # noqa: E402
 from anchordiff_core.masks import refine_edges  # noqa: E402
+from anchordiff_core.pipeline import anchor_map  # noqa: E402
 from anchordiff_core.metrics import BinarySegmentationMeter, boundary_tolerance, confusion_pair_metrics, mean_threshold  # noqa: E402
 from toyworld import SPLITS, make_scene  # noqa: E402
 from toyworld.grounding import central_token, token_coverage  # noqa: E402
@@ -43,6 +45,7 @@ from toyworld.grounding import central_token, token_coverage  # noqa: E402
 PAPER = "AnchorDiff (paper)"
 TRUE_CENTRE = "AnchorDiff, true-centre anchor (upper bound)"
 DIFFUSERS = "AnchorDiff (paper), diffusers capture"
+CONSENSUS = "AnchorDiff, consensus anchor (all blocks, both directions)"
 REFINED = (PAPER, TRUE_CENTRE)  # the rows measured with and without edge refinement
 
 
@@ -72,6 +75,12 @@ def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict
             anchordiff(f"AnchorDiff, graph layer {layer} only", paper, layers=[layer])
     if maps.seg4diff is not None:
         anchordiff("AnchorDiff, image-to-concept anchor", lambda: maps.seg4diff[0].argmax(1))
+    # the consensus anchor (issue 17): from the default recording (A_CI blocks + the Seg4Diff map), and
+    # with every block's image-to-concept map when recorded (--anchor-maps all)
+    anchordiff("AnchorDiff, consensus anchor (A_CI blocks + Seg4Diff map)",
+               lambda: anchor_map(replace(maps, ic=None), False, "consensus")[0].argmax(1))
+    if maps.ic is not None:
+        anchordiff(CONSENSUS, lambda: anchor_map(maps, False, "consensus")[0].argmax(1))
     centre = lambda: torch.tensor([central_token(t, maps.grid) for t in truths])  # noqa: E731
     anchordiff(TRUE_CENTRE, centre)
     anchordiff("AnchorDiff, true-centre anchor, auto gate and steps", centre, **auto)
@@ -94,8 +103,9 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def run(toy, toyd, seeds, size: int, record_at: float, log=print, with_figure: bool = True) -> dict:
-    """`toy`: toyworld.comfy_run.ToyComfy; `toyd`: toyworld.to_diffusers.ToyDiffusers."""
+def run(toy, toyd, seeds, size: int, record_at: float, log=print, with_figure: bool = True, anchor_maps: str | None = None) -> dict:
+    """`toy`: toyworld.comfy_run.ToyComfy; `toyd`: toyworld.to_diffusers.ToyDiffusers; `anchor_maps`: Look At
+    Image's anchor_maps choice (None: the node's default, the paper's maps only)."""
     pairs = defaultdict(lambda: defaultdict(list))   # (group, method) -> metric -> values
     binary = defaultdict(BinarySegmentationMeter)
     edges = defaultdict(BinarySegmentationMeter)      # (method, refined) -> meter over every phrase
@@ -115,7 +125,7 @@ def run(toy, toyd, seeds, size: int, record_at: float, log=print, with_figure: b
         truths = [c.mask for c in scene.concepts]
         (cs, latent), w, c = timed(lambda: (toy.concepts(names), toy.latent(scene.image)))
         record_times["encode (Concepts, VAE Encode)"].append((w, c))
-        maps, w, c = timed(lambda: toy.look(scene.image, scene.caption, cs, record_at, latent=latent))
+        maps, w, c = timed(lambda: toy.look(scene.image, scene.caption, cs, record_at, latent=latent, anchor_maps=anchor_maps))
         record_times["ComfyUI (Look At Image)"].append((w, c))
         dmaps, w, c = timed(lambda: toyd.look(latent["samples"], scene.caption, cs, record_at, maps.graph_layers, maps.seg4diff_layer))
         record_times["diffusers (DiffusersSD3Recorder)"].append((w, c))
@@ -291,12 +301,15 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--record-at", type=float, default=0.85, help="the toy's recording point, chosen on validation (toyworld/README.md)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--anchor-maps", choices=("paper", "all"), default="paper",
+                   help="all: record every block's image-to-concept map too (adds the consensus anchor's full row)")
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
     from toyworld.comfy_run import ToyComfy
     from toyworld.to_diffusers import ToyDiffusers
     w0, c0 = time.perf_counter(), time.process_time()
-    r = run(ToyComfy(), ToyDiffusers(), SPLITS[args.split].seeds(args.scenes), args.size, args.record_at)
+    anchor_maps = "all blocks, both directions (consensus)" if args.anchor_maps == "all" else None
+    r = run(ToyComfy(), ToyDiffusers(), SPLITS[args.split].seeds(args.scenes), args.size, args.record_at, anchor_maps=anchor_maps)
     r["command"] = "benchmarks/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     r["total"] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
     out = Path(args.out)

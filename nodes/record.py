@@ -51,7 +51,23 @@ class AnchorDiffConcepts(io.ComfyNode):
         return io.NodeOutput(encode_concepts(clip, concepts))
 
 
-def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precision: str = "auto"):
+# What Anchor Select can pool: the paper's A_CI per block only (nothing more recorded), or also the
+# image-to-concept map at every block for the consensus anchor (RecordSpec.ic_blocks).
+ANCHOR_MAPS = {"concept→image (paper)": False, "all blocks, both directions (consensus)": True}
+ANCHOR_MAPS_TIP = (
+    "Maps recorded for Anchor Select. concept→image: the paper's (enough for its anchor). all blocks, both directions: "
+    "also every block's image→concept map, for the 'consensus' anchor: per concept 4 bytes x blocks x image tokens more "
+    "(SD3 Medium at 1024 px: 0.4 MB) and one extra image-attention pass per block."
+)
+
+
+def _anchor_maps(choice: str) -> bool:
+    if choice not in ANCHOR_MAPS:
+        raise AnchorDiffError(f"anchor_maps must be one of {', '.join(ANCHOR_MAPS)}; got '{choice}'.")
+    return ANCHOR_MAPS[choice]
+
+
+def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precision: str = "auto", ic_blocks: bool = False):
     dm = sd3_patch.sd3_diffusion_model(model)
     if concepts is None:
         raise AnchorDiffError("No concepts connected: add an 'AnchorDiff Concepts' node.")
@@ -64,7 +80,7 @@ def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precis
     if seg4diff_layer >= depth:
         raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {sd3_patch.model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")
     seg = sd3_patch.default_seg4diff_layer(dm) if seg4diff_layer < 0 else seg4diff_layer
-    spec = user_errors(RecordSpec, concepts.names, concepts.token_concept, depth, layers, seg, precision=precision)
+    spec = user_errors(RecordSpec, concepts.names, concepts.token_concept, depth, layers, seg, precision=precision, ic_blocks=ic_blocks)
     return spec, sd3_patch.model_variant(dm)
 
 
@@ -100,6 +116,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
                 *_common_inputs(),
                 io.Int.Input("keep_runs", default=2, min=1, max=16, tooltip="How many sampling runs' maps to keep in memory."),
                 io.Combo.Input("precision", options=list(RECORD_PRECISIONS), default="auto", optional=True, tooltip=PRECISION_TIP),
+                io.Combo.Input("anchor_maps", options=list(ANCHOR_MAPS), default="concept→image (paper)", optional=True, tooltip=ANCHOR_MAPS_TIP),
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model", tooltip="The patched model: connect it to the sampler."),
@@ -108,9 +125,10 @@ class AnchorDiffRecordAttention(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="auto") -> io.NodeOutput:
+    def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="auto",
+                anchor_maps="concept→image (paper)") -> io.NodeOutput:
         finite_inputs(cls, record_at=record_at)
-        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision)
+        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision, _anchor_maps(anchor_maps))
         recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), variant)
         return io.NodeOutput(recorder.attach(model), recorder)
 
@@ -169,14 +187,16 @@ class AnchorDiffLookAtImage(io.ComfyNode):
                     tooltip="Noise level as a fraction of the trajectory (0.5 = the paper's midpoint).",
                 ),
                 *_common_inputs(),
+                io.Combo.Input("anchor_maps", options=list(ANCHOR_MAPS), default="concept→image (paper)", optional=True, tooltip=ANCHOR_MAPS_TIP),
             ],
             outputs=[Maps.Output("maps", display_name="maps", tooltip="Recorded maps for Anchor Select, Build Gated Graph and the baselines.")],
         )
 
     @classmethod
-    def execute(cls, model, concepts, positive, latent, seed, record_at, graph_layers, seg4diff_layer) -> io.NodeOutput:
+    def execute(cls, model, concepts, positive, latent, seed, record_at, graph_layers, seg4diff_layer,
+                anchor_maps="concept→image (paper)") -> io.NodeOutput:
         finite_inputs(cls, record_at=record_at)
-        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer)
+        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, ic_blocks=_anchor_maps(anchor_maps))
         if not positive:
             raise AnchorDiffError("'positive' conditioning is empty: connect a CLIP Text Encode describing the image.")
         recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at=record_at, keep_runs=1), variant)

@@ -33,7 +33,11 @@ def _anchor_points(anchors: pipeline.Anchors):
     return out
 
 
-ANCHOR_FROM = {"concept→image (paper)": "concept_to_image", "image→concept": "image_to_concept"}
+ANCHOR_FROM = {
+    "concept→image (paper)": "concept_to_image",
+    "image→concept": "image_to_concept",
+    "consensus (blocks agree, both directions)": "consensus",
+}
 
 
 class AnchorDiffAnchorSelect(io.ComfyNode):
@@ -60,7 +64,10 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
                 io.Combo.Input(
                     "anchor_from", options=list(ANCHOR_FROM), default="concept→image (paper)", optional=True,
                     tooltip="concept→image: the paper's concept-to-image attention, averaged over blocks. image→concept: image "
-                    "queries' attention to each concept at the recorder's Seg4Diff layer (better on small models; see the README).",
+                    "queries' attention to each concept at the recorder's Seg4Diff layer (better on small models; see the README). "
+                    "consensus: every block's map but the last's, both directions, each weighted by how well it agrees with the "
+                    "others (label-free; needs the recorder's anchor_maps 'all blocks, both directions' for its full accuracy, "
+                    "else A_CI blocks + the Seg4Diff map; ignores exclude_last_block; docs/DESIGN.md).",
                 ),
             ],
             outputs=[Anchors.Output("anchors", display_name="anchors", tooltip="Anchors for 'Propagate'.")],
@@ -75,7 +82,9 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
             raise AnchorDiffError(f"anchor_from must be one of {', '.join(ANCHOR_FROM)}; got '{anchor_from}'.")
         anchors = user_errors(pipeline.pick_anchors, maps, max_anchors, min_distance, min_relative_score, manual_anchors,
                               exclude_last_block, source)
-        if source == "image_to_concept":
+        if source == "consensus":
+            looked_at = user_errors(pipeline.consensus_heat, maps)
+        elif source == "image_to_concept":
             looked_at = pipeline.baseline_heat(maps, "seg4diff")
         else:
             looked_at = pipeline.baseline_heat(maps, "cross_attention", pipeline.anchor_layers(maps, exclude_last_block) or ())

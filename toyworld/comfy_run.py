@@ -85,13 +85,15 @@ class ToyComfy:
         return self.nodes.VAEEncode().encode(self.vae, pixels)[0]
 
     def look(self, image_u8: np.ndarray, caption: str, concepts, record_at: float = 0.5, graph_layers: str = "",
-             seg4diff_layer: int = -1, seed: int = 0, latent: dict | None = None):
+             seg4diff_layer: int = -1, seed: int = 0, latent: dict | None = None, anchor_maps: str | None = None):
         """AnchorDiff Look At Image on an RGB uint8 image; returns AttentionMaps. `concepts`: names, or
-        the output of `self.concepts(names)`; `latent`: `self.latent(image_u8)` if already encoded."""
+        the output of `self.concepts(names)`; `latent`: `self.latent(image_u8)` if already encoded;
+        `anchor_maps`: the node's anchor_maps choice (None: its default)."""
         cs = concepts if hasattr(concepts, "embeddings") else self.concepts(concepts)
         latent = self.latent(image_u8) if latent is None else latent
+        extra = {} if anchor_maps is None else {"anchor_maps": anchor_maps}
         return self.run("AnchorDiffLookAtImage", self.model, cs, self.encode_text(caption), latent,
-                        seed, record_at, graph_layers, seg4diff_layer)[0]
+                        seed, record_at, graph_layers, seg4diff_layer, **extra)[0]
 
     def generate(self, caption: str, seed: int = 0, size: int = 256, steps: int = 20, cfg: float = 5.0,
                  negative: str = "", model=None) -> tuple[np.ndarray, dict]:
