@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"propagation steps: a number, 'paper' ({auto.PAPER_STEPS}) or 'auto' (the nodes' default: "
                    f"{auto.STEPS_PER_SIDE:g} per token-grid side, {auto.PAPER_STEPS} at 1024 px); default {auto.PAPER_STEPS}")
     g.add_argument("--exclude-last-block", action="store_true", help="anchor selection without the pre_only last block")
+    g.add_argument("--anchor-from", choices=("paper", "consensus"), default="paper",
+                   help="AnchorDiff's anchor: the paper's A_CI argmax, or the consensus anchor (every block, both directions; "
+                   "records every block's image-to-concept map too)")
     g.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {', '.join(ALL_METHODS)}")
     g.add_argument("--refine-edges", action="store_true", help="also score every method with the Mask node's refine_edges")
     g.add_argument("--edge-radius", type=int, default=EDGE_RADIUS)
@@ -148,10 +151,11 @@ def main(argv=None) -> int:
         pack = load_comfyui(args.comfyui, args.cpu)
         models = load_models(args.checkpoint, args.unet, args.text_encoders, args.vae, args.clip_from, args.vae_from)
         options = RecordOptions(args.record_at, args.seed, args.graph_layers, args.seg4diff_layer, args.gate_percentile,
-                                args.steps, args.exclude_last_block)
+                                args.steps, args.exclude_last_block, args.anchor_from)
         recorder = NodeRecorder(pack, models, options)
         settings = Settings(f"{recorder.variant}: {models.description}", args.size, args.prompt_template, methods,
-                            {k: getattr(options, k) for k in options.__dataclass_fields__})
+                            {k: getattr(options, k) for k in options.__dataclass_fields__
+                             if not (k == "anchor_from" and options.anchor_from == "paper")})  # earlier caches stay valid
         out = Path(args.out)
         check_settings(out, settings, args.restart)
         results = {}

@@ -158,6 +158,11 @@ class RecordOptions:
     gate_percentile: Setting = PAPER_GATE_PERCENTILE
     steps: Setting = PAPER_STEPS
     exclude_last_block: bool = False
+    anchor_from: str = "paper"  # ANCHOR_FROM: "paper" (A_CI argmax) or "consensus" (docs/DESIGN.md "Consensus anchor")
+
+
+ANCHOR_FROM = {"paper": ("concept_to_image", "concept→image (paper)"),
+               "consensus": ("consensus", "all blocks, both directions (consensus)")}
 
 
 class NodeRecorder:
@@ -195,13 +200,14 @@ class NodeRecorder:
         pixels = torch.from_numpy(np.array(image, dtype=np.float32)).div(255)[None]
         latent = self.nodes.VAEEncode().encode(self.models.vae, pixels)[0]
         look = pack_module(self.pack, "nodes.record").AnchorDiffLookAtImage
+        source, anchor_maps = ANCHOR_FROM[o.anchor_from]
         maps = look.execute(self.models.model, self._encoded(concepts), self._positive(prompt), latent, o.seed,
-                            o.record_at, o.graph_layers, o.seg4diff_layer).args[0]
+                            o.record_at, o.graph_layers, o.seg4diff_layer, anchor_maps).args[0]
         pl = self.pipeline
         heats, anchor_tokens = {}, None
         for method in methods:
             if method == ANCHORDIFF:
-                anchors = pl.pick_anchors(maps, exclude_last_block=o.exclude_last_block)
+                anchors = pl.pick_anchors(maps, exclude_last_block=o.exclude_last_block, source=source)
                 graphs = pl.build_graphs(maps, o.gate_percentile, (), self.device)
                 heats[method] = pl.propagate_anchors(graphs, anchors, o.steps).values[0]
                 anchor_tokens = anchors.indices[0]

@@ -275,9 +275,11 @@ def test_command_end_to_end_resumable(data, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["datasets"]["folder-confusion"]["n_recorded"] == 2
 
 
-def test_cached_heat_is_what_the_nodes_give(data, tmp_path):
+@pytest.mark.parametrize("anchor_from", ["paper", "consensus"])
+def test_cached_heat_is_what_the_nodes_give(data, tmp_path, anchor_from):
     """The heat the command scores is the nodes' own: the same image through Concepts, CLIP Text
-    Encode, VAE Encode, Look At Image, Anchor Select, Build Gated Graph and Propagate."""
+    Encode, VAE Encode, Look At Image, Anchor Select, Build Gated Graph and Propagate (with
+    --anchor-from consensus: Look At Image's anchor_maps and Anchor Select's consensus option)."""
     from anchordiff_eval.__main__ import main
     from anchordiff_eval.run import resize_square
     from toyworld.comfy_clip import make_fixture_clip
@@ -286,7 +288,8 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path):
     import nodes
 
     out = tmp_path / "out"
-    assert main(base_args(data, out, "--folder", str(data["folder"]), "--no-progress", "--no-overlays", "--methods", "anchordiff")) == 0
+    assert main(base_args(data, out, "--folder", str(data["folder"]), "--no-progress", "--no-overlays", "--methods", "anchordiff",
+                          "--anchor-from", anchor_from)) == 0
     sample = list(ds.folder_dataset(data["folder"]))[1]
     N = nodes.NODE_CLASS_MAPPINGS
     clip = make_fixture_clip()
@@ -296,8 +299,14 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path):
     latent = N["VAEEncode"]().encode(vae, pixels)[0]
     concepts = N["AnchorDiffConcepts"].execute(clip, "red box, orange box").args[0]
     positive = N["CLIPTextEncode"]().encode(clip, "a red box and an orange box")[0]
-    maps = N["AnchorDiffLookAtImage"].execute(model, concepts, positive, latent, 0, 0.5, "", -1).args[0]
-    anchors = N["AnchorDiffAnchorSelect"].execute(maps, 1, 8.0, 0.5, "", False).args[0]
+    if anchor_from == "paper":  # the widget values of a workflow saved before the consensus anchor
+        maps = N["AnchorDiffLookAtImage"].execute(model, concepts, positive, latent, 0, 0.5, "", -1).args[0]
+        anchors = N["AnchorDiffAnchorSelect"].execute(maps, 1, 8.0, 0.5, "", False).args[0]
+    else:
+        maps = N["AnchorDiffLookAtImage"].execute(model, concepts, positive, latent, 0, 0.5, "", -1,
+                                                  "all blocks, both directions (consensus)").args[0]
+        anchors = N["AnchorDiffAnchorSelect"].execute(maps, 1, 8.0, 0.5, "", False, None, "consensus (blocks agree, both directions)").args[0]
+        assert maps.ic is not None
     graph = N["AnchorDiffBuildGatedGraph"].execute(maps, 98.0, "", True, "custom").args[0]
     heat = N["AnchorDiffPropagate"].execute(graph, anchors, 20, "custom").args[0]
     with np.load(out / "folder-confusion" / "cache" / f"{sample.id}.npz") as f:
