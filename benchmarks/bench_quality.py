@@ -81,6 +81,7 @@ def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict
                lambda: anchor_map(replace(maps, ic=None), False, "consensus")[0].argmax(1))
     if maps.ic is not None:
         anchordiff(CONSENSUS, lambda: anchor_map(maps, False, "consensus")[0].argmax(1))
+        anchordiff(CONSENSUS + ", auto gate and steps", lambda: anchor_map(maps, False, "consensus")[0].argmax(1), **auto)
     centre = lambda: torch.tensor([central_token(t, maps.grid) for t in truths])  # noqa: E731
     anchordiff(TRUE_CENTRE, centre)
     anchordiff("AnchorDiff, true-centre anchor, auto gate and steps", centre, **auto)
