@@ -83,15 +83,15 @@ def selectors(maps, graph_fn) -> dict:
         "image-to-concept (Seg4Diff layer)": lambda: anchor_map(plain, False, "image_to_concept")[0].argmax(1),
         "consensus, A_CI blocks + Seg4Diff map (default recording; the last block left out)": lambda: anchor_map(plain, False, "consensus")[0].argmax(1),
         "consensus, all blocks both directions (the last left out)": lambda: anchor_map(maps, False, "consensus")[0].argmax(1),
-        "candidate: consensus including the last block": lambda: consensus_map(a, ic).argmax(1),
-        # chosen on validation (24 scenes at 256 px, 12 at 512 px) after the shipped power 1 was measured
-        "candidate: consensus with power-2 agreement weights": lambda: consensus_map(a[:-1], ic[:-1], 2.0).argmax(1),
+        "candidate: consensus including the last block": lambda: consensus_map(a, ic, 2.0).argmax(1),
+        # power 1 (the first version; power 2, chosen on validation, is what anchor_map ships)
+        "candidate: consensus with power-1 agreement weights": lambda: consensus_map(a[:-1], ic[:-1], 1.0).argmax(1),
         "candidate: A_CI blocks weighted by concentration": lambda: weighted_map(a, concentration(a)).argmax(1),
         "candidate: both directions weighted by concentration": lambda: weighted_map(torch.cat([a, ic]), concentration(torch.cat([a, ic]))).argmax(1),
         "candidate: A_CI mean smoothed over the gated graph (4 steps)": lambda: graph_smooth(graph_fn(), a.mean(0), 4).argmax(1),
-        "candidate: consensus smoothed over the gated graph (4 steps)": lambda: graph_smooth(graph_fn(), consensus_map(a[:-1], ic[:-1]), 4).argmax(1),
+        "candidate: consensus smoothed over the gated graph (4 steps)": lambda: graph_smooth(graph_fn(), consensus_map(a[:-1], ic[:-1], 2.0), 4).argmax(1),
         "candidate: A_CI mean, mask-verified among 3 peaks": lambda: verified_anchors(graph_fn(), a.mean(0), maps.grid),
-        "candidate: consensus, mask-verified among 3 peaks": lambda: verified_anchors(graph_fn(), consensus_map(a[:-1], ic[:-1]), maps.grid),
+        "candidate: consensus, mask-verified among 3 peaks": lambda: verified_anchors(graph_fn(), consensus_map(a[:-1], ic[:-1], 2.0), maps.grid),
     }
     for layer in range(a.shape[0]):
         out[f"oracle-ish: A_CI block {layer} alone"] = lambda layer=layer: a[layer].argmax(1)

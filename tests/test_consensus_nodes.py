@@ -43,11 +43,11 @@ def test_per_block_maps_only_when_asked_and_the_rest_unchanged(looked):
 def test_anchor_select_consensus_is_the_pure_function(looked):
     toy, plain, full = looked
     got = select(toy, full, anchor_from="consensus (blocks agree, both directions)").indices[0][:, 0]
-    want = consensus_map(full.a_ci[0, :-1], full.ic[0, :-1]).argmax(1)
+    want = consensus_map(full.a_ci[0, :-1], full.ic[0, :-1], 2.0).argmax(1)
     assert torch.equal(got, want)
     # without the per-block maps: A_CI of every block but the last, plus the Seg4Diff map
     got_plain = select(toy, plain, anchor_from="consensus (blocks agree, both directions)").indices[0][:, 0]
-    assert torch.equal(got_plain, consensus_map(plain.a_ci[0, :-1], plain.seg4diff[0][None]).argmax(1))
+    assert torch.equal(got_plain, consensus_map(plain.a_ci[0, :-1], plain.seg4diff[0][None], 2.0).argmax(1))
     # the paper's anchor is one click away and is untouched; it is also what an old workflow gets
     paper = plain.a_ci[0].mean(0).argmax(1)
     assert torch.equal(select(toy, plain).indices[0][:, 0], paper)
