@@ -12,7 +12,8 @@ The workflows themselves are the files users open:
 2. workflows/api/anchordiff-02-image-mask-inpaint.json: the same on a held-out scene of the world,
    whose true masks are known: the demo prints each mask's IoU against the truth, and then the mean
    IoU of the same workflow (the nodes' defaults, record_at 0.85) over the next HELD_OUT look-alike
-   scenes of the test split (both look-alikes masked in each).
+   scenes of the test split (both look-alikes masked in each); all of it once more with Anchor
+   Select's consensus anchor (CONSENSUS: two widgets changed), the toy's best label-free anchor.
 
 The scene is chosen by a fixed rule, not by trying seeds: the first seed of the test split whose
 scene the world draws as a look-alike pair (`demo_seeds`); the held-out scenes are the look-alike
@@ -45,6 +46,11 @@ RECORD_AT = 0.85    # the toy's best recording point on the validation split (th
                     # too noisy for so small a model: toyworld/README.md)
 STEPS = 24
 HELD_OUT = 8        # look-alike scenes after the demo's, for the printed mean IoU
+# The toy's best label-free anchor (toyworld/README.md, docs/DESIGN.md "Consensus anchor"): the same
+# workflow with two widgets changed, run beside the defaults
+CONSENSUS = {"AnchorDiffAnchorSelect": ("anchor_from", "consensus (blocks agree, both directions)"),
+             "AnchorDiffLookAtImage": ("anchor_maps", "all blocks, both directions (consensus)"),
+             "AnchorDiffRecordAttention": ("anchor_maps", "all blocks, both directions (consensus)")}
 COLOURS = [(255, 60, 60), (60, 200, 255)]
 
 
@@ -64,8 +70,12 @@ def add_second_mask(prompt: dict, concept: str, prefix: str) -> None:
     prompt.update(new)
 
 
-def configure(prompt: dict, scene, pair: list[str], inpaint_prompt: str, folder: str) -> dict:
+def configure(prompt: dict, scene, pair: list[str], inpaint_prompt: str, folder: str, consensus: bool = False) -> dict:
     prompt = substituted(prompt, TOY_MODELS, size=(SIZE, SIZE), max_steps=STEPS)
+    for node in prompt.values():
+        if consensus and node["class_type"] in CONSENSUS:
+            name, value = CONSENSUS[node["class_type"]]
+            node["inputs"][name] = value
     sets = []
     for title in ("Prompt", "Describe the image"):
         if _has(prompt, title):
@@ -102,13 +112,13 @@ def lookalike_pair(scene) -> list[str]:
     return [scene.objects[a].phrase, scene.objects[b].phrase]
 
 
-def mask_world_scene(url: str, client, scene, out: Path, folder: str):
+def mask_world_scene(url: str, client, scene, out: Path, folder: str, consensus: bool = False):
     """Workflow 02 on a world scene through the server: (result, prompt, [mask_a, mask_b] bool, IoUs)."""
     pair = lookalike_pair(scene)
     path = out / f"{folder}_scene.png"
     Image.fromarray(scene.image).save(path)
     wf = json.loads((ROOT / "workflows" / "api" / "anchordiff-02-image-mask-inpaint.json").read_text())
-    prompt = configure(wf, scene, pair, scene.caption, folder)
+    prompt = configure(wf, scene, pair, scene.caption, folder, consensus)
     prompt = prepare_prompt(prompt, images=[str(path)], client=client)
     result = run_prompt(prompt, server=url, output_dir=out, previews=False)
     files = outputs(result, prompt)
@@ -191,9 +201,11 @@ def main() -> int:
             img = configure(json.loads((wf / "anchordiff-02-image-mask-inpaint.json").read_text()), scene, pair, inpaint_prompt, "demo_world")
             img = prepare_prompt(img, images=[str(out / "world_scene.png")], client=client)
             r2 = run_prompt(img, server=url, output_dir=out, previews=False)
-            held = []
+            _, _, m3, ious3 = mask_world_scene(url, client, scene, out, "demo_world_consensus", consensus=True)
+            held, held_c = [], []
             for k, s in enumerate(held_out):
                 held += mask_world_scene(url, client, make_scene(s, SIZE), out, f"demo_heldout_{k}")[3]
+                held_c += mask_world_scene(url, client, make_scene(s, SIZE), out, f"demo_heldout_{k}_consensus", consensus=True)[3]
         finally:
             stop_server(proc)
     o1, o2 = outputs(r1, gen), outputs(r2, img)
@@ -210,9 +222,12 @@ def main() -> int:
     ious = [iou(m, t) for m, t in zip(m2, truth)]
     for c, v in zip(pair, ious):
         print(f"demo: world scene, mask '{c}': IoU {v:.2f} against the world's true mask")
+    for c, v in zip(pair, ious3):
+        print(f"demo: world scene, consensus anchor, mask '{c}': IoU {v:.2f}")
     if held:
         print(f"demo: mean IoU over {len(held_out)} held-out look-alike scenes ({len(held)} masks, seeds "
-              f"{held_out[0]}..{held_out[-1]}): {np.mean(held):.2f} (median {np.median(held):.2f})")
+              f"{held_out[0]}..{held_out[-1]}): default pipeline {np.mean(held):.2f} (median {np.median(held):.2f}), "
+              f"consensus anchor {np.mean(held_c):.2f} (median {np.median(held_c):.2f})")
     truth_img = scene.image.copy()
     for t, col in zip(truth, COLOURS):
         truth_img = overlay(truth_img, t, col)
@@ -222,10 +237,17 @@ def main() -> int:
     bottom = panel([(scene.image, "held-out world scene"), (truth_img, "true masks"),
                     (overlay(scene.image, m2[0], COLOURS[0]), f"{pair[0]}: IoU {ious[0]:.2f}"),
                     (overlay(scene.image, m2[1], COLOURS[1]), f"{pair[1]}: IoU {ious[1]:.2f}"),
-                    (load(o2["inpainted"]), f"inpainted: {swap}")], "2. an existing image (Look At Image)")
-    sheet = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), (24, 24, 28))
-    sheet.paste(top, (0, 0))
-    sheet.paste(bottom, (0, top.height))
+                    (load(o2["inpainted"]), f"inpainted: {swap}")], "2. an existing image (Look At Image), the nodes' defaults")
+    third = panel([(scene.image, "held-out world scene"), (truth_img, "true masks"),
+                   (overlay(scene.image, m3[0], COLOURS[0]), f"{pair[0]}: IoU {ious3[0]:.2f}"),
+                   (overlay(scene.image, m3[1], COLOURS[1]), f"{pair[1]}: IoU {ious3[1]:.2f}")],
+                  "3. the same with Anchor Select's consensus anchor (label-free, the toy's best)")
+    rows = [top, bottom, third]
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (24, 24, 28))
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height
     sheet.save(out / "demo.png")
     print(f"demo: wrote {out / 'demo.png'} and {len(r1.files) + len(r2.files)} ComfyUI outputs in {out}")
     return 0
