@@ -10,7 +10,9 @@ from comfy_api.latest import io, ui
 from ..anchordiff_core.recorder import RECORD_PRECISIONS, RecordSpec
 from . import sd3_patch
 from .common import CATEGORY, Concepts, Maps, Recorder, finite_inputs, user_errors
-from .sd3_patch import AnchorDiffError, AttentionRecorder, RecordSettings
+from .errors import AnchorDiffError, parse_layers
+from .models import adapter_for
+from .sd3_patch import AttentionRecorder, RecordSettings
 from .text import encode_concepts
 
 GRAPH_LAYERS_TIP = (
@@ -52,20 +54,29 @@ class AnchorDiffConcepts(io.ComfyNode):
 
 
 def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precision: str = "auto"):
-    dm = sd3_patch.sd3_diffusion_model(model)
+    adapter = adapter_for(model)
     if concepts is None:
         raise AnchorDiffError("No concepts connected: add an 'AnchorDiff Concepts' node.")
-    width = dm.context_embedder.in_features if hasattr(dm.context_embedder, "in_features") else concepts.embeddings.shape[1]
+    variant = adapter.variant()
+    encoder = getattr(concepts, "encoder", "")
+    if encoder and encoder != adapter.family:
+        raise AnchorDiffError(
+            f"The concepts were encoded with the text encoders of {encoder}, but the model is {variant}: "
+            f"connect the CLIP that goes with this model ({adapter.family}) to 'AnchorDiff Concepts'."
+        )
+    width = adapter.context_width()
     if concepts.embeddings.shape[1] != width:
-        raise AnchorDiffError(f"The concepts were encoded with width {concepts.embeddings.shape[1]}, but this model expects {width}: use SD3's text encoders.")
-    variant = sd3_patch.model_variant(dm)
-    layers = sd3_patch.parse_layers(graph_layers, len(dm.joint_blocks), "graph_layers", f"this {variant}") or sd3_patch.default_graph_layers(dm)
-    depth = len(dm.joint_blocks)
+        raise AnchorDiffError(
+            f"The concepts were encoded with width {concepts.embeddings.shape[1]}, but this model expects {width}: "
+            f"use the text encoders of {adapter.family}."
+        )
+    depth = adapter.num_blocks()
+    layers = parse_layers(graph_layers, depth, "graph_layers", f"this {variant}") or adapter.default_graph_layers()
     if seg4diff_layer >= depth:
-        raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {sd3_patch.model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")
-    seg = sd3_patch.default_seg4diff_layer(dm) if seg4diff_layer < 0 else seg4diff_layer
+        raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {variant} has {depth} joint blocks (0..{depth - 1}).")
+    seg = adapter.default_seg4diff_layer() if seg4diff_layer < 0 else seg4diff_layer
     spec = user_errors(RecordSpec, concepts.names, concepts.token_concept, depth, layers, seg, precision=precision)
-    return spec, sd3_patch.model_variant(dm)
+    return spec, variant
 
 
 def _common_inputs():
@@ -110,8 +121,8 @@ class AnchorDiffRecordAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="auto") -> io.NodeOutput:
         finite_inputs(cls, record_at=record_at)
-        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision)
-        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), variant)
+        spec, _variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision)
+        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), adapter_for(model))
         return io.NodeOutput(recorder.attach(model), recorder)
 
 
@@ -176,10 +187,10 @@ class AnchorDiffLookAtImage(io.ComfyNode):
     @classmethod
     def execute(cls, model, concepts, positive, latent, seed, record_at, graph_layers, seg4diff_layer) -> io.NodeOutput:
         finite_inputs(cls, record_at=record_at)
-        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer)
+        spec, _variant = _record_spec(model, concepts, graph_layers, seg4diff_layer)
         if not positive:
             raise AnchorDiffError("'positive' conditioning is empty: connect a CLIP Text Encode describing the image.")
-        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at=record_at, keep_runs=1), variant)
+        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at=record_at, keep_runs=1), adapter_for(model))
         patched = recorder.attach(model)
         samples = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
         sigma = float(patched.get_model_object("model_sampling").percent_to_sigma(record_at))
