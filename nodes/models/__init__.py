@@ -5,9 +5,10 @@ import comfy.ldm.modules.attention as comfy_attention
 
 from ..errors import AnchorDiffError
 from .base import BackboneAdapter
+from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: tuple[type[BackboneAdapter], ...] = (SD3Adapter,)
+ADAPTERS: tuple[type[BackboneAdapter], ...] = (SD3Adapter, FluxAdapter)
 
 
 def supported_families() -> str:
