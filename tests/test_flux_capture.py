@@ -18,13 +18,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def env(comfy, comfy_models_dir):
+    from fixtures.comfy_base import TEST_NODES_DIR
     from fixtures.comfy_test_nodes.flux_clip import make_flux_fixture_clip
+    from fixtures.tiny_flux import VARIANTS, write_to_models_dir
     from toyworld import comfy_env
     from toyworld.comfy_clip import make_fixture_clip
-    from fixtures.tiny_flux import VARIANTS, write_to_models_dir
 
     nodes = comfy_env.get_nodes(extras=True)
     assert comfy_env.load_custom_node_pack(REPO), "our pack failed to load in ComfyUI"
+    if "AnchorDiffTestFluxCLIP" not in nodes.NODE_CLASS_MAPPINGS:
+        assert comfy_env.load_custom_node_pack(TEST_NODES_DIR)
     for name, cfg in VARIANTS.items():
         write_to_models_dir(comfy_models_dir, name, cfg)
     pack = sys.modules[str(REPO).replace(".", "_x_")]
@@ -258,6 +261,66 @@ def test_kontext_reference_tokens_are_left_out_and_the_image_is_unchanged(env):
     assert_maps_match(looked, expected)
     plain = run(env, "AnchorDiffLookAtImage", model, cs, env.pos, latent, 2, 0.5, "1, 3", 1)[0]
     assert relative_error(plain.a_ii, looked.a_ii) > 1e-3  # the references were seen by the image tokens
+
+
+# ------------------------------------------------------------------ the chain, executed by ComfyUI
+class _Server:
+    client_id = None
+    last_node_id = None
+
+    def send_sync(self, event, data, sid=None):
+        pass
+
+
+def flux_chain_prompt(seed):
+    """A Flux.1 dev graph as users build it (UNETLoader, FluxGuidance, cfg 1), with AnchorDiff's nodes."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux_dev.safetensors", "weight_dtype": "default"}},
+        "2": {"class_type": "AnchorDiffTestFluxCLIP", "inputs": {}},
+        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a cat next to a red car"}},
+        "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}},
+        "5": {"class_type": "AnchorDiffConcepts", "inputs": {"clip": ["2", 0], "concepts": "cat, red car"}},
+        "6": {"class_type": "AnchorDiffRecordAttention", "inputs": {
+            "model": ["1", 0], "concepts": ["5", 0], "record_at": 0.5, "record_step": -1,
+            "graph_layers": "", "seg4diff_layer": -1, "keep_runs": 2}},
+        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
+        "8": {"class_type": "KSampler", "inputs": {
+            "model": ["6", 0], "seed": seed, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+            "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["7", 0], "denoise": 1.0}},
+        "9": {"class_type": "AnchorDiffReadMaps", "inputs": {"recorder": ["6", 1], "latent": ["8", 0]}},
+        "10": {"class_type": "AnchorDiffAnchorSelect", "inputs": {
+            "maps": ["9", 0], "max_anchors": 1, "min_distance": 8.0, "min_relative_score": 0.5,
+            "manual_anchors": "", "exclude_last_block": False}},
+        "11": {"class_type": "AnchorDiffBuildGatedGraph", "inputs": {"maps": ["9", 0], "gate_percentile": 98.0, "layers": "", "gate": True}},
+        "12": {"class_type": "AnchorDiffPropagate", "inputs": {"graph": ["11", 0], "anchors": ["10", 0], "steps": 160}},
+        "13": {"class_type": "AnchorDiffMask", "inputs": {"heat": ["12", 0], "concept": "", "threshold": "mean", "fixed_threshold": 0.5}},
+    }
+
+
+def test_flux_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
+    import asyncio
+    import inspect
+
+    import execution
+    from fixtures.tiny_flux import narrow_flux_detection
+
+    executor = execution.PromptExecutor(_Server(), cache_args={"ram": 16.0, "ram_inactive": 0.0, "lru": 0})
+
+    def masks(seed):
+        with narrow_flux_detection():  # ComfyUI 0.3.75 detects only the full-width Flux (see tiny_flux)
+            executor.execute(flux_chain_prompt(seed), f"flux{seed}", {}, ["13"])
+        assert executor.success, executor.status_messages
+        cached = executor.caches.outputs.get("13")
+        if inspect.isawaitable(cached):  # ComfyUI 0.33's caches are async
+            cached = asyncio.run(cached)
+        return cached.outputs[0][0]
+
+    first = masks(1)
+    assert first.shape == (2, 128, 128) and set(first.unique().tolist()) <= {0.0, 1.0} and 0 < first.mean() < 1
+    assert not torch.equal(first[0], first[1])  # one mask per concept
+    second = masks(2)  # the sampler runs again; the cached recorder must serve the new run
+    assert not torch.equal(first, second)
+    assert torch.equal(masks(1), first)
 
 
 # ------------------------------------------------------------------ errors
