@@ -17,7 +17,8 @@ from .text import encode_concepts
 
 GRAPH_LAYERS_TIP = (
     "Joint blocks whose image self-attention builds the graph (comma-separated, 0-based). Empty = the paper's "
-    "defaults: SD3 Medium 9, 18; SD3.5 Large 23, 31; SD3.5 Medium 14, 19 (our choice, see docs/DESIGN.md)."
+    "defaults: SD3 Medium 9, 18; SD3.5 Large 23, 31; SD3.5 Medium 14, 19 (our choice, see docs/DESIGN.md); Flux.1 22, 44 "
+    "(our rule, unmeasured; its double-stream blocks are 0-18, the single-stream blocks 19-56)."
 )
 PRECISION_TIP = (
     "auto: exact on a CPU; fast on a GPU when its maps fit in a quarter of the free GPU memory (fast changed no mask "
@@ -27,7 +28,7 @@ PRECISION_TIP = (
     "exact on a CPU. compact: fast, and the image self-attention map stored in float16 (half the memory; may "
     "flip a few gate edges). See docs/DESIGN.md."
 )
-SEG4DIFF_TIP = "Joint block for the Seg4Diff baseline map; -1 = block 9 on SD3 Medium (Seg4Diff's expert layer), same relative depth elsewhere."
+SEG4DIFF_TIP = "Joint block for the Seg4Diff baseline map; -1 = block 9 on SD3 Medium (Seg4Diff's expert layer), same relative depth elsewhere (Flux.1: 22)."
 
 
 class AnchorDiffConcepts(io.ComfyNode):
@@ -37,9 +38,9 @@ class AnchorDiffConcepts(io.ComfyNode):
             node_id="AnchorDiffConcepts",
             display_name="AnchorDiff Concepts",
             category=CATEGORY,
-            description="Encode the concepts to find (e.g. 'cat, dog' or one per line) with SD3's own text encoders.",
+            description="Encode the concepts to find (e.g. 'cat, dog' or one per line) with the model's own text encoders (SD3 / SD3.5 or Flux.1).",
             inputs=[
-                io.Clip.Input("clip", tooltip="SD3 / SD3.5 text encoders: TripleCLIPLoader or the CLIP of an SD3 checkpoint."),
+                io.Clip.Input("clip", tooltip="The model's text encoders. SD3 / SD3.5: TripleCLIPLoader or the CLIP of an SD3 checkpoint. Flux.1: DualCLIPLoader (clip_l, t5xxl, type flux)."),
                 io.String.Input(
                     "concepts", multiline=True, default="cat, dog",
                     tooltip="Concepts to mask, separated by commas or new lines. Several words per concept are fine ('red car').",
@@ -94,12 +95,12 @@ class AnchorDiffRecordAttention(io.ComfyNode):
             display_name="AnchorDiff Record Attention",
             category=CATEGORY,
             description=(
-                "Patch an SD3 / SD3.5 model so the sampler records AnchorDiff's attention maps at one denoising step. "
+                "Patch an SD3 / SD3.5 or Flux.1 model so the sampler records AnchorDiff's attention maps at one denoising step. "
                 "Connect MODEL to your sampler, then the sampler's LATENT and 'recorder' to 'AnchorDiff Read Maps'. "
                 "The generated image is unchanged."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD3 / SD3.5 model (Medium, Large, Large Turbo)."),
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 model (Medium, Large, Large Turbo) or a Flux.1 model (dev, schnell, Kontext)."),
                 Concepts.Input("concepts", tooltip="From 'AnchorDiff Concepts'."),
                 io.Float.Input(
                     "record_at", default=0.5, min=0.01, max=0.99, step=0.01,
@@ -167,7 +168,7 @@ class AnchorDiffLookAtImage(io.ComfyNode):
                 "midpoint with the given seed and the model looks at it once with the given conditioning."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD3 / SD3.5 model."),
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 or Flux.1 model."),
                 Concepts.Input("concepts", tooltip="From 'AnchorDiff Concepts'."),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the image (CLIP Text Encode)."),
                 io.Latent.Input("latent", tooltip="The image's latent, from VAE Encode."),

@@ -67,13 +67,14 @@ def record(env, model, concept_set, record_at=0.5, record_step=-1, graph_layers=
     return run(env, "AnchorDiffRecordAttention", model, concept_set, record_at, record_step, graph_layers, seg4diff_layer, keep_runs)
 
 
-def sample(env, model, seed=0, steps=4, size=(16, 24), positive=None, callback=None):
+def sample(env, model, seed=0, steps=4, size=(16, 24), positive=None, callback=None, cfg=1.0, negative=None):
     """Guidance-distilled Flux as users run it: cfg 1, so one forward per step (positive only)."""
     import comfy.sample
     latent = torch.zeros(1, 16, *size)
     noise = comfy.sample.prepare_noise(latent, seed)
     positive = positive if positive is not None else env.pos
-    samples = comfy.sample.sample(model, noise, steps, 1.0, "euler", "simple", positive, positive, latent,
+    negative = negative if negative is not None else positive
+    samples = comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
                                   callback=callback, disable_pbar=True, seed=seed)
     return {"samples": samples}
 
@@ -241,6 +242,23 @@ def test_guidance_distilled_single_forward_records_at_record_at_and_never_serves
     late, late_recorder = record(env, model, concepts(env), record_at=0.99)
     with pytest.raises(ValueError, match="No maps were recorded in that sampling run"):
         read_maps(env, late_recorder, sample(env, late, seed=11, steps=2))
+
+
+def test_cfg_batch_records_only_the_positive_rows(env):
+    """schnell / dev run with true CFG (cfg > 1, a negative prompt of the same length): cond and uncond
+    share one call; the positive rows' maps equal those of the cfg-1 run at step 0 (same noisy latent)."""
+    model = load_model(env, "tiny_flux_schnell")
+    cs = concepts(env)
+    negative = env.nodes.CLIPTextEncode().encode(env.clip, "blurry")[0]
+    assert negative[0][0].shape[1] == env.pos[0][0].shape[1]  # T5 pads both to 256: one batched call
+    results = {}
+    for name, cfg in (("cfg1", 1.0), ("cfg3", 3.0)):
+        patched, recorder = record(env, model, cs, record_step=0)
+        results[name] = read_maps(env, recorder, sample(env, patched, seed=5, steps=3, cfg=cfg, negative=negative))
+    for field in ("a_ci", "a_ii", "o_ii", "ca_scores"):
+        error = relative_error(getattr(results["cfg3"], field), getattr(results["cfg1"], field))
+        assert error < 1e-5, (field, error)
+    assert results["cfg3"].batch_size == 1
 
 
 def test_kontext_reference_tokens_are_left_out_and_the_image_is_unchanged(env):
