@@ -210,6 +210,34 @@ def test_recorded_image_is_bit_identical_to_a_plain_run(env, name):
     assert not model.wrappers, "the input MODEL must not carry our wrappers"
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_flux_records_float32_maps_and_keeps_the_image(env, dtype):
+    """Flux in bf16 / fp16 computing in that dtype (as on a GPU): the image is bit-identical to a plain
+    run and the maps are float32 and finite. In fp16 they are also close to those of the same weights
+    computed in float32. Not in bf16: there the tiny random Flux's own prediction already differs from
+    its float32 one by 26% (measured; 0.07% in fp16), so its maps differ too, whatever records them."""
+    import comfy.sd
+    from fixtures.tiny_flux import narrow_flux_detection
+
+    path = env.models / "diffusion_models" / "tiny_flux_dev.safetensors"
+    with narrow_flux_detection():
+        half = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": dtype})
+        reference = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": dtype})  # same weights, fp32 math
+    half.model.manual_cast_dtype = None  # compute in `dtype` (a CPU would otherwise upcast)
+    cs = concepts(env)
+    maps = {}
+    for name, model in (("half", half), ("fp32", reference)):
+        patched, recorder = record(env, model, cs, record_step=0)
+        out_p = sample(env, patched, seed=8, steps=2)
+        assert torch.equal(out_p["samples"], sample(env, model, seed=8, steps=2)["samples"])
+        maps[name] = read_maps(env, recorder, out_p)
+    for field in ("a_ci", "a_ii", "o_ii", "ca_scores", "seg4diff"):
+        got, want = getattr(maps["half"], field), getattr(maps["fp32"], field)
+        assert got.dtype == torch.float32 and torch.isfinite(got).all(), field
+        if dtype == torch.float16:
+            assert (got - want).norm() / want.norm() < 0.01, field  # measured 0.08-0.2%
+
+
 # ------------------------------------------------------------------ one forward per step
 def test_guidance_distilled_single_forward_records_at_record_at_and_never_serves_stale_maps(env, monkeypatch):
     model = load_model(env)
@@ -267,11 +295,12 @@ def test_kontext_reference_tokens_are_left_out_and_the_image_is_unchanged(env):
     reference = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(5))
     positive = core_node(env.nodes, "ReferenceLatent", env.pos, {"samples": reference})
     assert positive[0][1]["reference_latents"][0].shape == (1, 16, 8, 12)
-    patched, recorder = record(env, model, cs, record_step=1, graph_layers="1, 3", seg4diff_layer=1)
+    patched, recorder = record(env, model, cs, record_at=0.5, graph_layers="1, 3", seg4diff_layer=1)
     out_p = sample(env, patched, seed=4, size=(16, 16), positive=positive)
     out_u = sample(env, model, seed=4, size=(16, 16), positive=positive)
     assert torch.equal(out_p["samples"], out_u["samples"])
     maps = read_maps(env, recorder, out_p)
+    assert maps.step == 2 and "record_at=0.5" in maps.meta["asked"]  # the middle of 4 steps, with the extra latent
     assert maps.grid == (8, 8) and maps.a_ii.shape == (1, 2, 64, 64) and maps.a_ci.shape[-1] == 64  # 48 reference tokens left out
     latent = {"samples": torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(6))}
     looked = run(env, "AnchorDiffLookAtImage", model, cs, positive, latent, 2, 0.5, "1, 3", 1)[0]
