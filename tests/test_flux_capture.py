@@ -175,8 +175,8 @@ def test_recorded_maps_equal_diffusers_flux_holding_the_same_weights(env, name):
 
 
 def test_a_wrong_concept_stream_is_caught_by_the_cross_check(env, monkeypatch):
-    """The concept stream's single-block update dropped: the diffusers capture disagrees (so the
-    comparison above can fail)."""
+    """A planted bug, the concept tokens' RoPE rotation replaced by a scaling: the diffusers capture
+    disagrees (so the comparison above can fail)."""
     model = load_model(env)
     cs = concepts(env)
     latent = {"samples": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(2))}
