@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .anchors import PIXELS_PER_TOKEN
 from .concepts import ConceptSet
 from .maps import AttentionMaps
 from .recorder import RecordSpec, StepRecorder
@@ -114,7 +115,7 @@ class DiffusersFluxRecorder:
                 block.attn.set_processor(processor)
         sigma = float(torch.as_tensor(timestep).reshape(-1)[0])
         return step.finish(
-            torch.arange(batch), batch, grid=tuple(grid), image_size=image_size or (grid[0] * 16, grid[1] * 16),
+            torch.arange(batch), batch, grid=tuple(grid), image_size=image_size or (grid[0] * PIXELS_PER_TOKEN, grid[1] * PIXELS_PER_TOKEN),
             sigma=sigma, meta={"id": uuid.uuid4().hex, "source": "diffusers"},
         )
 

@@ -40,7 +40,6 @@ from .models import adapter_for
 from .models.base import BackboneAdapter
 from .models.sd3 import SD3Adapter
 
-from ..anchordiff_core.anchors import PIXELS_PER_LATENT
 from ..anchordiff_core.concepts import ConceptSet
 from ..anchordiff_core.maps import AttentionMaps
 from ..anchordiff_core.recorder import RecordSpec, StepRecorder, fast_map_bytes, resolve_precision

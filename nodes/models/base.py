@@ -20,14 +20,16 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ...anchordiff_core.anchors import PATCH_SIZE, PIXELS_PER_LATENT
+
 
 class BackboneAdapter:
     """One backbone family. Subclasses set `family` (a user-facing name) and implement the methods."""
 
     family: ClassVar[str] = ""
     # latent pixels per latent cell (VAE downscale) and latent cells per token side (patch size)
-    pixels_per_latent: ClassVar[int] = 8
-    patch: ClassVar[int] = 2
+    pixels_per_latent: ClassVar[int] = PIXELS_PER_LATENT
+    patch: ClassVar[int] = PATCH_SIZE
 
     def __init__(self, diffusion_model: torch.nn.Module):
         self.dm = diffusion_model
