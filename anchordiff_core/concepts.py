@@ -15,12 +15,15 @@ class ConceptSet:
     """Encoded concepts ready for the concept stream.
 
     embeddings [T, C] are the text encoder's outputs at the concepts' token positions (C = 4096 for
-    SD3: CLIP-L + CLIP-G zero-padded); token_concept [T] says which concept each token belongs to.
+    SD3: CLIP-L + CLIP-G zero-padded; 4096 for Flux.1: T5-XXL); token_concept [T] says which
+    concept each token belongs to. `encoder` names the text encoders' family ("" = not stated), so a
+    recording can refuse concepts encoded for another backbone of the same width.
     """
 
     names: tuple[str, ...]
     embeddings: torch.Tensor
     token_concept: torch.Tensor
+    encoder: str = ""
 
     def __post_init__(self):
         if self.embeddings.dim() != 2 or self.embeddings.shape[0] != self.token_concept.numel():

@@ -14,7 +14,7 @@ from comfy_api.latest import io, ui
 
 from ..anchordiff_core.maps import AttentionMaps
 from . import preview
-from .sd3_patch import AnchorDiffError, parse_layers
+from .errors import AnchorDiffError, parse_layers
 
 CATEGORY = "AnchorDiff"
 MAPS_TIP = "From 'AnchorDiff Read Maps' or 'AnchorDiff Look At Image'."

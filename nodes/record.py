@@ -10,12 +10,15 @@ from comfy_api.latest import io, ui
 from ..anchordiff_core.recorder import RECORD_PRECISIONS, RecordSpec
 from . import sd3_patch
 from .common import CATEGORY, Concepts, Maps, Recorder, finite_inputs, user_errors
-from .sd3_patch import AnchorDiffError, AttentionRecorder, RecordSettings
+from .errors import AnchorDiffError, parse_layers
+from .models import adapter_for
+from .sd3_patch import AttentionRecorder, RecordSettings
 from .text import encode_concepts
 
 GRAPH_LAYERS_TIP = (
     "Joint blocks whose image self-attention builds the graph (comma-separated, 0-based). Empty = the paper's "
-    "defaults: SD3 Medium 9, 18; SD3.5 Large 23, 31; SD3.5 Medium 14, 19 (our choice, see docs/DESIGN.md)."
+    "defaults: SD3 Medium 9, 18; SD3.5 Large 23, 31; SD3.5 Medium 14, 19 (our choice, see docs/DESIGN.md); Flux.1 22, 44 "
+    "(our rule, unmeasured; its double-stream blocks are 0-18, the single-stream blocks 19-56)."
 )
 PRECISION_TIP = (
     "auto: exact on a CPU; fast on a GPU when its maps fit in a quarter of the free GPU memory (fast changed no mask "
@@ -25,7 +28,7 @@ PRECISION_TIP = (
     "exact on a CPU. compact: fast, and the image self-attention map stored in float16 (half the memory; may "
     "flip a few gate edges). See docs/DESIGN.md."
 )
-SEG4DIFF_TIP = "Joint block for the Seg4Diff baseline map; -1 = block 9 on SD3 Medium (Seg4Diff's expert layer), same relative depth elsewhere."
+SEG4DIFF_TIP = "Joint block for the Seg4Diff baseline map; -1 = block 9 on SD3 Medium (Seg4Diff's expert layer), same relative depth elsewhere (Flux.1: 22)."
 
 
 class AnchorDiffConcepts(io.ComfyNode):
@@ -35,9 +38,9 @@ class AnchorDiffConcepts(io.ComfyNode):
             node_id="AnchorDiffConcepts",
             display_name="AnchorDiff Concepts",
             category=CATEGORY,
-            description="Encode the concepts to find (e.g. 'cat, dog' or one per line) with SD3's own text encoders.",
+            description="Encode the concepts to find (e.g. 'cat, dog' or one per line) with the model's own text encoders (SD3 / SD3.5 or Flux.1).",
             inputs=[
-                io.Clip.Input("clip", tooltip="SD3 / SD3.5 text encoders: TripleCLIPLoader or the CLIP of an SD3 checkpoint."),
+                io.Clip.Input("clip", tooltip="The model's text encoders. SD3 / SD3.5: TripleCLIPLoader or the CLIP of an SD3 checkpoint. Flux.1: DualCLIPLoader (clip_l, t5xxl, type flux)."),
                 io.String.Input(
                     "concepts", multiline=True, default="cat, dog",
                     tooltip="Concepts to mask, separated by commas or new lines. Several words per concept are fine ('red car').",
@@ -68,20 +71,29 @@ def _anchor_maps(choice: str) -> bool:
 
 
 def _record_spec(model, concepts, graph_layers: str, seg4diff_layer: int, precision: str = "auto", ic_blocks: bool = False):
-    dm = sd3_patch.sd3_diffusion_model(model)
+    adapter = adapter_for(model)
     if concepts is None:
         raise AnchorDiffError("No concepts connected: add an 'AnchorDiff Concepts' node.")
-    width = dm.context_embedder.in_features if hasattr(dm.context_embedder, "in_features") else concepts.embeddings.shape[1]
+    variant = adapter.variant()
+    encoder = getattr(concepts, "encoder", "")
+    if encoder and encoder != adapter.family:
+        raise AnchorDiffError(
+            f"The concepts were encoded with the text encoders of {encoder}, but the model is {variant}: "
+            f"connect the CLIP that goes with this model ({adapter.family}) to 'AnchorDiff Concepts'."
+        )
+    width = adapter.context_width()
     if concepts.embeddings.shape[1] != width:
-        raise AnchorDiffError(f"The concepts were encoded with width {concepts.embeddings.shape[1]}, but this model expects {width}: use SD3's text encoders.")
-    variant = sd3_patch.model_variant(dm)
-    layers = sd3_patch.parse_layers(graph_layers, len(dm.joint_blocks), "graph_layers", f"this {variant}") or sd3_patch.default_graph_layers(dm)
-    depth = len(dm.joint_blocks)
+        raise AnchorDiffError(
+            f"The concepts were encoded with width {concepts.embeddings.shape[1]}, but this model expects {width}: "
+            f"use the text encoders of {adapter.family}."
+        )
+    depth = adapter.num_blocks()
+    layers = parse_layers(graph_layers, depth, "graph_layers", f"this {variant}") or adapter.default_graph_layers()
     if seg4diff_layer >= depth:
-        raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {sd3_patch.model_variant(dm)} has {depth} joint blocks (0..{depth - 1}).")
-    seg = sd3_patch.default_seg4diff_layer(dm) if seg4diff_layer < 0 else seg4diff_layer
+        raise AnchorDiffError(f"seg4diff_layer {seg4diff_layer} out of range: this {variant} has {depth} joint blocks (0..{depth - 1}).")
+    seg = adapter.default_seg4diff_layer() if seg4diff_layer < 0 else seg4diff_layer
     spec = user_errors(RecordSpec, concepts.names, concepts.token_concept, depth, layers, seg, precision=precision, ic_blocks=ic_blocks)
-    return spec, sd3_patch.model_variant(dm)
+    return spec, variant
 
 
 def _common_inputs():
@@ -99,12 +111,12 @@ class AnchorDiffRecordAttention(io.ComfyNode):
             display_name="AnchorDiff Record Attention",
             category=CATEGORY,
             description=(
-                "Patch an SD3 / SD3.5 model so the sampler records AnchorDiff's attention maps at one denoising step. "
+                "Patch an SD3 / SD3.5 or Flux.1 model so the sampler records AnchorDiff's attention maps at one denoising step. "
                 "Connect MODEL to your sampler, then the sampler's LATENT and 'recorder' to 'AnchorDiff Read Maps'. "
                 "The generated image is unchanged."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD3 / SD3.5 model (Medium, Large, Large Turbo)."),
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 model (Medium, Large, Large Turbo) or a Flux.1 model (dev, schnell, Kontext)."),
                 Concepts.Input("concepts", tooltip="From 'AnchorDiff Concepts'."),
                 io.Float.Input(
                     "record_at", default=0.5, min=0.01, max=0.99, step=0.01,
@@ -128,8 +140,8 @@ class AnchorDiffRecordAttention(io.ComfyNode):
     def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="auto",
                 anchor_maps="concept→image (paper)") -> io.NodeOutput:
         finite_inputs(cls, record_at=record_at)
-        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision, _anchor_maps(anchor_maps))
-        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), variant)
+        spec, _variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision, _anchor_maps(anchor_maps))
+        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), adapter_for(model))
         return io.NodeOutput(recorder.attach(model), recorder)
 
 
@@ -174,7 +186,7 @@ class AnchorDiffLookAtImage(io.ComfyNode):
                 "midpoint with the given seed and the model looks at it once with the given conditioning."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD3 / SD3.5 model."),
+                io.Model.Input("model", tooltip="An SD3 / SD3.5 or Flux.1 model."),
                 Concepts.Input("concepts", tooltip="From 'AnchorDiff Concepts'."),
                 io.Conditioning.Input("positive", tooltip="A prompt describing the image (CLIP Text Encode)."),
                 io.Latent.Input("latent", tooltip="The image's latent, from VAE Encode."),
@@ -196,10 +208,10 @@ class AnchorDiffLookAtImage(io.ComfyNode):
     def execute(cls, model, concepts, positive, latent, seed, record_at, graph_layers, seg4diff_layer,
                 anchor_maps="concept→image (paper)") -> io.NodeOutput:
         finite_inputs(cls, record_at=record_at)
-        spec, variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, ic_blocks=_anchor_maps(anchor_maps))
+        spec, _variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, ic_blocks=_anchor_maps(anchor_maps))
         if not positive:
             raise AnchorDiffError("'positive' conditioning is empty: connect a CLIP Text Encode describing the image.")
-        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at=record_at, keep_runs=1), variant)
+        recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at=record_at, keep_runs=1), adapter_for(model))
         patched = recorder.attach(model)
         samples = comfy.sample.fix_empty_latent_channels(patched, latent["samples"])
         sigma = float(patched.get_model_object("model_sampling").percent_to_sigma(record_at))

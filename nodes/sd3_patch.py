@@ -1,16 +1,19 @@
-"""Everything specific to ComfyUI's SD3 / SD3.5 MMDiT: model checks, default layers, and the patch
-that records attention maps during one denoising step.
+"""The recorder: the MODEL patch that records attention maps during one denoising step, for every
+backbone behind nodes/models (SD3 / SD3.5, Flux.1). What is specific to a backbone (its blocks, token
+layout, concept stream, defaults) lives in its adapter; this module is generic. (Its name predates
+the adapters; the SD3 helpers below are kept for existing callers.)
 
 How a recording works
 - `AttentionRecorder.attach(model)` returns a clone of the MODEL with two wrappers:
   OUTER_SAMPLE (one per sampling run: picks the recording step from the run's sigmas, and at the
   end files the maps under a fingerprint of each output latent) and APPLY_MODEL (per model call:
   a sigma comparison; only the recording call goes further).
-- On the recording call only, per-block `double_block` replace patches are added to that call's
-  transformer_options.  Each runs the original block with an `optimized_attention_override` that
-  sees the joint attention's q, k, v (text first, then image) and its output, then advances the
-  concept stream through the block's prompt-stream weights and records the maps for the positive
-  rows.  The image and prompt streams are untouched: the original block computes them.
+- On the recording call only, per-block replace patches (the adapter's `block_keys`) are added to
+  that call's transformer_options.  Each runs the original block with an
+  `optimized_attention_override` that sees the joint attention's q, k, v and its output, then the
+  adapter advances the concept stream through the block's prompt-stream weights and records the
+  maps for the positive rows.  The image and prompt streams are untouched: the original block
+  computes them.
 - Consumers get maps by the LATENT the sampler returned, so ComfyUI's output cache can never
   serve maps of another run.
 """
@@ -29,12 +32,14 @@ from typing import Optional
 
 import torch
 
-import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
 import comfy.patcher_extension
-from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
-from ..anchordiff_core.anchors import PIXELS_PER_LATENT
+from .errors import AnchorDiffError, parse_layers  # noqa: F401  (re-exported for older callers)
+from .models import adapter_for
+from .models.base import BackboneAdapter
+from .models.sd3 import SD3Adapter
+
 from ..anchordiff_core.concepts import ConceptSet
 from ..anchordiff_core.maps import AttentionMaps
 from ..anchordiff_core.recorder import RecordSpec, StepRecorder, fast_map_bytes, resolve_precision
@@ -45,70 +50,25 @@ WRAPPER_KEY = "anchordiff_recorder"
 CALL_KEY = "anchordiff_call"
 
 
-class AnchorDiffError(ValueError):
-    """A problem the user can fix; the message says how."""
-
-
-# ------------------------------------------------------------------------------ model checks
-def sd3_diffusion_model(model) -> MMDiT:
+# ------------------------------------------------------------------------------ SD3 helpers (kept for callers)
+def sd3_diffusion_model(model):
     """The MMDiT inside an SD3 / SD3.5 MODEL, or a clear error naming what was connected."""
-    base = getattr(model, "model", None)
-    diffusion_model = getattr(base, "diffusion_model", None)
-    if not isinstance(diffusion_model, MMDiT):
-        what = type(base).__name__ if base is not None else type(model).__name__
-        inner = f" ({type(diffusion_model).__name__})" if diffusion_model is not None else ""
-        raise AnchorDiffError(
-            f"AnchorDiff needs an SD3 / SD3.5 model (MMDiT), but the connected MODEL is {what}{inner}. "
-            "Load SD3 Medium or SD3.5 Large / Medium / Large Turbo with 'Load Checkpoint' or 'Load Diffusion Model'."
-        )
-    if not hasattr(comfy_attention, "wrap_attn"):
-        raise AnchorDiffError("AnchorDiff needs ComfyUI 0.3.60 or newer (optimized_attention_override).")
-    return diffusion_model
+    adapter = adapter_for(model)
+    if not isinstance(adapter, SD3Adapter):
+        raise AnchorDiffError(f"This needs an SD3 / SD3.5 model, but the connected MODEL is {adapter.variant()}.")
+    return adapter.dm
 
 
-def model_variant(dm: MMDiT) -> str:
-    depth = len(dm.joint_blocks)
-    qk_norm = not isinstance(dm.joint_blocks[0].x_block.attn.ln_q, torch.nn.Identity)
-    mmditx = bool(dm.x_block_self_attn_layers)
-    if depth == 24 and mmditx:
-        return "SD3.5 Medium"
-    if depth == 24 and not qk_norm:
-        return "SD3 Medium"
-    if depth == 38:
-        return "SD3.5 Large"
-    return f"SD3-architecture model with {depth} blocks"
+def model_variant(dm) -> str:
+    return SD3Adapter(dm).variant()
 
 
-def default_graph_layers(dm: MMDiT) -> tuple[int, ...]:
-    """The paper's pairs; see docs/DESIGN.md for SD3.5 Medium and other depths."""
-    variant, last = model_variant(dm), len(dm.joint_blocks) - 1
-    if variant == "SD3 Medium":
-        return (9, 18)
-    if variant == "SD3.5 Large":
-        return (23, 31)  # Tables 5 and 7; the implementation paragraph's {10, 23} contradicts them
-    if variant == "SD3.5 Medium":
-        return (14, 19)  # depth-relative position of SD3.5 Large's pair; not validated on data
-    return tuple(sorted({round(9 / 23 * last), round(18 / 23 * last)}))
+def default_graph_layers(dm) -> tuple[int, ...]:
+    return SD3Adapter(dm).default_graph_layers()
 
 
-def default_seg4diff_layer(dm: MMDiT) -> int:
-    """Seg4Diff's SD3 Medium expert layer 9, placed at the same relative depth elsewhere."""
-    return round(9 / 23 * (len(dm.joint_blocks) - 1))
-
-
-def parse_layers(text: str, num_blocks: int, what: str, model: str) -> tuple[int, ...]:
-    """'9, 18' -> (9, 18); empty -> () (the caller's default). Out of range is a clear error naming `model`."""
-    text = (text or "").strip()
-    if not text:
-        return ()
-    try:
-        layers = tuple(sorted({int(part) for part in text.replace(";", ",").split(",") if part.strip()}))
-    except ValueError:
-        raise AnchorDiffError(f"{what} must be comma-separated block indices like '9, 18'; got '{text}'.") from None
-    bad = [layer for layer in layers if not 0 <= layer < num_blocks]
-    if bad:
-        raise AnchorDiffError(f"{what} {bad} out of range: {model} has {num_blocks} joint blocks (0..{num_blocks - 1}).")
-    return layers
+def default_seg4diff_layer(dm) -> int:
+    return SD3Adapter(dm).default_seg4diff_layer()
 
 
 # ------------------------------------------------------------------------------ recording
@@ -262,11 +222,12 @@ class AttentionRecorder:
 
     _ids = itertools.count(1)
 
-    def __init__(self, concepts: ConceptSet, spec: RecordSpec, settings: RecordSettings, variant: str):
+    def __init__(self, concepts: ConceptSet, spec: RecordSpec, settings: RecordSettings, adapter: BackboneAdapter):
         self.concepts = concepts
         self.spec = spec
         self.settings = settings
-        self.variant = variant
+        self.adapter_class = type(adapter)
+        self.variant = adapter.variant()
         self.recorder_id = next(self._ids)
         self._runs = itertools.count(1)
         self._active: Optional[_Run] = None
@@ -356,17 +317,18 @@ class AttentionRecorder:
 
     def _record_call(self, run: _Run, rows, row_image, executor, x, t, c_concat, c_crossattn, control,
                      transformer_options, **kwargs):
-        diffusion_model = executor.class_obj.diffusion_model
-        spec = self._resolved_spec(executor.class_obj, x, rows.numel())
+        adapter = self.adapter_class(executor.class_obj.diffusion_model)
+        spec = self._resolved_spec(executor.class_obj, adapter, x, rows.numel())
         # fast: the maps stay on the compute device until the graph is built (no host round trip)
         store = None if spec.precision != "exact" else comfy.model_management.intermediate_device()
-        call = _Call(self, diffusion_model, rows.to(x.device), store, spec)
+        call = _Call(self, adapter, rows.to(x.device), store, spec)
+        call.grid_tokens = math.prod(adapter.grid(run.latent_hw))
         options = dict(transformer_options)
         patches = dict(options.get("patches_replace", {}))
         dit = dict(patches.get("dit", {}))
-        for index in range(len(diffusion_model.joint_blocks)):
-            call.previous[index] = dit.get(("double_block", index))
-            dit[("double_block", index)] = call.block_patch(index)
+        for index, key in enumerate(adapter.block_keys()):
+            call.previous[index] = dit.get(key)
+            dit[key] = call.block_patch(index)
         patches["dit"] = dit
         options["patches_replace"] = patches
         options[CALL_KEY] = call
@@ -379,8 +341,8 @@ class AttentionRecorder:
         run.maps = call.step.finish(
             row_image,
             run.batch,
-            grid=(math.ceil(h_lat / 2), math.ceil(w_lat / 2)),
-            image_size=(h_lat * PIXELS_PER_LATENT, w_lat * PIXELS_PER_LATENT),
+            grid=adapter.grid(run.latent_hw),
+            image_size=(h_lat * adapter.pixels_per_latent, w_lat * adapter.pixels_per_latent),
             sigma=run.target_sigma,
             step=run.target_step,
             meta={"id": uuid.uuid4().hex, "recorder": self.recorder_id, "run": run.run_id, "model": self.variant,
@@ -388,12 +350,12 @@ class AttentionRecorder:
         )
         return output
 
-    def _resolved_spec(self, base_model, x: torch.Tensor, rows: int) -> RecordSpec:
+    def _resolved_spec(self, base_model, adapter: BackboneAdapter, x: torch.Tensor, rows: int) -> RecordSpec:
         """The spec with precision "auto" resolved for this call's device, batch and free memory."""
         if self.spec.precision != "auto":
             return self.spec
-        tokens = math.ceil(x.shape[-2] / 2) * math.ceil(x.shape[-1] / 2)
-        width = base_model.diffusion_model.joint_blocks[0].x_block.attn.qkv.in_features
+        tokens = math.prod(adapter.grid(tuple(x.shape[-2:])))
+        width = adapter.width()
         dtype = getattr(base_model, "manual_cast_dtype", None) or base_model.get_dtype()  # what the blocks compute in
         need = fast_map_bytes(self.spec, rows, tokens, width, dtype)
         free = comfy.model_management.get_free_memory(x.device) if x.device.type != "cpu" else 0
@@ -471,29 +433,22 @@ class AttentionRecorder:
 class _Call:
     """State of the one recording model call: the concept stream and the per-block recorder."""
 
-    def __init__(self, recorder: AttentionRecorder, diffusion_model: MMDiT, rows: torch.Tensor, store_device, spec: RecordSpec):
+    def __init__(self, recorder: AttentionRecorder, adapter: BackboneAdapter, rows: torch.Tensor, store_device, spec: RecordSpec):
         self.recorder = recorder
-        self.dm = diffusion_model
+        self.adapter = adapter
+        self.concepts = recorder.concepts
         self.rows = rows
-        heads = diffusion_model.joint_blocks[0].x_block.attn.num_heads
-        self.step = StepRecorder(spec, heads, store_device, comfy.model_management.throw_exception_if_processing_interrupted)
+        self.step = StepRecorder(spec, adapter.heads(), store_device, comfy.model_management.throw_exception_if_processing_interrupted)
         self.previous: dict[int, Optional[callable]] = {}
         self.concept_state: Optional[torch.Tensor] = None
+        self.grid_tokens = 0  # image tokens of the latent's grid (reference tokens follow them)
+        self.text_len: Optional[int] = None  # prompt tokens, where a block's arguments do not say
         self.problem = ""
 
     def __deepcopy__(self, memo):
         return self
 
     def block_patch(self, index: int):
-        block = self.dm.joint_blocks[index]
-
-        def original(args):
-            # as MMDiT's own loop calls an unpatched block; ComfyUI's `original_block` would wrap
-            # it in torch.utils.checkpoint, whose first use costs ~1 s of imports (sympy, dynamo)
-            txt, img = block(args["txt"], args["img"], c=args["vec"], use_checkpoint=self.dm.use_checkpoint,
-                             transformer_options=args["transformer_options"])
-            return {"txt": txt, "img": img}
-
         def patch(args, extra):
             options = args["transformer_options"]
             previous_override = options.get("optimized_attention_override")
@@ -507,6 +462,7 @@ class _Call:
 
             inner = dict(args)
             inner["transformer_options"] = {**options, "optimized_attention_override": capture}
+            original = self.adapter.original_block(index, extra)
             previous = self.previous.get(index)
             result = previous(inner, {**extra, "original_block": original}) if previous is not None else original(inner)
             if not self.problem:
@@ -516,35 +472,7 @@ class _Call:
         return patch
 
     def _record(self, index: int, args: dict, captured: list) -> None:
-        img, txt, vec = args["img"], args["txt"], args["vec"]
         if not captured:
             self.problem = f"joint block {index} ran no attention (another patch replaced or skipped it)"
             return
-        q, k, v, out = (t.reshape(t.shape[0], t.shape[1], -1) for t in captured[0])  # mmdit keeps v as [B, L, H, d]
-        text_len, n = (txt.shape[1] if txt is not None else 0), img.shape[1]
-        if q.shape[1] != text_len + n:
-            self.problem = f"unexpected joint attention length {q.shape[1]} at block {index} (text {text_len} + image {n})"
-            return
-        rows = self.rows
-        block = self.dm.joint_blocks[index].context_block
-        if self.concept_state is None:
-            self.concept_state = self._initial_concepts(img.dtype, img.device, rows.numel())
-        (q_c, k_c, v_c), intermediates = block.pre_attention(self.concept_state, vec[rows])
-        v_c = v_c.reshape(v_c.shape[0], v_c.shape[1], -1)
-        o_c = self.step.record_block(
-            index,
-            q[rows, text_len:], k[rows, text_len:], v[rows, text_len:],
-            out[rows, text_len:], k[rows, :text_len],
-            q_c, k_c, v_c,
-        )
-        if not block.pre_only:
-            self.concept_state = block.post_attention(o_c.to(img.dtype), *intermediates)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-    def _initial_concepts(self, dtype, device, batch: int) -> torch.Tensor:
-        """Concept tokens through the model's context embedding, like the prompt's tokens."""
-        context = self.recorder.concepts.embeddings.to(device=device, dtype=dtype)[None]
-        if self.dm.context_processor is not None:
-            context = self.dm.context_processor(context)
-        context = self.dm.context_embedder(context)
-        return context.expand(batch, -1, -1).contiguous()
+        self.problem = self.adapter.record_block(self, index, args, captured[0])

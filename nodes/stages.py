@@ -15,7 +15,7 @@ from .common import (
     CATEGORY, MAPS_TIP, PREVIEW_SCHEMA, Anchors, Graph, Heat, Maps, check_image, finite_inputs, heat_preview, parse_block_list,
     preview_ui, progress_callback, search_aliases, user_errors,
 )
-from .sd3_patch import AnchorDiffError
+from .errors import AnchorDiffError
 
 MANUAL_TIP = (
     "Manual anchors, one per line: 'concept: x, y' in image pixels (concept name or number), e.g. 'cat: 512, 300'. "

@@ -1,21 +1,18 @@
-"""Concept text -> ConceptSet with SD3's own text encoders (ComfyUI CLIP object)."""
+"""Concept text -> ConceptSet with the backbone's own text encoders (ComfyUI CLIP object).
+
+Which backbone the CLIP belongs to is read from its tokenizer's streams; the adapter of that
+family (nodes/models) knows where the concepts' tokens sit and what the model embeds."""
 from __future__ import annotations
 
 import torch
 
-from ..anchordiff_core.concepts import ConceptSet, join_concepts, locate_tokens, parse_concepts
-from .sd3_patch import AnchorDiffError
-
-CLIP_SPECIAL = {49406, 49407}  # start / end-and-padding tokens of CLIP-L
-SD3_CONTEXT_WIDTH = 4096
-
-
-def _clip_l_ids(tokens: dict) -> list[list[int]]:
-    return [[int(t[0]) for t in chunk] for chunk in tokens["l"]]
+from ..anchordiff_core.concepts import ConceptSet, parse_concepts
+from .errors import AnchorDiffError
+from .models import ADAPTERS, supported_families
 
 
 def encode_concepts(clip, text: str) -> ConceptSet:
-    """Encode "cat, dog" as SD3 encodes a prompt; keep each concept's CLIP token positions.
+    """Encode "cat, dog" as the backbone encodes a prompt; keep each concept's token positions.
 
     The concepts are joined into one string and encoded once; each concept's own tokens are then
     found in that string (tokenised by ourselves, since word ids are unreliable), so a concept
@@ -26,36 +23,28 @@ def encode_concepts(clip, text: str) -> ConceptSet:
     except (TypeError, ValueError) as error:
         raise AnchorDiffError(str(error)) from None
     if clip is None:
-        raise AnchorDiffError("No CLIP connected: connect SD3's text encoders (TripleCLIPLoader, or an SD3 checkpoint's CLIP).")
-    tokens = clip.tokenize(join_concepts(names))
-    if not isinstance(tokens, dict) or "l" not in tokens or "g" not in tokens:
-        keys = ", ".join(sorted(tokens)) if isinstance(tokens, dict) else type(tokens).__name__
         raise AnchorDiffError(
-            f"The connected CLIP is not SD3's (it has encoders: {keys}). Connect SD3's text encoders: "
-            "TripleCLIPLoader (clip_g, clip_l, t5xxl) or the CLIP output of an SD3 / SD3.5 checkpoint."
+            "No CLIP connected: connect the model's text encoders (SD3: TripleCLIPLoader or an SD3 checkpoint's CLIP; "
+            "Flux.1: DualCLIPLoader with clip_l and t5xxl, type flux)."
         )
-    chunks = _clip_l_ids(tokens)
-    if len(chunks) > 1:
-        used = sum(1 for chunk in chunks for i in chunk if i not in CLIP_SPECIAL)
-        given = f"{len(names)} concept{'s' if len(names) != 1 else ''}"
-        raise AnchorDiffError(
-            f"The concepts are too long for one CLIP window (75 tokens): {given} given, {used} tokens with the separators. "
-            "Use fewer or shorter concepts."
-        )
-    pieces = [[i for i in _clip_l_ids(clip.tokenize(name))[0] if i not in CLIP_SPECIAL] for name in names]
-    try:
-        positions = locate_tokens(chunks[0], pieces, names)
-    except ValueError as error:
-        raise AnchorDiffError(str(error)) from None
-    cond, _pooled = clip.encode_from_tokens(tokens, return_pooled=True)
-    if cond.dim() != 3 or cond.shape[-1] != SD3_CONTEXT_WIDTH:
-        raise AnchorDiffError(f"The text encoder output has shape {tuple(cond.shape)}; SD3 expects [1, L, {SD3_CONTEXT_WIDTH}].")
-    for name, concept in zip(names, positions):
-        if not bool(torch.isfinite(cond[0, concept]).all()):
+    probe = clip.tokenize("a")
+    for adapter in ADAPTERS:
+        if adapter.accepts_tokens(probe):
+            return _finite(adapter.encode_concepts(clip, names))
+    keys = ", ".join(sorted(probe)) if isinstance(probe, dict) else type(probe).__name__
+    raise AnchorDiffError(
+        f"The connected CLIP is not SD3's nor Flux.1's (it has encoders: {keys}). Connect the text encoders of one of: "
+        f"{supported_families()} (SD3: TripleCLIPLoader with clip_g, clip_l, t5xxl, or an SD3 / SD3.5 checkpoint's CLIP; "
+        "Flux.1: DualCLIPLoader with clip_l and t5xxl, type flux)."
+    )
+
+
+def _finite(concepts: ConceptSet) -> ConceptSet:
+    """The encoded concepts, or a clear error for one whose features are NaN or infinite."""
+    for k, name in enumerate(concepts.names):
+        if not bool(torch.isfinite(concepts.embeddings[concepts.token_concept == k]).all()):
             raise AnchorDiffError(
                 f"Concept '{name}' encodes to NaN or infinite values: its weight in ComfyUI's (text:weight) syntax must be a "
                 "moderate finite number, e.g. (cat:1.2); or write the concept without the parentheses."
             )
-    flat = [p for concept in positions for p in concept]
-    owner = [k for k, concept in enumerate(positions) for _ in concept]
-    return ConceptSet(tuple(names), cond[0, flat].detach().float().cpu(), torch.tensor(owner, dtype=torch.long))
+    return concepts

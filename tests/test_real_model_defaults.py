@@ -109,3 +109,33 @@ def test_other_depths_get_the_same_relative_layers(pack):
     assert sd3_patch.model_variant(dm) == "SD3-architecture model with 12 blocks"
     assert sd3_patch.default_graph_layers(dm) == (4, 9)  # 9/23 and 18/23 of the way through 0..11
     assert sd3_patch.default_seg4diff_layer(dm) == 4
+
+
+# --------------------------------------------------------------------------------------- Flux.1
+@pytest.mark.parametrize("guidance, name", [(True, "Flux.1 dev"), (False, "Flux.1 schnell")])
+def test_real_flux1_is_detected_and_our_rule_gives_its_defaults(pack, guidance, name):
+    """Flux.1 dev / schnell at the published shape (width 3072, 24 heads, 19 double + 38 single blocks),
+    built by ComfyUI's own detection on meta tensors: the adapter's name, block order and the
+    documented default-layer rule (SD3 Medium's 9 / 18 of 0..23 at the same relative depth of 0..56)."""
+    import dataclasses
+
+    import comfy.model_detection
+    import comfy.ops
+    from comfy.ldm.flux.model import Flux, FluxParams
+
+    extra = {"txt_ids_dims": []} if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)} else {}
+    source = Flux(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072, mlp_ratio=4.0,
+                  num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+                  qkv_bias=True, guidance_embed=guidance, dtype=torch.bfloat16, device="meta",
+                  operations=comfy.ops.disable_weight_init, **extra)
+    state_dict = {k.replace("norm.weight", "norm.scale"): v for k, v in source.state_dict().items()}
+    config = comfy.model_detection.model_config_from_unet(state_dict, "")
+    assert type(config).__name__ == ("Flux" if guidance else "FluxSchnell")
+    unet = dict(config.unet_config)
+    unet.pop("image_model", None)
+    dm = Flux(**unet, dtype=torch.bfloat16, device="meta", operations=comfy.ops.disable_weight_init)
+    adapter = sys.modules[pack.__name__ + ".nodes.models"].adapter_for(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=dm)))
+    assert adapter.variant() == name
+    assert (adapter.num_blocks(), adapter.heads(), adapter.width()) == (57, 24, 3072)
+    assert adapter.block_keys()[18:20] == [("double_block", 18), ("single_block", 0)]
+    assert adapter.default_graph_layers() == (22, 44) and adapter.default_seg4diff_layer() == 22

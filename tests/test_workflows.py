@@ -44,7 +44,12 @@ MASKS = {
         "anchordiff/04_compare_baselines/mask_cross_attention": ("cat", "AnchorDiffCrossAttentionHeat"),
         "anchordiff/04_compare_baselines/mask_conceptattention": ("cat", "AnchorDiffConceptAttentionHeat"),
         "anchordiff/04_compare_baselines/mask_seg4diff": ("cat", "AnchorDiffSeg4DiffHeat")},
+    "anchordiff-05-flux-generate-mask": {
+        "anchordiff/05_flux_generate_mask/mask_first_concept": ("cat", "AnchorDiffPropagate"),
+        "anchordiff/05_flux_generate_mask/mask_second_concept": ("dog", "AnchorDiffPropagate")},
 }
+# Workflows for another family than SD3: the trained toy (an SD3) cannot stand in for their model.
+NOT_SD3 = {"anchordiff-05-flux-generate-mask"}
 # Every other saved image: prefix -> (height, width) at the test size.
 IMAGES = {
     "anchordiff-00-toy-generate-mask-inpaint": {"anchordiff/00_toy_generate_mask_inpaint/generated": (H, W),
@@ -56,6 +61,7 @@ IMAGES = {
                                                  "anchordiff/03_two_dogs_recolour/recoloured": (H, W)},
     "anchordiff-04-compare-baselines": {"anchordiff/04_compare_baselines/generated": (H, W),
                                         "anchordiff/04_compare_baselines/side_by_side": (H, 5 * W + 4 * STITCH_SPACING)},
+    "anchordiff-05-flux-generate-mask": {"anchordiff/05_flux_generate_mask/generated": (H, W)},
 }
 
 
@@ -341,12 +347,22 @@ def test_workflow_runs_and_saves_masks(name, server):
             concept_a, concept_b = MASKS[name][a][0], MASKS[name][b][0]
             if concept_a != concept_b and set(concept_a.split()) & set(concept_b.split()):
                 continue
+            if name in NOT_SD3:
+                # On the random tiny Flux both concepts' heat spreads over the same region within the
+                # propagation's steps: measured at 320 x 256, the masks of "cat" and "dog" are identical
+                # for seeds 7, 8 and 9 while their anchors differ. Per-concept maps and masks of the Flux
+                # path are checked in tests/test_flux_capture.py (128 x 128, where they differ).
+                continue
             assert not np.array_equal(mask_a, mask_b), f"{a} and {b} are the same mask"
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_on_the_trained_toy_model(name, toy_server):
     """The same workflow files on the toy SD3 (toyworld/), whose text side is the toy CLIP."""
+    if name in NOT_SD3:
+        with pytest.raises(SubstitutionError, match="no toy model for Flux.1"):
+            substituted(load(ROOT / "workflows" / "api" / f"{name}.json"), TOY_MODELS)
+        pytest.skip("the trained toy is an SD3: no toy model for this family")
     prompt = substituted(load(ROOT / "workflows" / "api" / f"{name}.json"), TOY_MODELS, size=(256, 256), max_steps=4,
                          input_image=TOY_IMAGE)
     loaders = [n for n in prompt.values() if n["class_type"] in ("AnchorDiffTestCheckpoint", "UNETLoader")]
