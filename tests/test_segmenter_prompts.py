@@ -1,6 +1,7 @@
 """AnchorDiff's anchors and masks as point / box prompts (anchordiff_core.prompts, the Points and
 Boxes node), in the formats ComfyUI's SAM3_Detect parses, checked through SAM3's own code where the
 ComfyUI version has it."""
+import importlib.util
 import json
 from types import SimpleNamespace
 
@@ -66,6 +67,28 @@ def _sam3_detect(positive, negative, boxes, image_hw):
     return seen
 
 
+def _sam3_video_track(initial_mask, frames):
+    """Run ComfyUI's SAM3_VideoTrack.execute with a recording stand-in model: the first-frame masks
+    its own code hands the tracker (one per object)."""
+    sam3 = pytest.importorskip("comfy_extras.nodes_sam3", reason="SAM3 is in ComfyUI 0.4+ (CI runs it on 0.33.0)")
+    import comfy.model_management
+    seen = {}
+
+    class Recorder:
+        def forward_video(self, images, initial_masks=None, **kw):
+            seen.update(images=images, initial_masks=initial_masks)
+            return {}
+
+    model = SimpleNamespace(model=SimpleNamespace(get_dtype=lambda: torch.float32, diffusion_model=Recorder()))
+    load = comfy.model_management.load_model_gpu
+    comfy.model_management.load_model_gpu = lambda m: None
+    try:
+        sam3.SAM3_VideoTrack.execute(frames, model, initial_mask=initial_mask)
+    finally:
+        comfy.model_management.load_model_gpu = load
+    return seen
+
+
 def test_sam3_reads_our_points_and_boxes_as_intended(comfy):
     h, w = 40, 72  # non-square: an x / y swap shows
     pts = anchor_points(torch.tensor([[1 * 5 + 3], [2 * 5 + 0]]), (3, 5), (h, w))
@@ -101,5 +124,11 @@ def test_points_and_boxes_node_on_the_toy(comfy):
     assert boxes == mask_boxes(mask[0]) and boxes
     with pytest.raises(Exception, match="does not exist|Unknown concept"):
         toy.run("AnchorDiffSegmenterPrompts", anchors, "no such concept")
+    if importlib.util.find_spec("comfy_extras.nodes_sam3") is not None:
+        # the Mask node's MASK [1, H, W] as SAM3_VideoTrack's first-frame masks: one object, its pixels as they are
+        frames = torch.from_numpy(scene.image).float().div(255)[None].repeat(3, 1, 1, 1)
+        seen = _sam3_video_track(mask, frames)
+        assert seen["initial_masks"].shape == (1, 1, *scene.image.shape[:2])
+        assert torch.equal(seen["initial_masks"][:, 0], mask) and seen["images"].shape == (3, 3, *scene.image.shape[:2])
     with pytest.raises(Exception, match="mask is"):
         toy.run("AnchorDiffSegmenterPrompts", anchors, names[0], mask[:, :128])
