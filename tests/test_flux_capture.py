@@ -25,7 +25,8 @@ def env(comfy, comfy_models_dir):
     from toyworld.comfy_clip import make_fixture_clip
 
     nodes = comfy_env.get_nodes(extras=True)
-    assert comfy_env.load_custom_node_pack(REPO), "our pack failed to load in ComfyUI"
+    if "AnchorDiffMask" not in nodes.NODE_CLASS_MAPPINGS:  # once per process, as the other test modules do
+        assert comfy_env.load_custom_node_pack(REPO), "our pack failed to load in ComfyUI"
     if "AnchorDiffTestFluxCLIP" not in nodes.NODE_CLASS_MAPPINGS:
         assert comfy_env.load_custom_node_pack(TEST_NODES_DIR)
     for name, cfg in VARIANTS.items():

@@ -4,6 +4,7 @@ surrogates, an unknown precision. Each is refused at the node that got it, with 
 names the input and the fix (tests/test_server.py sends NaN through the real server)."""
 import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -29,7 +30,10 @@ def env(comfy):
         assert comfy_env.load_custom_node_pack(REPO)
     if "AnchorDiffTestCLIP" not in nodes.NODE_CLASS_MAPPINGS:
         assert comfy_env.load_custom_node_pack(TEST_NODES_DIR)
-    pack = sys.modules[str(REPO).replace(".", "_x_")]
+    name = str(REPO).replace(".", "_x_")
+    # the pack's modules by name: a second load of the pack makes a new package object without its
+    # submodules as attributes, so never reach them as attributes of the package
+    pack = types.SimpleNamespace(nodes=types.SimpleNamespace(sd3_patch=sys.modules[name + ".nodes.sd3_patch"]))
     return pack, nodes.NODE_CLASS_MAPPINGS, make_fixture_clip()
 
 

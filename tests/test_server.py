@@ -273,8 +273,9 @@ def test_non_sd3_model_is_refused_with_our_message(server, tmp_path):
     data = failed.value.data
     assert (data["node_id"], data["node_type"]) == ("6", "AnchorDiffRecordAttention")
     assert data["exception_message"].rstrip("\n") == (  # ComfyUI appends a newline (for its OOM tips)
-        "AnchorDiff needs an SD3 / SD3.5 model (MMDiT), but the connected MODEL is WAN21 (WanModel). "
-        "Load SD3 Medium or SD3.5 Large / Medium / Large Turbo with 'Load Checkpoint' or 'Load Diffusion Model'."
+        "AnchorDiff needs an SD3 / SD3.5 model (MMDiT) or a Flux.1 model (dev, schnell), but the connected MODEL is "
+        "WAN21 (WanModel). Supported families: SD3 / SD3.5 (Medium, Large, Large Turbo); Flux.1 (dev, schnell, Kontext). "
+        "Load one with 'Load Checkpoint' or 'Load Diffusion Model'."
     )
     assert data["exception_message"].strip() in str(failed.value)
     check_concept_masks(saved_masks(server.run(chain(), "chain after an error", tmp_path / "next")), (256, 256), 2)
@@ -486,7 +487,10 @@ def test_example_workflow_returns_masks(server, tmp_path, path):
     if path is None:
         pytest.skip("no API-format workflows in workflows/ yet")
     substitute = pytest.importorskip("fixtures.substitute", reason="tests/fixtures/substitute.py not there yet")
-    prompt = substitute.substituted(cc.load_workflow(path), size=WORKFLOW_SIZE, max_steps=3, input_image=WORKFLOW_PHOTO)
+    workflow = cc.load_workflow(path)
+    if any(n["class_type"].startswith("SAM3") for n in workflow.values()):
+        pytest.skip(f"{path.name} needs SAM3's weights (not here): tests/test_sam3_workflows.py has the real server validate it")
+    prompt = substitute.substituted(workflow, size=WORKFLOW_SIZE, max_steps=3, input_image=WORKFLOW_PHOTO)
     savers = add_mask_savers(prompt)
     assert savers, f"{path.name} has no AnchorDiff Mask node"
     result = server.run(prompt, f"workflow {path.stem}", tmp_path, timeout=300)

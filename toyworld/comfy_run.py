@@ -26,6 +26,7 @@ from .comfy_env import REPO_ROOT as REPO, get_nodes, import_comfy, load_custom_n
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 MODEL_FILE = "toy_sd3.safetensors"
 VAE_FILES = ("taesd3_encoder.safetensors", "taesd3_decoder.safetensors")
+_MODEL_DIRS: list = []   # the temporary models folders of every ToyComfy of this process
 
 
 def link_toy_models(models_dir, weights: Path = WEIGHTS) -> Path:
@@ -54,10 +55,12 @@ class ToyComfy:
         self.nodes = get_nodes(extras=True)
         if not any(k.startswith("AnchorDiff") and k != "AnchorDiffTestCLIP" for k in self.nodes.NODE_CLASS_MAPPINGS):
             assert load_custom_node_pack(REPO), "the AnchorDiff pack failed to load"
-        self._tmp = None
         if models_dir is None:
-            self._tmp = tempfile.TemporaryDirectory(prefix="toy-models-")
-            models_dir = self._tmp.name
+            # ComfyUI keeps this folder first in its model lists for the rest of the process, so it
+            # must outlive this object: removed at exit, not when a ToyComfy is garbage-collected
+            tmp = tempfile.TemporaryDirectory(prefix="toy-models-")
+            _MODEL_DIRS.append(tmp)
+            models_dir = tmp.name
         link_toy_models(models_dir, weights)
         set_models_dir(models_dir)
         from .comfy_clip import make_fixture_clip
