@@ -98,9 +98,8 @@ def anchor_map(maps: AttentionMaps, exclude_last_block: bool = False, source: st
     the last block out: `exclude_last_block` does not change it)."""
     if source == "consensus":
         a_ci, ic = consensus_sources(maps)
-        if a_ci.shape[1] + (0 if ic is None else ic.shape[1]) < 2:
-            raise ValueError("The consensus anchor needs at least two maps per concept besides the last block's: record with "
-                             "anchor_maps 'all blocks, both directions' (or a model with more blocks).")
+        if a_ci.shape[1] + (0 if ic is None else ic.shape[1]) == 1:
+            return a_ci[:, 0]  # one map (a one-block recording without image-to-concept maps): its own consensus
         return torch.stack([consensus_map(a_ci[b], None if ic is None else ic[b], CONSENSUS_POWER) for b in range(maps.batch_size)])
     if source == "image_to_concept":
         if maps.seg4diff is None:

@@ -55,7 +55,8 @@ def inner(args):
     neg = nodes.CLIPTextEncode().encode(clip, "")[0]
     if args.mode == "record":
         concepts = nodes.NODE_CLASS_MAPPINGS["AnchorDiffConcepts"].execute(clip, "cat, dog, sofa, background").args[0]
-        model, recorder = nodes.NODE_CLASS_MAPPINGS["AnchorDiffRecordAttention"].execute(model, concepts, 0.5, -1, "", -1, 1).args
+        model, recorder = nodes.NODE_CLASS_MAPPINGS["AnchorDiffRecordAttention"].execute(
+            model, concepts, 0.5, -1, "", -1, 1, **anchor_maps_input(args)).args
     latent = torch.zeros(1, 16, args.size // PIXELS_PER_LATENT, args.size // PIXELS_PER_LATENT)
     noise = comfy.sample.prepare_noise(latent, 0)
 
@@ -79,8 +80,7 @@ def inner(args):
     result = {"mode": args.mode, "seconds": seconds, "peak_mb": peak / 2**20, "device": str(comfy.model_management.get_torch_device())}
     if args.mode == "record":
         maps = nodes.NODE_CLASS_MAPPINGS["AnchorDiffReadMaps"].execute(recorder, {"samples": out}).args[0]
-        held = sum(t.numel() * t.element_size() for t in (maps.a_ci, maps.ca_scores, maps.a_ii, maps.o_ii, maps.seg4diff))
-        result.update(step=maps.step, tokens=maps.num_tokens, graph_layers=list(maps.graph_layers), held_mb=held / 2**20)
+        result.update(step=maps.step, tokens=maps.num_tokens, graph_layers=list(maps.graph_layers), held_mb=held_mb(maps))
     print(json.dumps(result))
 
 
@@ -90,6 +90,20 @@ FULL_SHAPES = {  # ComfyUI unet_config of the real models, and the patch's defau
     "sd3.5-large": {"depth": 38, "pos_embed_max_size": 192, "qk_norm": "rms", "x_block_self_attn_layers": [],
                     "graph_layers": (23, 31), "seg4diff_layer": 14},
 }
+
+
+ANCHOR_MAPS = {"all": "all blocks, both directions (consensus)", "paper": "concept→image (paper)"}
+
+
+def anchor_maps_input(args) -> dict:
+    """Record Attention's anchor_maps widget: omitted (the node's default) unless --anchor-maps names one."""
+    return {} if args.anchor_maps is None else {"anchor_maps": ANCHOR_MAPS[args.anchor_maps]}
+
+
+def held_mb(maps) -> float:
+    """MiB of every map the recording keeps per run (the per-block image-to-concept maps too, when recorded)."""
+    kept = (maps.a_ci, maps.ca_scores, maps.a_ii, maps.o_ii, maps.seg4diff, maps.ic)
+    return sum(t.numel() * t.element_size() for t in kept if t is not None) / 2**20
 
 
 def per_block_record_cpu():
@@ -195,7 +209,7 @@ def full(args):
     pos = [[text.repeat(1, 3, 1)[:, :333], extra]]  # 333 prompt tokens: CLIP 77 + T5 256, as the diffusers pipeline pads
     concepts = nodes.NODE_CLASS_MAPPINGS["AnchorDiffConcepts"].execute(clip, "cat, dog, sofa, background").args[0]
     patched, recorder = nodes.NODE_CLASS_MAPPINGS["AnchorDiffRecordAttention"].execute(
-        model, concepts, 0.5, 0, args.graph_layers, args.seg4diff_layer, 1, args.precision).args
+        model, concepts, 0.5, 0, args.graph_layers, args.seg4diff_layer, 1, args.precision, **anchor_maps_input(args)).args
     latent = torch.zeros(1, 16, args.size // PIXELS_PER_LATENT, args.size // PIXELS_PER_LATENT)
     noise = comfy.sample.prepare_noise(latent, 0)
 
@@ -220,7 +234,7 @@ def full(args):
         "tokens": maps.num_tokens, "text_tokens": int(pos[0][0].shape[1]), "graph_layers": list(maps.graph_layers),
         "plain": rows["plain"], "record": rows["record"],
         "identical": bool(torch.equal(outputs["plain"], outputs["record"])),
-        "held_mb": sum(t.numel() * t.element_size() for t in (maps.a_ci, maps.ca_scores, maps.a_ii, maps.o_ii, maps.seg4diff)) / 2**20,
+        "anchor_maps": args.anchor_maps, "held_mb": held_mb(maps),
     }
     plain_cpu = min(r["cpu_s"] for r in rows["plain"])
     rec_cpu = min(r["cpu_s"] for r in rows["record"])
@@ -251,6 +265,9 @@ def main():
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--mode", default=None)
+    p.add_argument("--anchor-maps", choices=sorted(ANCHOR_MAPS), default=None,
+                   help="Record Attention's anchor_maps: all (every block's image-to-concept map, the consensus anchor's; "
+                   "the node's default) or paper (the paper's maps only); default: the node's default")
     args = p.parse_args()
     if args.full:
         full(args)
@@ -262,6 +279,7 @@ def main():
     for repeat in range(args.repeats):
         for mode in ("plain", "record"):  # alternate, so drift on a shared machine hits both
             cmd = [sys.executable, __file__, "--mode", mode, "--size", str(args.size), "--steps", str(args.steps), "--depth", str(args.depth)]
+            cmd += ["--anchor-maps", args.anchor_maps] if args.anchor_maps else []
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 sys.exit(out.stderr[-3000:])

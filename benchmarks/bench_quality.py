@@ -46,6 +46,8 @@ PAPER = "AnchorDiff (paper)"
 TRUE_CENTRE = "AnchorDiff, true-centre anchor (upper bound)"
 DIFFUSERS = "AnchorDiff (paper), diffusers capture"
 CONSENSUS = "AnchorDiff, consensus anchor (all blocks, both directions)"
+DEFAULT = CONSENSUS + ", auto gate and steps (the nodes' default)"  # Anchor Select's and the recorders' defaults
+PAPER_AUTO = "AnchorDiff, paper's anchor, auto gate and steps"
 REFINED = (PAPER, TRUE_CENTRE)  # the rows measured with and without edge refinement
 
 
@@ -66,7 +68,7 @@ def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict
     paper = lambda: a.mean(0).argmax(1)  # noqa: E731
     anchordiff(PAPER, paper)
     auto = dict(gate=auto_gate_percentile(maps.grid), steps=auto_steps(maps.grid))  # the nodes' default
-    anchordiff("AnchorDiff, auto gate and steps (the nodes' default)", paper, **auto)
+    anchordiff(PAPER_AUTO, paper, **auto)
     anchordiff("AnchorDiff, anchors without pre_only block", lambda: a[:-1].mean(0).argmax(1))
     anchordiff("AnchorDiff, no gate", paper, gate=None)
     anchordiff("AnchorDiff, no W_cos (W_attn weights)", paper, weights="attention")
@@ -81,7 +83,7 @@ def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict
                lambda: anchor_map(replace(maps, ic=None), False, "consensus")[0].argmax(1))
     if maps.ic is not None:
         anchordiff(CONSENSUS, lambda: anchor_map(maps, False, "consensus")[0].argmax(1))
-        anchordiff(CONSENSUS + ", auto gate and steps", lambda: anchor_map(maps, False, "consensus")[0].argmax(1), **auto)
+        anchordiff(DEFAULT, lambda: anchor_map(maps, False, "consensus")[0].argmax(1), **auto)
     centre = lambda: torch.tensor([central_token(t, maps.grid) for t in truths])  # noqa: E731
     anchordiff(TRUE_CENTRE, centre)
     anchordiff("AnchorDiff, true-centre anchor, auto gate and steps", centre, **auto)
@@ -106,7 +108,7 @@ def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
 
 def run(toy, toyd, seeds, size: int, record_at: float, log=print, with_figure: bool = True, anchor_maps: str | None = None) -> dict:
     """`toy`: toyworld.comfy_run.ToyComfy; `toyd`: toyworld.to_diffusers.ToyDiffusers; `anchor_maps`: Look At
-    Image's anchor_maps choice (None: the node's default, the paper's maps only)."""
+    Image's anchor_maps choice (None: the node's default, every block's maps for the consensus anchor)."""
     pairs = defaultdict(lambda: defaultdict(list))   # (group, method) -> metric -> values
     binary = defaultdict(BinarySegmentationMeter)
     edges = defaultdict(BinarySegmentationMeter)      # (method, refined) -> meter over every phrase
@@ -266,7 +268,7 @@ def markdown(r: dict) -> str:
     return head + "\n" + "\n".join(rows) + foot + edge_head + "\n" + "\n".join(edge_rows) + edge_foot
 
 
-def figure(r: dict, path: Path, show=(PAPER, "AnchorDiff, auto gate and steps (the nodes' default)", DIFFUSERS, "AnchorDiff, no W_cos (W_attn weights)", "AnchorDiff, image-to-concept anchor",
+def figure(r: dict, path: Path, show=(PAPER, PAPER_AUTO, DEFAULT, DIFFUSERS, "AnchorDiff, no W_cos (W_attn weights)", "AnchorDiff, image-to-concept anchor",
                                        TRUE_CENTRE, "Cross-attention (A_CI alone)", "ConceptAttention", "Seg4Diff")) -> None:
     from PIL import Image, ImageDraw
     rows = r["_figure"]
@@ -302,14 +304,15 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--record-at", type=float, default=0.85, help="the toy's recording point, chosen on validation (toyworld/README.md)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    p.add_argument("--anchor-maps", choices=("paper", "all"), default="paper",
-                   help="all: record every block's image-to-concept map too (adds the consensus anchor's full row)")
+    p.add_argument("--anchor-maps", choices=("paper", "all"), default="all",
+                   help="all (Look At Image's default): every block's image-to-concept map too, for the consensus anchor's "
+                   "rows, the nodes' default among them; paper: the paper's maps only")
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
     from toyworld.comfy_run import ToyComfy
     from toyworld.to_diffusers import ToyDiffusers
     w0, c0 = time.perf_counter(), time.process_time()
-    anchor_maps = "all blocks, both directions (consensus)" if args.anchor_maps == "all" else None
+    anchor_maps = "all blocks, both directions (consensus)" if args.anchor_maps == "all" else "concept→image (paper)"
     r = run(ToyComfy(), ToyDiffusers(), SPLITS[args.split].seeds(args.scenes), args.size, args.record_at, anchor_maps=anchor_maps)
     r["command"] = "benchmarks/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     r["total"] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}

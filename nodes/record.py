@@ -56,11 +56,15 @@ class AnchorDiffConcepts(io.ComfyNode):
 
 # What Anchor Select can pool: the paper's A_CI per block only (nothing more recorded), or also the
 # image-to-concept map at every block for the consensus anchor (RecordSpec.ic_blocks).
+# The default is the consensus anchor's (docs/DESIGN.md "Consensus anchor", "Default": it won on the toy's test
+# split at both recording points and both image sizes measured); the paper's is one click away.
 ANCHOR_MAPS = {"concept→image (paper)": False, "all blocks, both directions (consensus)": True}
+DEFAULT_ANCHOR_MAPS = "all blocks, both directions (consensus)"
 ANCHOR_MAPS_TIP = (
-    "Maps recorded for Anchor Select. concept→image: the paper's (enough for its anchor). all blocks, both directions: "
-    "also every block's image→concept map, for the 'consensus' anchor: per concept 4 bytes x blocks x image tokens more "
-    "(SD3 Medium at 1024 px: 0.4 MB) and one extra image-attention pass per block."
+    "Maps recorded for Anchor Select. all blocks, both directions (default): also every block's image→concept map, for "
+    "Anchor Select's default 'consensus' anchor: per concept 4 bytes x blocks x image tokens more (SD3 Medium at 1024 px: "
+    "0.4 MB) and one extra image-attention pass per block of the recorded step. concept→image (paper): only the paper's "
+    "maps (enough for its argmax anchor; the consensus then pools the blocks' concept→image maps and the Seg4Diff map)."
 )
 
 
@@ -128,7 +132,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
                 *_common_inputs(),
                 io.Int.Input("keep_runs", default=2, min=1, max=16, tooltip="How many sampling runs' maps to keep in memory."),
                 io.Combo.Input("precision", options=list(RECORD_PRECISIONS), default="auto", optional=True, tooltip=PRECISION_TIP),
-                io.Combo.Input("anchor_maps", options=list(ANCHOR_MAPS), default="concept→image (paper)", optional=True, tooltip=ANCHOR_MAPS_TIP),
+                io.Combo.Input("anchor_maps", options=list(ANCHOR_MAPS), default=DEFAULT_ANCHOR_MAPS, optional=True, tooltip=ANCHOR_MAPS_TIP),
             ],
             outputs=[
                 io.Model.Output("patched_model", display_name="model", tooltip="The patched model: connect it to the sampler."),
@@ -138,7 +142,7 @@ class AnchorDiffRecordAttention(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, concepts, record_at, record_step, graph_layers, seg4diff_layer, keep_runs, precision="auto",
-                anchor_maps="concept→image (paper)") -> io.NodeOutput:
+                anchor_maps=DEFAULT_ANCHOR_MAPS) -> io.NodeOutput:
         finite_inputs(cls, record_at=record_at)
         spec, _variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, precision, _anchor_maps(anchor_maps))
         recorder = AttentionRecorder(concepts, spec, RecordSettings(record_at, record_step, keep_runs), adapter_for(model))
@@ -199,14 +203,14 @@ class AnchorDiffLookAtImage(io.ComfyNode):
                     tooltip="Noise level as a fraction of the trajectory (0.5 = the paper's midpoint).",
                 ),
                 *_common_inputs(),
-                io.Combo.Input("anchor_maps", options=list(ANCHOR_MAPS), default="concept→image (paper)", optional=True, tooltip=ANCHOR_MAPS_TIP),
+                io.Combo.Input("anchor_maps", options=list(ANCHOR_MAPS), default=DEFAULT_ANCHOR_MAPS, optional=True, tooltip=ANCHOR_MAPS_TIP),
             ],
             outputs=[Maps.Output("maps", display_name="maps", tooltip="Recorded maps for Anchor Select, Build Gated Graph and the baselines.")],
         )
 
     @classmethod
     def execute(cls, model, concepts, positive, latent, seed, record_at, graph_layers, seg4diff_layer,
-                anchor_maps="concept→image (paper)") -> io.NodeOutput:
+                anchor_maps=DEFAULT_ANCHOR_MAPS) -> io.NodeOutput:
         finite_inputs(cls, record_at=record_at)
         spec, _variant = _record_spec(model, concepts, graph_layers, seg4diff_layer, ic_blocks=_anchor_maps(anchor_maps))
         if not positive:

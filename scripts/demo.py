@@ -12,8 +12,8 @@ The workflows themselves are the files users open:
 2. workflows/api/anchordiff-02-image-mask-inpaint.json: the same on a held-out scene of the world,
    whose true masks are known: the demo prints each mask's IoU against the truth, and then the mean
    IoU of the same workflow (the nodes' defaults, record_at 0.85) over the next HELD_OUT look-alike
-   scenes of the test split (both look-alikes masked in each); all of it once more with Anchor
-   Select's consensus anchor (CONSENSUS: two widgets changed), the toy's best label-free anchor.
+   scenes of the test split (both look-alikes masked in each); all of it once more with the paper's
+   argmax anchor (PAPER: two widgets changed), to show what the default consensus anchor buys.
 
 The scene is chosen by a fixed rule, not by trying seeds: the first seed of the test split whose
 scene the world draws as a look-alike pair (`demo_seeds`); the held-out scenes are the look-alike
@@ -46,11 +46,11 @@ RECORD_AT = 0.85    # the toy's best recording point on the validation split (th
                     # too noisy for so small a model: toyworld/README.md)
 STEPS = 24
 HELD_OUT = 8        # look-alike scenes after the demo's, for the printed mean IoU
-# The toy's best label-free anchor (toyworld/README.md, docs/DESIGN.md "Consensus anchor"): the same
-# workflow with two widgets changed, run beside the defaults
-CONSENSUS = {"AnchorDiffAnchorSelect": ("anchor_from", "consensus (blocks agree, both directions)"),
-             "AnchorDiffLookAtImage": ("anchor_maps", "all blocks, both directions (consensus)"),
-             "AnchorDiffRecordAttention": ("anchor_maps", "all blocks, both directions (consensus)")}
+# The paper's argmax anchor, one click away from the default consensus anchor (docs/DESIGN.md "Consensus
+# anchor"): the same workflow with two widgets changed, run beside the defaults
+PAPER = {"AnchorDiffAnchorSelect": ("anchor_from", "concept→image (paper)"),
+         "AnchorDiffLookAtImage": ("anchor_maps", "concept→image (paper)"),
+         "AnchorDiffRecordAttention": ("anchor_maps", "concept→image (paper)")}
 COLOURS = [(255, 60, 60), (60, 200, 255)]
 
 
@@ -70,11 +70,11 @@ def add_second_mask(prompt: dict, concept: str, prefix: str) -> None:
     prompt.update(new)
 
 
-def configure(prompt: dict, scene, pair: list[str], inpaint_prompt: str, folder: str, consensus: bool = False) -> dict:
+def configure(prompt: dict, scene, pair: list[str], inpaint_prompt: str, folder: str, paper: bool = False) -> dict:
     prompt = substituted(prompt, TOY_MODELS, size=(SIZE, SIZE), max_steps=STEPS)
     for node in prompt.values():
-        if consensus and node["class_type"] in CONSENSUS:
-            name, value = CONSENSUS[node["class_type"]]
+        if paper and node["class_type"] in PAPER:
+            name, value = PAPER[node["class_type"]]
             node["inputs"][name] = value
     sets = []
     for title in ("Prompt", "Describe the image"):
@@ -112,13 +112,13 @@ def lookalike_pair(scene) -> list[str]:
     return [scene.objects[a].phrase, scene.objects[b].phrase]
 
 
-def mask_world_scene(url: str, client, scene, out: Path, folder: str, consensus: bool = False):
+def mask_world_scene(url: str, client, scene, out: Path, folder: str, paper: bool = False):
     """Workflow 02 on a world scene through the server: (result, prompt, [mask_a, mask_b] bool, IoUs)."""
     pair = lookalike_pair(scene)
     path = out / f"{folder}_scene.png"
     Image.fromarray(scene.image).save(path)
     wf = json.loads((ROOT / "workflows" / "api" / "anchordiff-02-image-mask-inpaint.json").read_text())
-    prompt = configure(wf, scene, pair, scene.caption, folder, consensus)
+    prompt = configure(wf, scene, pair, scene.caption, folder, paper)
     prompt = prepare_prompt(prompt, images=[str(path)], client=client)
     result = run_prompt(prompt, server=url, output_dir=out, previews=False)
     files = outputs(result, prompt)
@@ -201,11 +201,11 @@ def main() -> int:
             img = configure(json.loads((wf / "anchordiff-02-image-mask-inpaint.json").read_text()), scene, pair, inpaint_prompt, "demo_world")
             img = prepare_prompt(img, images=[str(out / "world_scene.png")], client=client)
             r2 = run_prompt(img, server=url, output_dir=out, previews=False)
-            _, _, m3, ious3 = mask_world_scene(url, client, scene, out, "demo_world_consensus", consensus=True)
-            held, held_c = [], []
+            _, _, m3, ious3 = mask_world_scene(url, client, scene, out, "demo_world_paper", paper=True)
+            held, held_p = [], []
             for k, s in enumerate(held_out):
                 held += mask_world_scene(url, client, make_scene(s, SIZE), out, f"demo_heldout_{k}")[3]
-                held_c += mask_world_scene(url, client, make_scene(s, SIZE), out, f"demo_heldout_{k}_consensus", consensus=True)[3]
+                held_p += mask_world_scene(url, client, make_scene(s, SIZE), out, f"demo_heldout_{k}_paper", paper=True)[3]
         finally:
             stop_server(proc)
     o1, o2 = outputs(r1, gen), outputs(r2, img)
@@ -223,11 +223,11 @@ def main() -> int:
     for c, v in zip(pair, ious):
         print(f"demo: world scene, mask '{c}': IoU {v:.2f} against the world's true mask")
     for c, v in zip(pair, ious3):
-        print(f"demo: world scene, consensus anchor, mask '{c}': IoU {v:.2f}")
+        print(f"demo: world scene, the paper's anchor, mask '{c}': IoU {v:.2f}")
     if held:
         print(f"demo: mean IoU over {len(held_out)} held-out look-alike scenes ({len(held)} masks, seeds "
-              f"{held_out[0]}..{held_out[-1]}): default pipeline {np.mean(held):.2f} (median {np.median(held):.2f}), "
-              f"consensus anchor {np.mean(held_c):.2f} (median {np.median(held_c):.2f})")
+              f"{held_out[0]}..{held_out[-1]}): default pipeline (consensus anchor) {np.mean(held):.2f} (median "
+              f"{np.median(held):.2f}), the paper's anchor {np.mean(held_p):.2f} (median {np.median(held_p):.2f})")
     truth_img = scene.image.copy()
     for t, col in zip(truth, COLOURS):
         truth_img = overlay(truth_img, t, col)
@@ -237,11 +237,11 @@ def main() -> int:
     bottom = panel([(scene.image, "held-out world scene"), (truth_img, "true masks"),
                     (overlay(scene.image, m2[0], COLOURS[0]), f"{pair[0]}: IoU {ious[0]:.2f}"),
                     (overlay(scene.image, m2[1], COLOURS[1]), f"{pair[1]}: IoU {ious[1]:.2f}"),
-                    (load(o2["inpainted"]), f"inpainted: {swap}")], "2. an existing image (Look At Image), the nodes' defaults")
+                    (load(o2["inpainted"]), f"inpainted: {swap}")], "2. an existing image (Look At Image), the nodes' defaults (consensus anchor)")
     third = panel([(scene.image, "held-out world scene"), (truth_img, "true masks"),
                    (overlay(scene.image, m3[0], COLOURS[0]), f"{pair[0]}: IoU {ious3[0]:.2f}"),
                    (overlay(scene.image, m3[1], COLOURS[1]), f"{pair[1]}: IoU {ious3[1]:.2f}")],
-                  "3. the same with Anchor Select's consensus anchor (label-free, the toy's best)")
+                  "3. the same with the paper's argmax anchor (Anchor Select's anchor_from, one click away)")
     rows = [top, bottom, third]
     sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (24, 24, 28))
     y = 0

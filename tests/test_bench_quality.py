@@ -40,7 +40,7 @@ def test_diffusers_capture_matches_the_comfyui_capture(result):
 def test_every_method_has_every_measurement(result):
     bq, r, _ = result
     names = set(r["methods"])
-    assert {bq.PAPER, bq.DIFFUSERS, bq.TRUE_CENTRE, "AnchorDiff, no gate", "AnchorDiff, no W_cos (W_attn weights)",
+    assert {bq.PAPER, bq.PAPER_AUTO, bq.DEFAULT, bq.DIFFUSERS, bq.TRUE_CENTRE, "AnchorDiff, no gate", "AnchorDiff, no W_cos (W_attn weights)",
             "AnchorDiff, graph layer 1 only", "AnchorDiff, graph layer 2 only", "Cross-attention (A_CI alone)",
             "ConceptAttention", "Seg4Diff"} <= names
     for name, m in r["methods"].items():

@@ -1,6 +1,7 @@
 """The consensus anchor through the nodes on the trained toy SD3 (issue 17): Look At Image's
-anchor_maps records every block's image-to-concept map only when asked; Anchor Select's consensus
-option is the pure function on those maps; the paper's path and old widget values are unchanged."""
+anchor_maps records every block's image-to-concept map by default and not when the paper's maps are
+chosen; Anchor Select's consensus (its default) is the pure function on those maps; the paper's path is
+one click away and unchanged."""
 import pytest
 import torch
 
@@ -19,8 +20,9 @@ def looked(comfy):
     scene = make_scene(SEED, 256)
     names = [c.name for c in scene.concepts]
     cs, latent = toy.concepts(names), toy.latent(scene.image)
-    plain = toy.look(scene.image, scene.caption, cs, 0.85, latent=latent)  # old widget values: no anchor_maps
-    full = toy.look(scene.image, scene.caption, cs, 0.85, latent=latent, anchor_maps="all blocks, both directions (consensus)")
+    plain = toy.look(scene.image, scene.caption, cs, 0.85, latent=latent, anchor_maps="concept→image (paper)")
+    full = toy.look(scene.image, scene.caption, cs, 0.85, latent=latent)  # the default: every block's maps
+    assert full.ic is not None
     return toy, plain, full
 
 
@@ -28,7 +30,7 @@ def select(toy, maps, **kw):
     return toy.run("AnchorDiffAnchorSelect", maps, 1, 8.0, 0.5, "", False, **kw)[0]
 
 
-def test_per_block_maps_only_when_asked_and_the_rest_unchanged(looked):
+def test_per_block_maps_by_default_none_for_the_paper_and_the_rest_unchanged(looked):
     _, plain, full = looked
     assert plain.ic is None
     b, layers, k, n = full.a_ci.shape
@@ -48,10 +50,11 @@ def test_anchor_select_consensus_is_the_pure_function(looked):
     # without the per-block maps: A_CI of every block but the last, plus the Seg4Diff map
     got_plain = select(toy, plain, anchor_from="consensus (blocks agree, both directions)").indices[0][:, 0]
     assert torch.equal(got_plain, consensus_map(plain.a_ci[0, :-1], plain.seg4diff[0][None], 2.0).argmax(1))
-    # the paper's anchor is one click away and is untouched; it is also what an old workflow gets
+    # the consensus is the default; the paper's anchor is one click away and untouched (a workflow saved with it keeps it)
+    assert torch.equal(select(toy, full).indices[0][:, 0], want)
     paper = plain.a_ci[0].mean(0).argmax(1)
-    assert torch.equal(select(toy, plain).indices[0][:, 0], paper)
     assert torch.equal(select(toy, plain, anchor_from="concept→image (paper)").indices[0][:, 0], paper)
+    assert torch.equal(select(toy, full, anchor_from="concept→image (paper)").indices[0][:, 0], full.a_ci[0].mean(0).argmax(1))
     assert not torch.equal(got, paper)  # this scene is one where the consensus moves an anchor
 
 
