@@ -299,9 +299,10 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path, anchor_from):
     latent = N["VAEEncode"]().encode(vae, pixels)[0]
     concepts = N["AnchorDiffConcepts"].execute(clip, "red box, orange box").args[0]
     positive = N["CLIPTextEncode"]().encode(clip, "a red box and an orange box")[0]
-    if anchor_from == "paper":  # the widget values of a workflow saved before the consensus anchor
-        maps = N["AnchorDiffLookAtImage"].execute(model, concepts, positive, latent, 0, 0.5, "", -1).args[0]
-        anchors = N["AnchorDiffAnchorSelect"].execute(maps, 1, 8.0, 0.5, "", False).args[0]
+    if anchor_from == "paper":  # the paper's maps and argmax anchor, one click from the defaults
+        maps = N["AnchorDiffLookAtImage"].execute(model, concepts, positive, latent, 0, 0.5, "", -1, "concept→image (paper)").args[0]
+        anchors = N["AnchorDiffAnchorSelect"].execute(maps, 1, 8.0, 0.5, "", False, None, "concept→image (paper)").args[0]
+        assert maps.ic is None
     else:
         maps = N["AnchorDiffLookAtImage"].execute(model, concepts, positive, latent, 0, 0.5, "", -1,
                                                   "all blocks, both directions (consensus)").args[0]
