@@ -3,6 +3,7 @@
     python benchmarks/bench_capture.py [--size 1024] [--steps 8] [--depth 2]   # tiny SD3, sampling
     python benchmarks/bench_capture.py --full sd3-medium [--size 1024] [--threads 1] [--repeats 2]
     python benchmarks/bench_capture.py --full sd3.5-large --blocks 4 --graph-layers 1,2 --seg4diff-layer 0
+    python benchmarks/bench_capture.py --full flux.1-dev --blocks 2,2 --graph-layers 1,2 --seg4diff-layer 0
 
 --full: SD3 Medium's real shape (ComfyUI's MMDiT, depth 24, hidden 1536, 2.03 B parameters,
 random bf16 weights with ComfyUI's float32 manual cast, which is what ComfyUI computes in on a
@@ -31,6 +32,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
+
+from anchordiff_core.anchors import PIXELS_PER_LATENT  # noqa: E402
 
 
 def inner(args):
@@ -89,6 +92,11 @@ FULL_SHAPES = {  # ComfyUI unet_config of the real models, and the patch's defau
                    "graph_layers": (9, 18), "seg4diff_layer": 9},
     "sd3.5-large": {"depth": 38, "pos_embed_max_size": 192, "qk_norm": "rms", "x_block_self_attn_layers": [],
                     "graph_layers": (23, 31), "seg4diff_layer": 14},
+    # Flux.1 dev: 19 double- + 38 single-stream blocks of width 3072 (24 heads x 128); the Flux adapter's
+    # default layers (nodes/models/flux.py: SD3 Medium's pair at the same relative depth). --blocks D,S keeps
+    # D double and S single blocks. Double and single blocks cost the same per token (226 M multiply-adds).
+    "flux.1-dev": {"family": "flux", "depth": 19, "single": 38, "graph_layers": (22, 44), "seg4diff_layer": 22,
+                   "text_tokens": 512},
 }
 
 
@@ -186,6 +194,24 @@ def full_model(name, blocks=None):
     return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
 
 
+def flux_full_model(blocks):
+    """A ModelPatcher around ComfyUI's Flux.1-dev of the real width (3072, 24 heads, guidance embedding),
+    random weights (tests/fixtures/tiny_flux.py's seeded init), built from a state dict by ComfyUI's own
+    loader in bf16 (ComfyUI computes in float32 on a CPU: its manual cast); `blocks` = (double, single)."""
+    import torch
+    from fixtures.tiny_flux import TinyFluxConfig, build_flux, _bfl_key
+
+    import comfy.sd
+
+    double, single = blocks
+    model = build_flux(TinyFluxConfig(hidden=3072, depth=double, single=single))
+    sd = {}
+    for key, t in model.state_dict().items():  # one tensor at a time: the float32 model and the bf16 copy
+        sd[_bfl_key(key)] = t.to(torch.bfloat16)
+    del model
+    return comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": torch.bfloat16})
+
+
 def full(args):
     import torch
 
@@ -198,15 +224,25 @@ def full(args):
     import comfy.sample
     import nodes
 
+    shape = FULL_SHAPES[args.full]
     t0 = time.perf_counter()
-    model = full_model(args.full, args.blocks)
+    if shape.get("family") == "flux":
+        from fixtures.comfy_test_nodes.flux_clip import make_flux_fixture_clip
+
+        double, single = (shape["depth"], shape["single"]) if args.blocks is None else map(int, str(args.blocks).split(","))
+        model = flux_full_model((double, single))
+        dm = model.model.diffusion_model
+        blocks = len(dm.double_blocks) + len(dm.single_blocks)
+        clip, text_tokens = make_flux_fixture_clip(), shape["text_tokens"]  # T5-XXL padded to 512, as Flux.1 dev's pipeline
+    else:
+        model = full_model(args.full, None if args.blocks is None else int(args.blocks))
+        blocks = len(model.model.diffusion_model.joint_blocks)
+        clip, text_tokens = make_fixture_clip(t5=True), 333  # CLIP 77 + T5 256, as the diffusers SD3 pipeline pads
     built = time.perf_counter() - t0
-    blocks = len(model.model.diffusion_model.joint_blocks)
     record_cpu = per_block_record_cpu()
-    clip = make_fixture_clip(t5=True)
     pos = nodes.CLIPTextEncode().encode(clip, "a cat and a dog on a sofa")[0]
     text, extra = pos[0]
-    pos = [[text.repeat(1, 3, 1)[:, :333], extra]]  # 333 prompt tokens: CLIP 77 + T5 256, as the diffusers pipeline pads
+    pos = [[text.repeat(1, -(-text_tokens // text.shape[1]), 1)[:, :text_tokens], extra]]
     concepts = nodes.NODE_CLASS_MAPPINGS["AnchorDiffConcepts"].execute(clip, "cat, dog, sofa, background").args[0]
     patched, recorder = nodes.NODE_CLASS_MAPPINGS["AnchorDiffRecordAttention"].execute(
         model, concepts, 0.5, 0, args.graph_layers, args.seg4diff_layer, 1, args.precision, **anchor_maps_input(args)).args
@@ -241,7 +277,7 @@ def full(args):
     result["ratio_cpu"] = rec_cpu / plain_cpu
     result["ratio_wall"] = min(r["wall_s"] for r in rows["record"]) / min(r["wall_s"] for r in rows["plain"])
     result["ratio_cpu_pairs"] = [r["cpu_s"] / p["cpu_s"] for p, r in zip(rows["plain"], rows["record"])]  # each with the plain run before it
-    depth = FULL_SHAPES[args.full]["depth"]
+    depth = shape["depth"] + shape.get("single", 0)
     result.update(blocks=blocks, full_depth=depth, seg4diff_layer=maps.seg4diff_layer)
     if blocks < depth:
         result["extrapolated"] = extrapolate(result, FULL_SHAPES[args.full]["graph_layers"], FULL_SHAPES[args.full]["seg4diff_layer"])
@@ -256,7 +292,8 @@ def main():
     p.add_argument("--full", choices=sorted(FULL_SHAPES), default=None)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--precision", default="exact")
-    p.add_argument("--blocks", type=int, default=None, help="--full: keep only the first N joint blocks of that shape")
+    p.add_argument("--blocks", default=None, help="--full: keep only the first N joint blocks of that shape (Flux: D,S = "
+                   "D double- and S single-stream blocks)")
     p.add_argument("--graph-layers", default="", help="--full: Record Attention's graph_layers ('' = the patch's default)")
     p.add_argument("--seg4diff-layer", type=int, default=-1, help="--full: Record Attention's seg4diff_layer (-1 = default)")
     p.add_argument("--json", default=None, help="also write the result here (--full)")
