@@ -3,7 +3,8 @@
     python benchmarks/readme_table.py --run          # runs bench_core.py, bench_capture.py --full (long) and gpu_estimate.py, then writes
     python benchmarks/readme_table.py CORE.json FULL.json [--large LARGE.json] [--gpu GPU.json]   # from saved results
 
---large: bench_capture.py --full sd3.5-large --blocks N (depth-reduced; --run makes it with 4 blocks).
+--large (repeatable): bench_capture.py --full NAME --blocks ... (depth-reduced; --run makes LARGE_RUNS: SD3.5 Large
+with 4 blocks, Flux.1 dev with 2 double + 2 single blocks with each anchor_maps setting).
 --gpu: gpu_estimate.py --json (a roofline count, not a measurement; said so in the table).
 
 Replaces the text between the markers <!-- bench:begin --> and <!-- bench:end --> in docs/PERFORMANCE.md.
@@ -75,12 +76,25 @@ def full_rows(full):
     return lines
 
 
+SHAPES = {  # what each depth-reduced model keeps of the real one (bench_capture.py FULL_SHAPES)
+    "sd3.5-large": "hidden 2432, 38 heads, qk-norm",
+    "flux.1-dev": "hidden 3072, 24 heads; 19 double- + 38 single-stream blocks, the first 2 of each kept; 4096 + 512 tokens",
+}
+ANCHOR_MAPS = {"paper": "anchor_maps = paper", "all": "anchor_maps = all blocks (the consensus default)"}
+
+
+# the depth-reduced runs of --run, and their committed results (benchmarks/results/), in table order
+LARGE_RUNS = (("sd3.5-large", "4", "paper"), ("flux.1-dev", "2,2", "paper"), ("flux.1-dev", "2,2", "all"))
+LARGE_RESULTS = ("sd3.5-large-4blocks-cpu.json", "flux.1-dev-2+2blocks-paper-cpu.json", "flux.1-dev-2+2blocks-all-cpu.json")
+
+
 def large_rows(large):
     plain, rec = min(r["cpu_s"] for r in large["plain"]), min(large["record"], key=lambda r: r["cpu_s"])
     x = large.get("extrapolated")
+    maps = ANCHOR_MAPS.get(large.get("anchor_maps") or "paper")  # results without the field predate the consensus default
     lines = [
-        f"| {large['model']} shape (hidden 2432, 38 heads, qk-norm), first {large['blocks']} of {large['full_depth']} blocks, "
-        f"graph layers {large['graph_layers']}, Seg4Diff {large['seg4diff_layer']}: one forward | CPU-s (wall s) |",
+        f"| {large['model']} shape ({SHAPES[large['model']]}), {large['blocks']} of {large['full_depth']} blocks, "
+        f"graph layers {large['graph_layers']}, Seg4Diff {large['seg4diff_layer']}, {maps}: one forward | CPU-s (wall s) |",
         "|---|---|",
         f"| plain / recorded (maps kept: {large['held_mb']:.0f} MB) | {plain:.0f} ({min(r['wall_s'] for r in large['plain']):.0f}) / "
         f"{rec['cpu_s']:.0f} ({rec['wall_s']:.0f}) |",
@@ -89,7 +103,15 @@ def large_rows(large):
     ]
     if x:
         lines.append(f"| extrapolated to all {large['full_depth']} blocks (not measured: {x['how']}) | x{x['ratio_cpu']:.3f} |")
+        lines.append(f"| the recorder's own CPU time, extrapolated the same way | {100 * recorder_share(large):.1f}% of the plain forward |")
     return lines
+
+
+def recorder_share(large) -> float:
+    """The recorder's own CPU time (per-block recording as measured, graph / Seg4Diff / other blocks counted as
+    the full model has them, plus the rest of the recorded run's extra) over the full model's plain forward."""
+    x = large["extrapolated"]
+    return (x["record_cpu_s"] - x["plain_cpu_s"]) / x["plain_cpu_s"]
 
 
 def gpu_rows(gpu):
@@ -105,14 +127,15 @@ def gpu_rows(gpu):
     ]
 
 
-def table(core, full, large=None, gpu=None):
+def table(core, full, large=(), gpu=None):
+    """`large`: the depth-reduced results (bench_capture.py --full NAME --blocks ...), one table each."""
     lines = ["Measured with `python benchmarks/readme_table.py --run` (CPU time next to wall time: the machine is shared).", ""]
     if core:
         lines += core_rows(core) + [""]
     if full:
         lines += full_rows(full) + [""]
-    if large:
-        lines += large_rows(large) + [""]
+    for one in large:
+        lines += large_rows(one) + [""]
     if gpu:
         lines += gpu_rows(gpu)
     return "\n".join(lines).strip()
@@ -122,7 +145,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("core", nargs="?", help="bench_core.py --json output ('-' = none)")
     p.add_argument("full", nargs="?", help="bench_capture.py --full --json output")
-    p.add_argument("--large", default=None, help="bench_capture.py --full sd3.5-large --blocks N --json output")
+    p.add_argument("--large", action="append", default=[], help="bench_capture.py --full NAME --blocks ... --json output "
+                   "(repeatable: SD3.5 Large, Flux.1 dev with each anchor_maps setting)")
     p.add_argument("--gpu", default=None, help="gpu_estimate.py --json output")
     p.add_argument("--run", action="store_true")
     args = p.parse_args()
@@ -131,13 +155,16 @@ def main():
         here = os.path.join(ROOT, "benchmarks")
         subprocess.run([sys.executable, os.path.join(here, "bench_core.py"), "--json", args.core], check=True)
         subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", "sd3-medium", "--repeats", "3", "--json", args.full], check=True)
-        args.large, args.gpu = "/tmp/anchordiff_large.json", "/tmp/anchordiff_gpu.json"
-        subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", "sd3.5-large", "--blocks", "4",
-                        "--graph-layers", "1,2", "--seg4diff-layer", "0", "--repeats", "2", "--json", args.large], check=True)
+        args.large, args.gpu = [], "/tmp/anchordiff_gpu.json"
+        for name, blocks, maps in LARGE_RUNS:
+            args.large.append(f"/tmp/anchordiff_{name}_{maps}.json")
+            subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", name, "--blocks", blocks,
+                            "--graph-layers", "1,2", "--seg4diff-layer", "0", "--repeats", "2", "--anchor-maps", maps,
+                            "--json", args.large[-1]], check=True)
         subprocess.run([sys.executable, os.path.join(here, "gpu_estimate.py"), "--json", args.gpu], check=True, stdout=subprocess.DEVNULL)
     core = json.load(open(args.core)) if args.core and args.core != "-" else None
     full = json.load(open(args.full)) if args.full else None
-    large = json.load(open(args.large)) if args.large else None
+    large = [json.load(open(path)) for path in args.large]
     gpu = json.load(open(args.gpu)) if args.gpu else None
     path = os.path.join(ROOT, "docs", "PERFORMANCE.md")
     text = open(path).read()

@@ -14,8 +14,12 @@ RESULTS = ROOT / "benchmarks" / "results"
 @pytest.fixture(scope="module")
 def results():
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    names = {"core": "core-cpu.json", "full": "sd3-medium-cpu.json", "large": "sd3.5-large-4blocks-cpu.json", "gpu": "gpu-estimate.json"}
-    return {key: json.loads((RESULTS / name).read_text()) for key, name in names.items()}
+    import readme_table
+
+    names = {"core": "core-cpu.json", "full": "sd3-medium-cpu.json", "gpu": "gpu-estimate.json"}
+    loaded = {key: json.loads((RESULTS / name).read_text()) for key, name in names.items()}
+    loaded["large"] = [json.loads((RESULTS / name).read_text()) for name in readme_table.LARGE_RESULTS]
+    return loaded
 
 
 def test_the_performance_table_is_rendered_from_the_committed_results(results):
@@ -29,7 +33,7 @@ def test_the_performance_table_is_rendered_from_the_committed_results(results):
 def test_the_committed_results_meet_the_targets(results):
     core, full, large, gpu = results["core"], results["full"], results["large"], results["gpu"]
     # CPU, SD3 Medium's full shape: recorded / plain by CPU time, the image unchanged
-    assert full["model"] == "sd3-medium" and full["tokens"] == 4096 and full["identical"] and large["identical"]
+    assert full["model"] == "sd3-medium" and full["tokens"] == 4096 and full["identical"] and all(one["identical"] for one in large)
     assert full["ratio_cpu"] <= 1.10 and len(full["plain"]) == len(full["record"]) >= 2
     own = min(sum(r["recorder_cpu_s_per_block"]) for r in full["record"])
     assert (min(r["cpu_s"] for r in full["plain"]) + own) / min(r["cpu_s"] for r in full["plain"]) <= 1.10
@@ -41,6 +45,13 @@ def test_the_committed_results_meet_the_targets(results):
     assert core["interrupt"]["n"] == 16384 and core["interrupt"]["max_gap_s"] < 1.0 and core["interrupt"]["latency_s"] < 1.0
     # the fair dense baseline gives the same heat
     assert all(row["max_diff"] < 1e-5 for row in core["propagate"])
+    # Flux.1 dev's real width at 1024 x 1024 (issue 18), paper maps: the recorder's own CPU time, extrapolated to the
+    # 57 blocks, at most 10% of the plain forward; the image bit-identical with either anchor_maps setting
+    import readme_table
+
+    flux = {one.get("anchor_maps"): one for one in large if one["model"] == "flux.1-dev"}
+    assert set(flux) == {"paper", "all"} and all(one["tokens"] == 4096 and one["text_tokens"] == 512 for one in flux.values())
+    assert readme_table.recorder_share(flux["paper"]) <= 0.10
     # GPU (estimated: no GPU was available): recorded / plain at most 1.3, graph + propagation for 4 concepts under 20 ms
     assert gpu["concepts"] == 4 and gpu["fused"]["ratio"] <= 1.3 and gpu["fused"]["graph_ms"] < 20
 
