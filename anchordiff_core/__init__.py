@@ -19,7 +19,7 @@ _EXPORTS = {
     "baselines": ["concept_attention_heat", "concept_attention_scores", "cross_attention_heat", "seg4diff_heat"],
     "graph": ["GatedGraph", "build_gated_graph", "cosine_similarity_rows", "percentile"],
     "maps": ["AttentionMaps"],
-    "masks": ["otsu_thresholds", "soft_map", "to_mask"],
+    "masks": ["otsu_thresholds", "refine_edges", "refined_soft_map", "soft_map", "to_mask"],
     "metrics": ["BinarySegmentationMeter", "MultiConceptMeter", "average_precision"],
     "propagation": ["minmax_rows", "propagate"],
 }

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import BinarySegmentationMeter, MultiConceptMeter, minmax_normalize, nan_to_none, pct
+from .metrics import BinarySegmentationMeter, MultiConceptMeter, nan_to_none, pct
 
 
 def load_npz(path: Path, with_image: bool = False):
@@ -91,13 +91,15 @@ class Scores:
 
 
 def refined(heat: np.ndarray, image: np.ndarray, radius: int, eps: float) -> np.ndarray:
-    """Each map min-max normalised (as the metrics do), then ``refine_edges`` guided by the image."""
+    """Pixel maps [K, H, W] -> each min-max normalised (in float64, as the metrics do), then
+    ``refine_edges`` guided by the image (``masks.refined_soft_map`` at the maps' own size)."""
     import torch
 
-    from .masks import refine_edges
+    from .masks import refined_soft_map
 
-    maps = torch.from_numpy(np.stack([minmax_normalize(h) for h in heat])).float()
-    return refine_edges(maps, torch.from_numpy(np.ascontiguousarray(image)), radius, eps).numpy()
+    k, h, w = np.shape(heat)
+    rows = torch.from_numpy(np.asarray(heat, dtype=np.float64).reshape(k, h * w))
+    return refined_soft_map(rows, (h, w), (h, w), torch.from_numpy(np.ascontiguousarray(image)), radius, eps).numpy()
 
 
 def evaluate_maps(items, edges: bool = False, edge_radius: int | None = None, edge_eps: float | None = None,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ._checks import as_float_matrix, check_grid
 from .anchors import PIXELS_PER_TOKEN
+from .propagation import minmax_rows
 
 Threshold = Union[str, float]
 
@@ -175,3 +176,16 @@ def refine_edges(maps: torch.Tensor, image: torch.Tensor, radius: int = EDGE_RAD
     """Image-guided soft maps [K, H, W] in 0..1: `guided_filter` of the (bilinearly upsampled) heat,
     clamped to 0..1. Threshold the result as usual (`thresholds_for`) for masks with the image's edges."""
     return guided_filter(maps, image, radius, eps).clamp_(0.0, 1.0)
+
+
+def refined_soft_map(heat: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], image: torch.Tensor,
+                     radius: int = EDGE_RADIUS, eps: float = EDGE_EPS, crop: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Heat of any range [K, N] -> edge-refined soft maps [K, H, W] in 0..1: each row min-max normalised
+    first (`minmax_rows`, in the heat's own precision: float64 stays float64 until `soft_map`), then
+    bilinear to `size` (`soft_map`), then `refine_edges` guided by `image`.
+
+    The one home of "min-max, then refine" for heat that is not already in 0..1 (a model's raw maps,
+    a benchmark's pixel maps: pass `grid == size` for those, the resize is then the identity). The
+    nodes' heat needs no normalising (`propagate` and the baselines return it in 0..1), so the Mask
+    node calls `refine_edges` directly."""
+    return refine_edges(soft_map(minmax_rows(heat), grid, size, crop), image, radius, eps)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from anchordiff_core.evaluate import Scores
-from anchordiff_core.masks import EDGE_EPS, EDGE_RADIUS, refine_edges, soft_map
+from anchordiff_core.masks import EDGE_EPS, EDGE_RADIUS, refined_soft_map, soft_map
 from anchordiff_core.methods import METHODS
 from anchordiff_core.metrics import mean_threshold, pct
 
@@ -72,9 +72,7 @@ def target_maps(heat: np.ndarray, grid, size: int, truth_hw, image_s: Optional[n
     values = torch.from_numpy(heat).float()
     if not edges:
         return soft_map(values, grid, truth_hw).numpy()
-    lo = values.min(dim=1, keepdim=True).values
-    span = (values.max(dim=1, keepdim=True).values - lo).clamp_min(1e-12)
-    at_model = refine_edges(soft_map((values - lo) / span, grid, (size, size)), torch.from_numpy(image_s), radius, eps)
+    at_model = refined_soft_map(values, grid, (size, size), torch.from_numpy(image_s), radius, eps)
     return F.interpolate(at_model[:, None], size=tuple(truth_hw), mode="bilinear", align_corners=False)[:, 0].numpy()
 
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from anchordiff_core.masks import box_mean, guided_filter, refine_edges, soft_map
+from anchordiff_core.masks import box_mean, guided_filter, refine_edges, refined_soft_map, soft_map
 from anchordiff_core.metrics import BinarySegmentationMeter, boundary_f_score, mask_boundary, mean_threshold
 
 
@@ -112,6 +112,20 @@ def test_refinement_does_not_invent_edges_where_the_image_has_none():
     flat = torch.full((128, 128, 3), 0.5)
     refined = refine_edges(soft, flat)
     assert boundary_f_score(mean_threshold(refined[0].numpy()), truth.numpy())["bf"] < 0.5
+
+
+def test_refined_soft_map_normalises_each_row_before_refining():
+    """Heat in any range refines as its min-max normalised self would (the guided filter is not
+    scale-free: eps is for maps in 0..1), a constant row stays zero, and pixel maps pass at their
+    own size unchanged by the resize."""
+    image, soft, _ = disc_scene()
+    rows = soft.reshape(1, -1)
+    expected = refine_edges(soft, image)
+    scaled = torch.cat([rows * 37.0 - 5.0, torch.full_like(rows, 3.0)])
+    got = refined_soft_map(scaled.double(), (128, 128), (128, 128), image)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-6, rtol=0)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    assert not torch.allclose(refine_edges(soft * 37.0 - 5.0, image)[0], expected[0], atol=1e-3)   # the step matters
 
 
 # ----------------------------------------------------------------------------- boundary F-score
