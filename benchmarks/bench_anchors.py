@@ -1,6 +1,6 @@
 """Anchor selectors on the toy world (issue 17): anchor accuracy, the mask it leads to, and its cost.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_anchors.py --split test --scenes 60 --record-at 0.85 --json OUT.json
+    nice -n 10 .venv/bin/python -m benchmarks.bench_anchors --split test --scenes 60 --record-at 0.85 --json OUT.json
 
 Every scene is recorded once through the real ComfyUI capture path (AnchorDiff Look At Image with
 anchor_maps = "all blocks, both directions", so the image-to-concept map of every block is there for
@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+if not __package__:  # run as a file, the repository's packages are not importable
+    sys.exit("run this from the repository root as a module: python -m benchmarks.bench_anchors")
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from anchordiff_core import build_gated_graph, propagate, select_anchors, to_mask  # noqa: E402
 from anchordiff_core.anchors import consensus_map, normalize_maps, weighted_map  # noqa: E402
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     w0, c0 = time.perf_counter(), time.process_time()
     r = run(ToyComfy(), SPLITS[args.split].seeds(args.scenes), args.size, args.record_at)
     r["split"] = args.split
-    r["command"] = "benchmarks/bench_anchors.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    r["command"] = "python -m benchmarks.bench_anchors " + " ".join(argv if argv is not None else sys.argv[1:])
     r["total"] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
     md = markdown(r)
     print(md)

@@ -1,9 +1,9 @@
 """Benchmark: sampling with the recording patch vs without, on this machine.
 
-    python benchmarks/bench_capture.py [--size 1024] [--steps 8] [--depth 2]   # tiny SD3, sampling
-    python benchmarks/bench_capture.py --full sd3-medium [--size 1024] [--threads 1] [--repeats 2]
-    python benchmarks/bench_capture.py --full sd3.5-large --blocks 4 --graph-layers 1,2 --seg4diff-layer 0
-    python benchmarks/bench_capture.py --full flux.1-dev --blocks 2,2 --graph-layers 1,2 --seg4diff-layer 0
+    python -m benchmarks.bench_capture [--size 1024] [--steps 8] [--depth 2]   # tiny SD3, sampling
+    python -m benchmarks.bench_capture --full sd3-medium [--size 1024] [--threads 1] [--repeats 2]
+    python -m benchmarks.bench_capture --full sd3.5-large --blocks 4 --graph-layers 1,2 --seg4diff-layer 0
+    python -m benchmarks.bench_capture --full flux.1-dev --blocks 2,2 --graph-layers 1,2 --seg4diff-layer 0
 
 --full: SD3 Medium's real shape (ComfyUI's MMDiT, depth 24, hidden 1536, 2.03 B parameters,
 random bf16 weights with ComfyUI's float32 manual cast, which is what ComfyUI computes in on a
@@ -30,16 +30,18 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [os.path.join(ROOT, "tests"), ROOT]
+if not __package__:  # run as a file, the repository's packages are not importable
+    sys.exit("run this from the repository root as a module: python -m benchmarks.bench_capture")
 
 from anchordiff_core.anchors import PIXELS_PER_LATENT  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def inner(args):
     import torch
     from toyworld import comfy_env
-    from fixtures.tiny_sd3 import TinySD3Config, load_with_comfy, save_tiny_sd3
+    from tests.fixtures.tiny_sd3 import TinySD3Config, load_with_comfy, save_tiny_sd3
 
     comfy_env.import_comfy()
     from toyworld.comfy_clip import make_fixture_clip
@@ -167,7 +169,7 @@ def full_model(name, blocks=None):
 
     import torch
     from toyworld import comfy_env
-    from fixtures.tiny_sd3 import POOLED_DIM, TEXT_DIM, _init_weights
+    from tests.fixtures.tiny_sd3 import POOLED_DIM, TEXT_DIM, _init_weights
 
     comfy_env.import_comfy()
     import comfy.model_patcher
@@ -199,7 +201,7 @@ def flux_full_model(blocks):
     random weights (tests/fixtures/tiny_flux.py's seeded init), built from a state dict by ComfyUI's own
     loader in bf16 (ComfyUI computes in float32 on a CPU: its manual cast); `blocks` = (double, single)."""
     import torch
-    from fixtures.tiny_flux import TinyFluxConfig, build_flux, _bfl_key
+    from tests.fixtures.tiny_flux import TinyFluxConfig, build_flux, _bfl_key
 
     import comfy.sd
 
@@ -227,7 +229,7 @@ def full(args):
     shape = FULL_SHAPES[args.full]
     t0 = time.perf_counter()
     if shape.get("family") == "flux":
-        from fixtures.comfy_test_nodes.flux_clip import make_flux_fixture_clip
+        from tests.fixtures.comfy_test_nodes.flux_clip import make_flux_fixture_clip
 
         double, single = (shape["depth"], shape["single"]) if args.blocks is None else map(int, str(args.blocks).split(","))
         model = flux_full_model((double, single))
@@ -315,9 +317,9 @@ def main():
     rows = {}
     for repeat in range(args.repeats):
         for mode in ("plain", "record"):  # alternate, so drift on a shared machine hits both
-            cmd = [sys.executable, __file__, "--mode", mode, "--size", str(args.size), "--steps", str(args.steps), "--depth", str(args.depth)]
+            cmd = [sys.executable, "-m", __spec__.name, "--mode", mode, "--size", str(args.size), "--steps", str(args.steps), "--depth", str(args.depth)]
             cmd += ["--anchor-maps", args.anchor_maps] if args.anchor_maps else []
-            out = subprocess.run(cmd, capture_output=True, text=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if out.returncode:
                 sys.exit(out.stderr[-3000:])
             r = json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,7 +1,7 @@
 """Benchmark: gated graph build and 160-step propagation, ours vs a fair naive dense version.
 
-    python benchmarks/bench_core.py [--n 4096] [--d 1536] [--concepts 1 4 8] [--memory-n 4096 9216]
-                                    [--interrupt-n 16384] [--json out.json]
+    python -m benchmarks.bench_core [--n 4096] [--d 1536] [--concepts 1 4 8] [--memory-n 4096 9216]
+                                      [--interrupt-n 16384] [--json out.json]
 
 Each measurement runs in a fresh subprocess, with CPU time (process) next to wall time.  Peak
 memory is a reset high-water mark: on a CPU, after the inputs exist and a warm-up ran, the
@@ -33,9 +33,11 @@ import time
 
 import torch
 
-# anchordiff_core: installed (scripts/setup_env.sh: pip install -e .); naive, live_memory: this folder,
-# which Python puts first on sys.path for a script
 from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS
+
+if not __package__:  # run as a file: its siblings (naive, live_memory) are imported relatively
+    sys.exit("run this from the repository root as a module: python -m benchmarks.bench_core")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # glibc returns every block of 64 KB or more to the system when it is freed (no dynamic threshold),
@@ -104,7 +106,7 @@ def node_maps(a, o):
 
 def measure(what, n, d, k, device, repeats):
     """Runs inside the subprocess; prints one JSON line."""
-    import naive
+    from . import naive
     import anchordiff_core as ad
     from anchordiff_core import pipeline
 
@@ -143,7 +145,7 @@ def measure(what, n, d, k, device, repeats):
         if device == "cuda":
             result["tensor_peak_bytes"] = best["peak_bytes"]  # the CUDA allocator's own count already
         else:
-            from live_memory import LiveTensorPeak
+            from .live_memory import LiveTensorPeak
 
             with LiveTensorPeak() as live:
                 out = runs[what]()
@@ -194,9 +196,9 @@ def interrupt_latency(n, d, device):
 
 
 def run(what, args, k, n=None):
-    cmd = [sys.executable, __file__, "--inner", what, "--n", str(n or args.n[0]), "--d", str(args.d),
+    cmd = [sys.executable, "-m", __spec__.name, "--inner", what, "--n", str(n or args.n[0]), "--d", str(args.d),
            "--device", args.device, "--repeats", str(args.repeats), "--concepts", str(k)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=MEASURE_ENV)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=MEASURE_ENV, cwd=ROOT)
     if out.returncode:
         sys.exit(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -248,8 +250,8 @@ def main():
               f"{row['core']['tensor_peak_n2']:.2f} / {row['node']['tensor_peak_n2']:.2f} N^2; "
               f"{row['core']['cpu_s']:.1f} CPU-s / {row['core']['wall_s']:.1f} s wall")
     if args.interrupt_n:
-        cmd = [sys.executable, __file__, "--inner", "interrupt", "--n", str(args.interrupt_n), "--d", str(args.d), "--device", args.device]
-        report["interrupt"] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        cmd = [sys.executable, "-m", __spec__.name, "--inner", "interrupt", "--n", str(args.interrupt_n), "--d", str(args.d), "--device", args.device]
+        report["interrupt"] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip().splitlines()[-1])
         r = report["interrupt"]
         print(f"interrupt at N={r['n']} (Build Gated Graph's path, 2 layers): a whole build {r['build_wall_s']:.1f} s wall, "
               f"{r['checks']} checks, largest gap (start and end included) {r['max_gap_s']:.2f} s; "

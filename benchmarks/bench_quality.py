@@ -1,6 +1,6 @@
 """Mask quality on the toy world: AnchorDiff, its ablations and the published baselines, in one run.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_quality.py --scenes 110 --split test --record-at 0.85
+    nice -n 10 .venv/bin/python -m benchmarks.bench_quality --scenes 110 --split test --record-at 0.85
 
 Every map comes from the trained toy SD3, recorded twice per scene from the same latent, noise, sigma and
 conditioning: through the real ComfyUI capture path (AnchorDiff Look At Image; toyworld.comfy_run), which
@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+if not __package__:  # run as a file, the repository's packages are not importable
+    sys.exit("run this from the repository root as a module: python -m benchmarks.bench_quality")
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from anchordiff_core import build_gated_graph, propagate, select_anchors, soft_map  # noqa: E402
 from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, auto_gate_percentile, auto_steps  # noqa: E402
@@ -314,7 +316,7 @@ def main(argv=None) -> int:
     w0, c0 = time.perf_counter(), time.process_time()
     anchor_maps = "all blocks, both directions (consensus)" if args.anchor_maps == "all" else "concept→image (paper)"
     r = run(ToyComfy(), ToyDiffusers(), SPLITS[args.split].seeds(args.scenes), args.size, args.record_at, anchor_maps=anchor_maps)
-    r["command"] = "benchmarks/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    r["command"] = "python -m benchmarks.bench_quality " + " ".join(argv if argv is not None else sys.argv[1:])
     r["total"] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

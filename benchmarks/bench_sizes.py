@@ -1,6 +1,6 @@
 """How AnchorDiff's gate and step count should scale with the image size: a grid search on the toy world.
 
-    .venv/bin/python benchmarks/bench_sizes.py        # 128 256 384 512 px x 20 scenes, 1024 px x 6
+    .venv/bin/python -m benchmarks.bench_sizes        # 128 256 384 512 px x 20 scenes, 1024 px x 6
 
 VALIDATION scenes only (toyworld SPLITS["val"]; the test split is never used for this choice). For
 each size, every scene is recorded once through the real ComfyUI capture path (AnchorDiff Look At
@@ -28,8 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+if not __package__:  # run as a file, the repository's packages are not importable
+    sys.exit("run this from the repository root as a module: python -m benchmarks.bench_sizes")
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from anchordiff_core import build_gated_graph, propagate, soft_map  # noqa: E402
 from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, auto_gate_percentile, auto_steps  # noqa: E402

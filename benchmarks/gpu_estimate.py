@@ -1,6 +1,6 @@
 """FLOP and byte count per phase of a recorded SD3 Medium step on a GPU, and the time they imply.
 
-    python benchmarks/gpu_estimate.py [--tokens 4096] [--text 333] [--concepts 4] [--json FILE]
+    python -m benchmarks.gpu_estimate [--tokens 4096] [--text 333] [--concepts 4] [--json FILE]
 
 No GPU was available to this project's benchmarks, so this derives, from the shapes alone, each
 phase's multiply-adds, exponentials and memory traffic, and a roofline time on an H100 SXM (dense

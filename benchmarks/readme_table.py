@@ -1,7 +1,7 @@
 """Regenerate the performance tables (docs/PERFORMANCE.md; the README summarises them) from the benchmarks' JSON results.
 
-    python benchmarks/readme_table.py --run          # runs bench_core.py, bench_capture.py --full (long) and gpu_estimate.py, then writes
-    python benchmarks/readme_table.py CORE.json FULL.json [--large LARGE.json] [--gpu GPU.json]   # from saved results
+    python -m benchmarks.readme_table --run          # runs bench_core, bench_capture --full (long) and gpu_estimate, then writes
+    python -m benchmarks.readme_table CORE.json FULL.json [--large LARGE.json] [--gpu GPU.json]   # from saved results
 
 --large (repeatable): bench_capture.py --full NAME --blocks ... (depth-reduced; --run makes LARGE_RUNS: SD3.5 Large
 with 4 blocks, Flux.1 dev with 2 double + 2 single blocks with each anchor_maps setting).
@@ -128,8 +128,8 @@ def gpu_rows(gpu):
 
 
 def table(core, full, large=(), gpu=None):
-    """`large`: the depth-reduced results (bench_capture.py --full NAME --blocks ...), one table each."""
-    lines = ["Measured with `python benchmarks/readme_table.py --run` (CPU time next to wall time: the machine is shared).", ""]
+    """`large`: the depth-reduced results (bench_capture --full NAME --blocks ...), one table each."""
+    lines = ["Measured with `python -m benchmarks.readme_table --run` (CPU time next to wall time: the machine is shared).", ""]
     if core:
         lines += core_rows(core) + [""]
     if full:
@@ -152,16 +152,15 @@ def main():
     args = p.parse_args()
     if args.run:
         args.core, args.full = "/tmp/anchordiff_core.json", "/tmp/anchordiff_full.json"
-        here = os.path.join(ROOT, "benchmarks")
-        subprocess.run([sys.executable, os.path.join(here, "bench_core.py"), "--json", args.core], check=True)
-        subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", "sd3-medium", "--repeats", "3", "--json", args.full], check=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.bench_core", "--json", args.core], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "benchmarks.bench_capture", "--full", "sd3-medium", "--repeats", "3", "--json", args.full], check=True, cwd=ROOT)
         args.large, args.gpu = [], "/tmp/anchordiff_gpu.json"
         for name, blocks, maps in LARGE_RUNS:
             args.large.append(f"/tmp/anchordiff_{name}_{maps}.json")
-            subprocess.run([sys.executable, os.path.join(here, "bench_capture.py"), "--full", name, "--blocks", blocks,
+            subprocess.run([sys.executable, "-m", "benchmarks.bench_capture", "--full", name, "--blocks", blocks,
                             "--graph-layers", "1,2", "--seg4diff-layer", "0", "--repeats", "2", "--anchor-maps", maps,
-                            "--json", args.large[-1]], check=True)
-        subprocess.run([sys.executable, os.path.join(here, "gpu_estimate.py"), "--json", args.gpu], check=True, stdout=subprocess.DEVNULL)
+                            "--json", args.large[-1]], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "benchmarks.gpu_estimate", "--json", args.gpu], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
     core = json.load(open(args.core)) if args.core and args.core != "-" else None
     full = json.load(open(args.full)) if args.full else None
     large = [json.load(open(path)) for path in args.large]

@@ -1,7 +1,7 @@
 """The README's demo: the trained toy SD3 in a real headless ComfyUI, through two example workflows.
 
     bash scripts/demo.sh            # sets up .venv, then runs this
-    .venv/bin/python scripts/demo.py [--seed N] [--out DIR]
+    .venv/bin/python -m scripts.demo [--seed N] [--out DIR]    # from the repository root
 
 No real SD3 weights can be had here, so the workflows' loaders are swapped for the toy SD3 trained
 on toyworld's procedural scenes (toyworld/README.md; swap table in tests/fixtures/substitute.py).
@@ -32,14 +32,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]
+if not __package__:  # run as a file, the repository's packages are not importable
+    sys.exit("run this from the repository root as a module: python -m scripts.demo")
+
 
 from anchordiff_client import ComfyClient, find_node, prepare_prompt, run_prompt  # noqa: E402
-from fixtures.comfy_base import link_anchordiff_pack, populate_base_dir  # noqa: E402
-from fixtures.comfy_server import start_server, stop_server  # noqa: E402
-from fixtures.substitute import TOY_MODELS, substituted  # noqa: E402
+from tests.fixtures.comfy_base import link_anchordiff_pack, populate_base_dir  # noqa: E402
+from tests.fixtures.comfy_server import start_server, stop_server  # noqa: E402
+from tests.fixtures.substitute import TOY_MODELS, substituted  # noqa: E402
 from toyworld import SPLITS, make_scene  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE = 256          # the toy SD3's training size
 RECORD_AT = 0.85    # the toy's best recording point on the validation split (the paper's 0.5 is

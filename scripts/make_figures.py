@@ -1,6 +1,6 @@
 """Figures for the README, made from the synthetic look-alike scene the tests use.
 
-    .venv/bin/python scripts/make_figures.py   # writes docs/images/gate_ablation.png
+    .venv/bin/python -m scripts.make_figures   # writes docs/images/gate_ablation.png
 """
 import os
 import sys
@@ -9,11 +9,14 @@ import cv2
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+if not __package__:  # run as a file, the repository's packages are not importable
+    sys.exit("run this from the repository root as a module: python -m scripts.make_figures")
+
 import anchordiff_core as ad  # noqa: E402
 from anchordiff_core.auto import PAPER_GATE_PERCENTILE  # noqa: E402
-from synthetic import look_alike_scene  # noqa: E402
+from tests.synthetic import look_alike_scene  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZE = 192
 

@@ -1,6 +1,6 @@
 """Draw workflows/<name>.jpg, the card ComfyUI's template browser shows for workflows/<name>.json.
 
-    .venv/bin/python scripts/make_thumbnails.py
+    .venv/bin/python -m scripts.make_thumbnails
 
 Each card is a schematic made from the workflow itself: the title of its *Read me* note and its
 groups (the stages, in their colours, top to bottom). No model output is shown: the example

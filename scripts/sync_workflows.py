@@ -1,7 +1,9 @@
 """Regenerate workflows/api/<name>.json from the UI workflows workflows/<name>.json.
 
-    .venv-comfy033/bin/python scripts/sync_workflows.py            # rewrite the API files
-    .venv-comfy033/bin/python scripts/sync_workflows.py --check    # exit 1 if any API file is stale
+    .venv-comfy033/bin/python -m scripts.sync_workflows            # rewrite the API files
+    .venv-comfy033/bin/python -m scripts.sync_workflows --check    # exit 1 if any API file is stale
+
+(from the repository root)
 
 The UI files are the source: edit a workflow in ComfyUI, export it over workflows/<name>.json
 (Workflow > Export), then run this. The node definitions come from GET /object_info of a real
@@ -17,10 +19,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT)]  # the test fixtures (a throwaway server) need toyworld
+if not __package__:  # run as a file, the repository's packages are not importable
+    sys.exit("run this from the repository root as a module: python -m scripts.sync_workflows")
 
-from fixtures.workflow_format import SYNC_COMFYUI, api_path_for, dump, ui_to_api  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+
+from tests.fixtures.workflow_format import SYNC_COMFYUI, api_path_for, dump, ui_to_api  # noqa: E402
 
 import json  # noqa: E402
 
@@ -30,10 +34,10 @@ def ui_files() -> list[Path]:
 
 
 def object_info(server: str | None) -> dict:
-    from fixtures.comfy_server import get_json, start_server
+    from tests.fixtures.comfy_server import get_json, start_server
     if server:
         return checked_object_info(server.rstrip("/"))
-    from fixtures.comfy_base import link_anchordiff_pack, populate_base_dir
+    from tests.fixtures.comfy_base import link_anchordiff_pack, populate_base_dir
     with tempfile.TemporaryDirectory(prefix="anchordiff-sync-") as base:
         populate_base_dir(base)
         link_anchordiff_pack(base)
@@ -46,7 +50,7 @@ def object_info(server: str | None) -> dict:
 
 
 def checked_object_info(url: str) -> dict:
-    from fixtures.comfy_server import get_json
+    from tests.fixtures.comfy_server import get_json
     version = get_json(url + "/system_stats")["system"]["comfyui_version"]
     if version != SYNC_COMFYUI:
         sys.exit(f"sync_workflows: the server runs ComfyUI {version}; the API files are made with {SYNC_COMFYUI}. "

@@ -138,11 +138,8 @@ TOY_SCENES = {256: 8, 128: 4}
 
 @pytest.fixture(scope="module")
 def toy_scores(comfy):
-    import sys
-    from pathlib import Path
     import numpy as np
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_sizes
+    from benchmarks import bench_sizes
     from toyworld import SPLITS, make_scene
     from toyworld.comfy_run import ToyComfy
     torch.set_flush_denormal(True)

@@ -1,20 +1,16 @@
 """A slice of the quality benchmark (benchmarks/bench_quality.py) on two validation scenes of the toy world:
 fails when a method's wiring breaks (the diffusers capture no longer matches the ComfyUI one, an ablation
 silently equals the paper, the edge refinement is not applied). The numbers themselves are the benchmark's."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 SEEDS = (1_000_002, 1_000_004)  # validation: a look-alike scene with 4 objects, a single-object scene
 
 
 @pytest.fixture(scope="module")
 def result(comfy):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_quality
+    from benchmarks import bench_quality
     from toyworld.comfy_run import ToyComfy
     from toyworld.to_diffusers import ToyDiffusers
 

@@ -6,15 +6,14 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_core.py"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def peak_n2(what, n, d):
-    sys.path.insert(0, str(BENCH.parent))
-    from bench_core import MEASURE_ENV
+    from benchmarks.bench_core import MEASURE_ENV
 
-    cmd = [sys.executable, str(BENCH), "--inner", what, "--n", str(n), "--d", str(d), "--repeats", "1", "--device", "cpu"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=MEASURE_ENV, timeout=600)
+    cmd = [sys.executable, "-m", "benchmarks.bench_core", "--inner", what, "--n", str(n), "--d", str(d), "--repeats", "1", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=MEASURE_ENV, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_n2"]
 
@@ -31,8 +30,7 @@ def test_live_tensor_peak_counts_new_storage_only():
     """benchmarks/live_memory.py: new outputs count until freed; inputs, views and in-place results never."""
     import torch
 
-    sys.path.insert(0, str(BENCH.parent))
-    from live_memory import LiveTensorPeak
+    from benchmarks.live_memory import LiveTensorPeak
 
     n = 256
     a = torch.randn(n, n)
