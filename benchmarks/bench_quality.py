@@ -37,19 +37,36 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from anchordiff_core import build_gated_graph, propagate, select_anchors, soft_map  # noqa: E402
 from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, auto_gate_percentile, auto_steps  # noqa: E402
-from anchordiff_core.baselines import concept_attention_heat, cross_attention_heat, seg4diff_heat  # noqa: E402
 from anchordiff_core.masks import refine_edges  # noqa: E402
 from anchordiff_core.pipeline import anchor_map  # noqa: E402
+from anchordiff_core.methods import ANCHORDIFF, BASELINES, METHODS  # noqa: E402
 from anchordiff_core.metrics import BinarySegmentationMeter, boundary_tolerance, confusion_pair_metrics, mean_threshold  # noqa: E402
 from toyworld import SPLITS, make_scene  # noqa: E402
 from toyworld.grounding import central_token, token_coverage  # noqa: E402
 
-PAPER = "AnchorDiff (paper)"
-TRUE_CENTRE = "AnchorDiff, true-centre anchor (upper bound)"
-DIFFUSERS = "AnchorDiff (paper), diffusers capture"
-CONSENSUS = "AnchorDiff, consensus anchor (all blocks, both directions)"
+# Row names: the method registry's titles; the results files, docs/QUALITY.md and the README's summary
+# use these names (tests/test_bench_quality.py names them in full)
+AD = METHODS[ANCHORDIFF].title
+ROW_SUFFIX = {"cross_attention": " (A_CI alone)"}  # the recorder's A_CI, averaged over blocks
+
+
+def variant(what: str) -> str:
+    """The row of AnchorDiff run another way: "AnchorDiff, <what>"."""
+    return f"{AD}, {what}"
+
+
+def baseline_row(key: str) -> str:
+    return METHODS[key].title + ROW_SUFFIX.get(key, "")
+
+
+PAPER = f"{AD} (paper)"
+DIFFUSERS = f"{PAPER}, diffusers capture"
+PAPER_AUTO = variant("paper's anchor, auto gate and steps")
+NO_WCOS = variant("no W_cos (W_attn weights)")
+IC_ANCHOR = variant("image-to-concept anchor")
+TRUE_CENTRE = variant("true-centre anchor (upper bound)")
+CONSENSUS = variant("consensus anchor (all blocks, both directions)")
 DEFAULT = CONSENSUS + ", auto gate and steps (the nodes' default)"  # Anchor Select's and the recorders' defaults
-PAPER_AUTO = "AnchorDiff, paper's anchor, auto gate and steps"
 REFINED = (PAPER, TRUE_CENTRE)  # the rows measured with and without edge refinement
 
 
@@ -71,29 +88,29 @@ def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict
     anchordiff(PAPER, paper)
     auto = dict(gate=auto_gate_percentile(maps.grid), steps=auto_steps(maps.grid))  # the nodes' default
     anchordiff(PAPER_AUTO, paper, **auto)
-    anchordiff("AnchorDiff, anchors without pre_only block", lambda: a[:-1].mean(0).argmax(1))
-    anchordiff("AnchorDiff, no gate", paper, gate=None)
-    anchordiff("AnchorDiff, no W_cos (W_attn weights)", paper, weights="attention")
+    anchordiff(variant("anchors without pre_only block"), lambda: a[:-1].mean(0).argmax(1))
+    anchordiff(variant("no gate"), paper, gate=None)
+    anchordiff(NO_WCOS, paper, weights="attention")
     if len(maps.graph_layers) > 1:
         for layer in maps.graph_layers:
-            anchordiff(f"AnchorDiff, graph layer {layer} only", paper, layers=[layer])
+            anchordiff(variant(f"graph layer {layer} only"), paper, layers=[layer])
     if maps.seg4diff is not None:
-        anchordiff("AnchorDiff, image-to-concept anchor", lambda: maps.seg4diff[0].argmax(1))
+        anchordiff(IC_ANCHOR, lambda: maps.seg4diff[0].argmax(1))
     # the consensus anchor (issue 17): from the default recording (A_CI blocks + the Seg4Diff map), and
     # with every block's image-to-concept map when recorded (--anchor-maps all)
-    anchordiff("AnchorDiff, consensus anchor (A_CI blocks + Seg4Diff map)",
+    anchordiff(variant("consensus anchor (A_CI blocks + Seg4Diff map)"),
                lambda: anchor_map(replace(maps, ic=None), False, "consensus")[0].argmax(1))
     if maps.ic is not None:
         anchordiff(CONSENSUS, lambda: anchor_map(maps, False, "consensus")[0].argmax(1))
         anchordiff(DEFAULT, lambda: anchor_map(maps, False, "consensus")[0].argmax(1), **auto)
     centre = lambda: torch.tensor([central_token(t, maps.grid) for t in truths])  # noqa: E731
     anchordiff(TRUE_CENTRE, centre)
-    anchordiff("AnchorDiff, true-centre anchor, auto gate and steps", centre, **auto)
-    anchordiff("AnchorDiff, multi-anchor (3)", lambda: select_anchors(a.mean(0), 3, 4.0, 0.5, maps.grid))
-    out["Cross-attention (A_CI alone)"] = lambda: (cross_attention_heat(a), None)
-    out["ConceptAttention"] = lambda: (concept_attention_heat(maps.ca_scores[0]), None)
-    if maps.seg4diff is not None:
-        out["Seg4Diff"] = lambda: (seg4diff_heat(maps.seg4diff[0]), None)
+    anchordiff(variant("true-centre anchor, auto gate and steps"), centre, **auto)
+    anchordiff(variant("multi-anchor (3)"), lambda: select_anchors(a.mean(0), 3, 4.0, 0.5, maps.grid))
+    for key in BASELINES:  # each over all blocks, ConceptAttention with its softmax over concepts
+        m = METHODS[key]
+        if m.needs is None or getattr(maps, m.needs) is not None:
+            out[baseline_row(key)] = lambda m=m: (m.heat(maps, 0, None, True), None)
     return out
 
 
@@ -256,7 +273,7 @@ def markdown(r: dict) -> str:
             f"mask IoU between the two paths mean {agree['paper mask IoU (per concept)']['mean']:.4f}, min "
             f"{agree['paper mask IoU (per concept)']['min']:.4f}.\n\n"
             "Share of concepts whose heat equals the paper row's (|diff| < 1e-6 on every token): "
-            + ", ".join(f"{'diffusers capture' if m == DIFFUSERS else m.replace('AnchorDiff, ', '')} {v:.1%}" for m, v in same.items()) + ".")
+            + ", ".join(f"{'diffusers capture' if m == DIFFUSERS else m.replace(f'{AD}, ', '')} {v:.1%}" for m, v in same.items()) + ".")
     edge_head = ("\n\n| edge refinement (every phrase, image resolution) | mIoU | IoU_fg | boundary F | mIoU, refined | IoU_fg, refined | boundary F, refined |\n"
                  "|---|---|---|---|---|---|---|")
     edge_rows = []
@@ -270,8 +287,7 @@ def markdown(r: dict) -> str:
     return head + "\n" + "\n".join(rows) + foot + edge_head + "\n" + "\n".join(edge_rows) + edge_foot
 
 
-def figure(r: dict, path: Path, show=(PAPER, PAPER_AUTO, DEFAULT, DIFFUSERS, "AnchorDiff, no W_cos (W_attn weights)", "AnchorDiff, image-to-concept anchor",
-                                       TRUE_CENTRE, "Cross-attention (A_CI alone)", "ConceptAttention", "Seg4Diff")) -> None:
+def figure(r: dict, path: Path, show=(PAPER, PAPER_AUTO, DEFAULT, DIFFUSERS, NO_WCOS, IC_ANCHOR, TRUE_CENTRE, *map(baseline_row, BASELINES))) -> None:
     from PIL import Image, ImageDraw
     rows = r["_figure"]
     tile = 150
@@ -291,7 +307,7 @@ def figure(r: dict, path: Path, show=(PAPER, PAPER_AUTO, DEFAULT, DIFFUSERS, "An
             over = scene.image.astype(float) * 0.35
             over[..., 0] += 165 * h
             over[h > h.mean()] += [0, 60, 0]
-            label = m.replace("AnchorDiff, ", "").replace(" (upper bound)", "").replace("AnchorDiff (paper), ", "").replace(" (W_attn weights)", "")
+            label = m.replace(f"{AD}, ", "").replace(" (upper bound)", "").replace(f"{PAPER}, ", "").replace(" (W_attn weights)", "")
             tiles.append((over.clip(0, 255).astype(np.uint8), label))
         for j, (a, label) in enumerate(tiles):
             img.paste(Image.fromarray(a).resize((tile, tile)), (4 + j * (tile + 4), y))
