@@ -18,7 +18,6 @@ over the gated graph, mask verification with the next separated peak; implemente
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -37,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[1]
 from anchordiff_core import build_gated_graph, propagate, select_anchors, to_mask  # noqa: E402
 from anchordiff_core.anchors import consensus_map, normalize_maps, weighted_map  # noqa: E402
 from anchordiff_core.pipeline import anchor_map  # noqa: E402
-from toyworld import SPLITS, make_scene  # noqa: E402
+from toyworld import make_scene  # noqa: E402
+from toyworld.cli import scene_parser, scene_seeds  # noqa: E402
 from toyworld.grounding import central_token, iou, token_coverage  # noqa: E402
 
 ALL_BLOCKS = "all blocks, both directions (consensus)"
@@ -163,17 +163,13 @@ def markdown(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenes", type=int, default=60)
-    p.add_argument("--split", default="test", choices=sorted(SPLITS))
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--record-at", type=float, default=0.85)
+    p = scene_parser(__doc__.splitlines()[0], scenes=60, record_at=0.85)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_flush_denormal(True)
     from toyworld.comfy_run import ToyComfy
     w0, c0 = time.perf_counter(), time.process_time()
-    r = run(ToyComfy(), SPLITS[args.split].seeds(args.scenes), args.size, args.record_at)
+    r = run(ToyComfy(), scene_seeds(args), args.size, args.record_at)
     r["split"] = args.split
     r["command"] = "python -m benchmarks.bench_anchors " + " ".join(argv if argv is not None else sys.argv[1:])
     r["total"] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}

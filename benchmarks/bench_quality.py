@@ -19,7 +19,6 @@ Writes quality.md (the tables), quality.json and quality.png (scenes, truth, hea
 """
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import replace
 import sys
@@ -41,7 +40,8 @@ from anchordiff_core.masks import refine_edges  # noqa: E402
 from anchordiff_core.pipeline import anchor_map  # noqa: E402
 from anchordiff_core.methods import ANCHORDIFF, BASELINES, METHODS  # noqa: E402
 from anchordiff_core.metrics import BinarySegmentationMeter, boundary_tolerance, confusion_pair_metrics, mean_threshold  # noqa: E402
-from toyworld import SPLITS, make_scene  # noqa: E402
+from toyworld import make_scene  # noqa: E402
+from toyworld.cli import scene_parser, scene_seeds  # noqa: E402
 from toyworld.grounding import central_token, token_coverage  # noqa: E402
 
 # Row names: the method registry's titles; the results files, docs/QUALITY.md and the README's summary
@@ -316,11 +316,8 @@ def figure(r: dict, path: Path, show=(PAPER, PAPER_AUTO, DEFAULT, DIFFUSERS, NO_
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenes", type=int, default=110)
-    p.add_argument("--split", default="test", choices=sorted(SPLITS))
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--record-at", type=float, default=0.85, help="the toy's recording point, chosen on validation (toyworld/README.md)")
+    p = scene_parser(__doc__.splitlines()[0], scenes=110, record_at=0.85,
+                     record_at_help="the toy's recording point, chosen on validation (toyworld/README.md)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--anchor-maps", choices=("paper", "all"), default="all",
                    help="all (Look At Image's default): every block's image-to-concept map too, for the consensus anchor's "
@@ -331,7 +328,7 @@ def main(argv=None) -> int:
     from toyworld.to_diffusers import ToyDiffusers
     w0, c0 = time.perf_counter(), time.process_time()
     anchor_maps = "all blocks, both directions (consensus)" if args.anchor_maps == "all" else "concept→image (paper)"
-    r = run(ToyComfy(), ToyDiffusers(), SPLITS[args.split].seeds(args.scenes), args.size, args.record_at, anchor_maps=anchor_maps)
+    r = run(ToyComfy(), ToyDiffusers(), scene_seeds(args), args.size, args.record_at, anchor_maps=anchor_maps)
     r["command"] = "python -m benchmarks.bench_quality " + " ".join(argv if argv is not None else sys.argv[1:])
     r["total"] = {"wall_s": time.perf_counter() - w0, "cpu_s": time.process_time() - c0}
     out = Path(args.out)

@@ -20,7 +20,6 @@ scene (phrases such as "red circle", words: colours, shapes, the ground):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import defaultdict
@@ -30,7 +29,7 @@ import torch
 
 from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS
 
-from .world import SPLITS, make_scene
+from .world import make_scene
 
 
 def token_coverage(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -140,11 +139,9 @@ def format_result(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--scenes", type=int, default=60)
-    p.add_argument("--split", default="test", choices=sorted(SPLITS))
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--record-at", type=float, default=0.5)
+    from .cli import scene_parser, scene_seeds
+
+    p = scene_parser(__doc__.splitlines()[0], scenes=60, record_at=0.5)
     p.add_argument("--weights", default=None)
     p.add_argument("--json", default=None)
     p.add_argument("--no-per-layer-ic", action="store_true")
@@ -153,7 +150,7 @@ def main(argv=None) -> int:
     from .comfy_run import WEIGHTS, ToyComfy
     from pathlib import Path
     toy = ToyComfy(Path(args.weights) if args.weights else WEIGHTS)
-    r = grounding_accuracy(toy, SPLITS[args.split].seeds(args.scenes), args.size, args.record_at, not args.no_per_layer_ic)
+    r = grounding_accuracy(toy, scene_seeds(args), args.size, args.record_at, not args.no_per_layer_ic)
     print(format_result(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
