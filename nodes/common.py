@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -12,6 +12,7 @@ import dataclasses
 
 from comfy_api.latest import io, ui
 
+from ..anchordiff_core.concepts import concept_index, concept_number
 from ..anchordiff_core.maps import AttentionMaps
 from . import preview
 from .errors import AnchorDiffError, parse_layers
@@ -114,3 +115,23 @@ def search_aliases(*names: str) -> dict:
     """io.Schema keyword for names the node search also matches (the design card's plain names, next
     to the AnchorDiff-prefixed display names); ComfyUI before 0.4 has no such field, and gets none."""
     return {"search_aliases": list(names)} if "search_aliases" in _SCHEMA_FIELDS else {}
+
+
+def pick_concepts(concepts: Sequence[str], concept: str) -> list[int]:
+    """The recorded concepts a node's `concept` input names: empty -> all of them (in order), a number
+    -> that one (1 = first), else the one of that name (`concept_index`); anything else is an
+    AnchorDiffError that lists the concepts. The Mask node outputs every picked concept; Points and
+    Boxes cuts the first."""
+    text = (concept or "").strip()
+    if not text:
+        return list(range(len(concepts)))
+    number = concept_number(text)
+    if number is not None:
+        index = number - 1
+        if not 0 <= index < len(concepts):
+            raise AnchorDiffError(f"concept {text} does not exist: there are {len(concepts)} concepts ({', '.join(concepts)}).")
+        return [index]
+    index = concept_index(concepts, text)
+    if index < 0:
+        raise AnchorDiffError(f"Unknown concept '{text}'; the recorded concepts are: {', '.join(concepts)}.")
+    return [index]

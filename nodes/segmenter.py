@@ -3,15 +3,13 @@ of ComfyUI's SAM3_Detect (positive_coords / negative_coords JSON, BOUNDING_BOX).
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 from comfy_api.latest import io
 
 from ..anchordiff_core import pipeline
 from ..anchordiff_core.prompts import anchor_points, mask_boxes, point_prompts
-from .common import CATEGORY, Anchors
-from .sd3_patch import AnchorDiffError
-from .stages import _pick_concepts
+from .common import CATEGORY, Anchors, pick_concepts
+from .errors import AnchorDiffError
 
 # core's BOUNDING_BOX where the ComfyUI version has it (0.4+), the same socket type otherwise
 BoundingBox = getattr(io, "BoundingBox", None) or io.Custom("BOUNDING_BOX")
@@ -47,8 +45,7 @@ class AnchorDiffSegmenterPrompts(io.ComfyNode):
     @classmethod
     def execute(cls, anchors: pipeline.Anchors, concept: str, mask=None) -> io.NodeOutput:
         maps = anchors.maps
-        picked = _pick_concepts(SimpleNamespace(concepts=maps.concepts), concept)
-        index = picked[0]
+        index = pick_concepts(maps.concepts, concept)[0]
         points = [anchor_points(rows, maps.grid, maps.image_size) for rows in anchors.indices]
         if len(points) > 1 and any(p != points[0] for p in points[1:]):
             raise AnchorDiffError(

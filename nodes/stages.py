@@ -8,12 +8,11 @@ from comfy_api.latest import io
 from ..anchordiff_core import pipeline
 from ..anchordiff_core import auto
 from ..anchordiff_core.anchors import PIXELS_PER_TOKEN
-from ..anchordiff_core.concepts import concept_index, concept_number
 from ..anchordiff_core.masks import EDGE_RADIUS
 from . import preview
 from .common import (
     CATEGORY, MAPS_TIP, PREVIEW_SCHEMA, Anchors, Graph, Heat, Maps, check_image, finite_inputs, heat_preview, parse_block_list,
-    preview_ui, progress_callback, search_aliases, user_errors,
+    pick_concepts, preview_ui, progress_callback, search_aliases, user_errors,
 )
 from .errors import AnchorDiffError
 
@@ -213,7 +212,7 @@ class AnchorDiffMask(io.ComfyNode):
     @classmethod
     def execute(cls, heat, concept, threshold, fixed_threshold, image=None, refine_edges=True, edge_radius=EDGE_RADIUS) -> io.NodeOutput:
         finite_inputs(cls, fixed_threshold=fixed_threshold)
-        picked = _pick_concepts(heat, concept)
+        picked = pick_concepts(heat.concepts, concept)
         rule = fixed_threshold if threshold == "fixed" else threshold
         image = check_image(image, heat.values.shape[0])
         guide = image if refine_edges else None   # no image: nothing to snap to, the token-block mask
@@ -230,19 +229,3 @@ class AnchorDiffMask(io.ComfyNode):
             soft[:, picked].reshape(-1, height, width).contiguous(),
             ui=ui,
         )
-
-
-def _pick_concepts(heat: pipeline.Heat, concept: str) -> list[int]:
-    text = (concept or "").strip()
-    if not text:
-        return list(range(len(heat.concepts)))
-    number = concept_number(text)
-    if number is not None:
-        index = number - 1
-        if not 0 <= index < len(heat.concepts):
-            raise AnchorDiffError(f"concept {text} does not exist: there are {len(heat.concepts)} concepts ({', '.join(heat.concepts)}).")
-        return [index]
-    index = concept_index(heat.concepts, text)
-    if index < 0:
-        raise AnchorDiffError(f"Unknown concept '{text}'; the recorded concepts are: {', '.join(heat.concepts)}.")
-    return [index]
