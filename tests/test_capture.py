@@ -4,9 +4,7 @@ Checks the recording patch against an independent implementation (diffusers), th
 changes the image, the CFG / batch / odd-size layouts, stale-map protection, the errors users
 see, and the whole node chain through ComfyUI's own executor.
 """
-import asyncio
 import contextlib
-import inspect
 import re
 import sys
 import threading
@@ -15,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from fixtures import node_chain
+from fixtures.node_chain import read_maps, record, run
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANT_NAMES = ["tiny_sd3", "tiny_sd35", "tiny_sd35m"]
@@ -28,7 +29,7 @@ def env(comfy, comfy_models_dir):
     nodes = comfy_env.get_nodes(extras=True)
     assert comfy_env.load_custom_node_pack(REPO), "our pack failed to load in ComfyUI"
     assert comfy_env.load_custom_node_pack(TEST_NODES_DIR)
-    pack = sys.modules[str(REPO).replace(".", "_x_")]
+    pack = comfy_env.pack_module(REPO)
     from toyworld.comfy_clip import make_fixture_clip
 
     clip = make_fixture_clip()
@@ -44,17 +45,8 @@ def load_model(env, name="tiny_sd3"):
     return load_with_comfy(env.models / "diffusion_models" / f"{name}.safetensors", expect=VARIANTS[name])
 
 
-def run(env, node_id, *args, **kwargs):
-    """Execute one of our nodes directly; returns its outputs (tuple)."""
-    return env.N[node_id].execute(*args, **kwargs).args
-
-
 def concepts(env, text="cat, dog"):
     return run(env, "AnchorDiffConcepts", env.clip, text)[0]
-
-
-def record(env, model, concept_set, record_at=0.5, record_step=-1, graph_layers="", seg4diff_layer=-1, keep_runs=2):
-    return run(env, "AnchorDiffRecordAttention", model, concept_set, record_at, record_step, graph_layers, seg4diff_layer, keep_runs)
 
 
 def sample(env, model, seed=0, steps=4, cfg=3.0, size=(32, 32), batch=1, negative=None, denoise=1.0, latent=None, callback=None,
@@ -70,10 +62,6 @@ def sample(env, model, seed=0, steps=4, cfg=3.0, size=(32, 32), batch=1, negativ
         latent, denoise=denoise, callback=callback, disable_pbar=True, seed=seed, last_step=last_step,
     )
     return {"samples": samples}
-
-
-def read_maps(env, recorder, latent):
-    return run(env, "AnchorDiffReadMaps", recorder, latent)[0]
 
 
 @contextlib.contextmanager
@@ -682,54 +670,16 @@ def test_clear_errors(env):
 
 
 # ------------------------------------------------------------------ the chain, executed by ComfyUI
-class _Server:
-    client_id = None
-    last_node_id = None
-
-    def __init__(self):
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-
-def chain_prompt(seed, concepts_text="cat, dog"):
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_sd3.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "AnchorDiffTestCLIP", "inputs": {"t5": False}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a cat next to a dog"}},
-        "4": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": ""}},
-        "5": {"class_type": "AnchorDiffConcepts", "inputs": {"clip": ["2", 0], "concepts": concepts_text}},
-        "6": {"class_type": "AnchorDiffRecordAttention", "inputs": {
-            "model": ["1", 0], "concepts": ["5", 0], "record_at": 0.5, "record_step": -1,
-            "graph_layers": "", "seg4diff_layer": -1, "keep_runs": 2}},
-        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 1}},
-        "8": {"class_type": "KSampler", "inputs": {
-            "model": ["6", 0], "seed": seed, "steps": 4, "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["7", 0], "denoise": 1.0}},
-        "9": {"class_type": "AnchorDiffReadMaps", "inputs": {"recorder": ["6", 1], "latent": ["8", 0]}},
-        "10": {"class_type": "AnchorDiffAnchorSelect", "inputs": {
-            "maps": ["9", 0], "max_anchors": 1, "min_distance": 8.0, "min_relative_score": 0.5,
-            "manual_anchors": "", "exclude_last_block": False}},
-        "11": {"class_type": "AnchorDiffBuildGatedGraph", "inputs": {"maps": ["9", 0], "gate_percentile": 98.0, "layers": "", "gate": True}},
-        "12": {"class_type": "AnchorDiffPropagate", "inputs": {"graph": ["11", 0], "anchors": ["10", 0], "steps": 160}},
-        "13": {"class_type": "AnchorDiffMask", "inputs": {"heat": ["12", 0], "concept": "", "threshold": "mean", "fixed_threshold": 0.5}},
-    }
+def chain_prompt(seed):
+    return node_chain.chain_prompt(seed, unet="tiny_sd3.safetensors", clip={"class_type": "AnchorDiffTestCLIP", "inputs": {"t5": False}},
+                                   caption="a cat next to a dog", concepts="cat, dog", size=256, cfg=3.0)
 
 
 def test_whole_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
-    import execution
-
-    # "ram_inactive": read by ComfyUI 0.33's executor (0.3.75 ignores it)
-    executor = execution.PromptExecutor(_Server(), cache_args={"ram": 16.0, "ram_inactive": 0.0, "lru": 0})
+    runner = node_chain.executor()
 
     def masks(seed):
-        executor.execute(chain_prompt(seed), f"p{seed}", {}, ["13"])
-        assert executor.success, executor.status_messages
-        cached = executor.caches.outputs.get("13")
-        if inspect.isawaitable(cached):  # ComfyUI 0.33's caches are async
-            cached = asyncio.run(cached)
-        return cached.outputs[0][0]
+        return node_chain.run_chain(runner, chain_prompt(seed), f"p{seed}")
 
     first = masks(1)
     assert first.shape == (2, 256, 256) and first.dtype == torch.float32

@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fixtures import node_chain
+from fixtures.node_chain import read_maps, record, run
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -31,7 +34,7 @@ def env(comfy, comfy_models_dir):
         assert comfy_env.load_custom_node_pack(TEST_NODES_DIR)
     for name, cfg in VARIANTS.items():
         write_to_models_dir(comfy_models_dir, name, cfg)
-    pack = sys.modules[str(REPO).replace(".", "_x_")]
+    pack = comfy_env.pack_module(REPO)
     clip = make_flux_fixture_clip()
     ns = types.SimpleNamespace(nodes=nodes, pack=pack, clip=clip, sd3_clip=make_fixture_clip(), models=comfy_models_dir,
                                N=nodes.NODE_CLASS_MAPPINGS)
@@ -56,16 +59,8 @@ def load_model(env, name="tiny_flux_dev"):
     return load_with_comfy(env.models / "diffusion_models" / f"{name}.safetensors", expect=VARIANTS[name])
 
 
-def run(env, node_id, *args, **kwargs):
-    return env.N[node_id].execute(*args, **kwargs).args
-
-
 def concepts(env, text="cat, red car"):
     return run(env, "AnchorDiffConcepts", env.clip, text)[0]
-
-
-def record(env, model, concept_set, record_at=0.5, record_step=-1, graph_layers="", seg4diff_layer=-1, keep_runs=2):
-    return run(env, "AnchorDiffRecordAttention", model, concept_set, record_at, record_step, graph_layers, seg4diff_layer, keep_runs)
 
 
 def sample(env, model, seed=0, steps=4, size=(16, 24), positive=None, callback=None, cfg=1.0, negative=None):
@@ -78,10 +73,6 @@ def sample(env, model, seed=0, steps=4, size=(16, 24), positive=None, callback=N
     samples = comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
                                   callback=callback, disable_pbar=True, seed=seed)
     return {"samples": samples}
-
-
-def read_maps(env, recorder, latent):
-    return run(env, "AnchorDiffReadMaps", recorder, latent)[0]
 
 
 def relative_error(a, b):
@@ -312,56 +303,20 @@ def test_kontext_reference_tokens_are_left_out_and_the_image_is_unchanged(env):
 
 
 # ------------------------------------------------------------------ the chain, executed by ComfyUI
-class _Server:
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, event, data, sid=None):
-        pass
-
-
 def flux_chain_prompt(seed):
     """A Flux.1 dev graph as users build it (UNETLoader, FluxGuidance, cfg 1), with AnchorDiff's nodes."""
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_flux_dev.safetensors", "weight_dtype": "default"}},
-        "2": {"class_type": "AnchorDiffTestFluxCLIP", "inputs": {}},
-        "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "a cat next to a red car"}},
-        "4": {"class_type": "FluxGuidance", "inputs": {"conditioning": ["3", 0], "guidance": 3.5}},
-        "5": {"class_type": "AnchorDiffConcepts", "inputs": {"clip": ["2", 0], "concepts": "cat, red car"}},
-        "6": {"class_type": "AnchorDiffRecordAttention", "inputs": {
-            "model": ["1", 0], "concepts": ["5", 0], "record_at": 0.5, "record_step": -1,
-            "graph_layers": "", "seg4diff_layer": -1, "keep_runs": 2}},
-        "7": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 1}},
-        "8": {"class_type": "KSampler", "inputs": {
-            "model": ["6", 0], "seed": seed, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-            "positive": ["4", 0], "negative": ["4", 0], "latent_image": ["7", 0], "denoise": 1.0}},
-        "9": {"class_type": "AnchorDiffReadMaps", "inputs": {"recorder": ["6", 1], "latent": ["8", 0]}},
-        "10": {"class_type": "AnchorDiffAnchorSelect", "inputs": {
-            "maps": ["9", 0], "max_anchors": 1, "min_distance": 8.0, "min_relative_score": 0.5,
-            "manual_anchors": "", "exclude_last_block": False}},
-        "11": {"class_type": "AnchorDiffBuildGatedGraph", "inputs": {"maps": ["9", 0], "gate_percentile": 98.0, "layers": "", "gate": True}},
-        "12": {"class_type": "AnchorDiffPropagate", "inputs": {"graph": ["11", 0], "anchors": ["10", 0], "steps": 160}},
-        "13": {"class_type": "AnchorDiffMask", "inputs": {"heat": ["12", 0], "concept": "", "threshold": "mean", "fixed_threshold": 0.5}},
-    }
+    return node_chain.chain_prompt(seed, unet="tiny_flux_dev.safetensors", clip={"class_type": "AnchorDiffTestFluxCLIP", "inputs": {}},
+                                   caption="a cat next to a red car", concepts="cat, red car", size=128, cfg=1.0, guidance=3.5)
 
 
 def test_flux_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
-    import asyncio
-    import inspect
-
-    import execution
     from fixtures.tiny_flux import narrow_flux_detection
 
-    executor = execution.PromptExecutor(_Server(), cache_args={"ram": 16.0, "ram_inactive": 0.0, "lru": 0})
+    runner = node_chain.executor()
 
     def masks(seed):
         with narrow_flux_detection():  # ComfyUI 0.3.75 detects only the full-width Flux (see tiny_flux)
-            executor.execute(flux_chain_prompt(seed), f"flux{seed}", {}, ["13"])
-        assert executor.success, executor.status_messages
-        cached = executor.caches.outputs.get("13")
-        if inspect.isawaitable(cached):  # ComfyUI 0.33's caches are async
-            cached = asyncio.run(cached)
-        return cached.outputs[0][0]
+            return node_chain.run_chain(runner, flux_chain_prompt(seed), f"flux{seed}")
 
     first = masks(1)
     assert first.shape == (2, 128, 128) and set(first.unique().tolist()) <= {0.0, 1.0} and 0 < first.mean() < 1

@@ -3,8 +3,6 @@ that are not plain numbers ('²', '①'), ComfyUI's weight syntax with absurd we
 surrogates, an unknown precision. Each is refused at the node that got it, with a message that
 names the input and the fix (tests/test_server.py sends NaN through the real server)."""
 import math
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -30,11 +28,8 @@ def env(comfy):
         assert comfy_env.load_custom_node_pack(REPO)
     if "AnchorDiffTestCLIP" not in nodes.NODE_CLASS_MAPPINGS:
         assert comfy_env.load_custom_node_pack(TEST_NODES_DIR)
-    name = str(REPO).replace(".", "_x_")
-    # the pack's modules by name: a second load of the pack makes a new package object without its
-    # submodules as attributes, so never reach them as attributes of the package
-    pack = types.SimpleNamespace(nodes=types.SimpleNamespace(sd3_patch=sys.modules[name + ".nodes.sd3_patch"]))
-    return pack, nodes.NODE_CLASS_MAPPINGS, make_fixture_clip()
+    errors = comfy_env.pack_module(REPO, ".nodes.errors")  # the loaded pack's own error type
+    return errors, nodes.NODE_CLASS_MAPPINGS, make_fixture_clip()
 
 
 def _maps(h=16, w=16):
@@ -67,9 +62,9 @@ def test_every_float_input_is_checked_here(env):
 
 @pytest.mark.parametrize("value", BAD_FLOATS, ids=["nan", "inf", "-inf"])
 def test_non_finite_floats_are_refused_at_their_node(env, value):
-    pack, N, _ = env
+    errors, N, _ = env
     for node, name, call in _calls(N):
-        with pytest.raises(pack.nodes.sd3_patch.AnchorDiffError) as refused:
+        with pytest.raises(errors.AnchorDiffError) as refused:
             call(value)
         message = str(refused.value)
         assert message.startswith(f"{name} is {value!r} in "), message
@@ -92,10 +87,10 @@ def test_concept_number_is_only_a_plain_number(text, number):
 
 @pytest.mark.parametrize("who", ["²", "①"])
 def test_mask_concept_that_looks_like_a_number(env, who):
-    pack, N, _ = env
+    errors, N, _ = env
     maps = _maps()
     heat = pipeline.propagate_anchors(pipeline.build_graphs(maps), pipeline.pick_anchors(maps))
-    with pytest.raises(pack.nodes.sd3_patch.AnchorDiffError, match=f"Unknown concept '{who}'; the recorded concepts are: cat, dog"):
+    with pytest.raises(errors.AnchorDiffError, match=f"Unknown concept '{who}'; the recorded concepts are: cat, dog"):
         N["AnchorDiffMask"].execute(heat, who, "mean", 0.5)
     assert N["AnchorDiffMask"].execute(heat, "2", "mean", 0.5).args[0].shape == (1, 256, 256)
 
@@ -108,8 +103,8 @@ def test_mask_concept_that_looks_like_a_number(env, who):
     ("cat: 10, inf", "x and y must be finite numbers"),
 ])
 def test_manual_anchors_with_odd_numbers(env, line, message):
-    pack, N, _ = env
-    with pytest.raises(pack.nodes.sd3_patch.AnchorDiffError, match=message) as refused:
+    errors, N, _ = env
+    with pytest.raises(errors.AnchorDiffError, match=message) as refused:
         N["AnchorDiffAnchorSelect"].execute(_maps(), 1, 8.0, 0.5, line, False)
     assert f"manual anchor '{line}'" in str(refused.value)
 
@@ -118,8 +113,8 @@ def test_manual_anchors_with_odd_numbers(env, line, message):
 @pytest.mark.parametrize("concepts, bad", [("cat, (dog:1e308)", "(dog:1e308)"), ("(cat:nan), dog", "(cat:nan)"),
                                            ("cat, (dog:inf)", "(dog:inf)")])
 def test_weights_that_cannot_encode_name_the_concept(env, concepts, bad):
-    pack, N, clip = env
-    with pytest.raises(pack.nodes.sd3_patch.AnchorDiffError) as refused:
+    errors, N, clip = env
+    with pytest.raises(errors.AnchorDiffError) as refused:
         N["AnchorDiffConcepts"].execute(clip, concepts)
     message = str(refused.value)
     assert message.startswith(f"Concept '{bad}' encodes to NaN or infinite values") and "(cat:1.2)" in message
@@ -127,19 +122,19 @@ def test_weights_that_cannot_encode_name_the_concept(env, concepts, bad):
 
 
 def test_lone_surrogate_in_a_concept(env):
-    pack, N, clip = env
+    errors, N, clip = env
     with pytest.raises(ValueError, match=r"Concept 'd\\ud800g' holds a character that is not text"):
         parse_concepts("cat, d\ud800g")
-    with pytest.raises(pack.nodes.sd3_patch.AnchorDiffError, match="retype the concept"):
+    with pytest.raises(errors.AnchorDiffError, match="retype the concept"):
         N["AnchorDiffConcepts"].execute(clip, "cat, d\ud800g")
 
 
 def test_unknown_precision_names_the_choices(env, comfy_models_dir):
     from fixtures.tiny_sd3 import VARIANTS, load_with_comfy
 
-    pack, N, clip = env
+    errors, N, clip = env
     model = load_with_comfy(comfy_models_dir / "diffusion_models" / "tiny_sd3.safetensors", expect=VARIANTS["tiny_sd3"])
     concepts = N["AnchorDiffConcepts"].execute(clip, "cat").args[0]
-    with pytest.raises(pack.nodes.sd3_patch.AnchorDiffError,
+    with pytest.raises(errors.AnchorDiffError,
                        match=r"precision must be one of auto, exact, fast, compact; got 'bogus'. Pick one of them"):
         N["AnchorDiffRecordAttention"].execute(model, concepts, 0.5, -1, "", -1, 2, "bogus")

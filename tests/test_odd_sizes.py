@@ -69,7 +69,7 @@ def nodes(comfy):
     found = comfy_env.get_nodes(extras=True)
     if "AnchorDiffMask" not in found.NODE_CLASS_MAPPINGS:
         assert comfy_env.load_custom_node_pack(REPO)
-    pack = sys.modules[str(REPO).replace(".", "_x_")]
+    pack = comfy_env.pack_module(REPO)
     return pack, found.NODE_CLASS_MAPPINGS
 
 

@@ -35,7 +35,7 @@ def pack(comfy):
 
     comfy_env.get_nodes(extras=False)
     assert comfy_env.load_custom_node_pack(REPO)
-    return sys.modules[str(REPO).replace(".", "_x_")]
+    return comfy_env.pack_module(REPO)
 
 
 def shape_only_checkpoint(depth, qk_norm, x_layers, pos_size) -> dict:
