@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_core [--n 4096] [--d 1536] [--concepts 1 4 8] [--memory-n 4096 9216]
                                       [--interrupt-n 16384] [--json out.json]
+    python -m benchmarks.bench_core --memory-only [--memory-n 4096] [--repeats 1] [--json out.json]   # the memory rows alone
 
 Each measurement runs in a fresh subprocess, with CPU time (process) next to wall time.  Peak
 memory is a reset high-water mark: on a CPU, after the inputs exist and a warm-up ran, the
@@ -204,28 +205,9 @@ def run(what, args, k, n=None):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, nargs="+", default=[4096])
-    p.add_argument("--d", type=int, default=1536)
-    p.add_argument("--concepts", type=int, nargs="+", default=[1, 4, 8])
-    p.add_argument("--memory-n", type=int, nargs="*", default=[4096, 9216])
-    p.add_argument("--interrupt-n", type=int, default=16384, help="0 = skip")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--inner", default=None)
-    p.add_argument("--json", default=None)
-    args = p.parse_args()
-    if args.inner == "interrupt":
-        interrupt_latency(args.n[0], args.d, args.device)
-        return
-    if args.inner:
-        measure(args.inner, args.n[0], args.d, args.concepts[0], args.device, args.repeats)
-        return
-    n = args.n[0]
-    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"AnchorDiff core benchmark: N={n}, D={args.d}, device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    report = {"device": name, "n": n, "d": args.d, "threads": torch.get_num_threads(), "graph": {}, "propagate": []}
+def timings(args, report) -> None:
+    """The timing rows: Build Gated Graph and Propagate, ours against the dense transcription."""
+    report["graph"], report["propagate"] = {}, []
     print(f"{'step':<26}{'ours CPU-s / wall':>20}{'dense CPU-s / wall':>22}{'speed-up (wall)':>17}")
     g_ours, g_naive = run("graph_ours", args, 1), run("graph_naive", args, 1)
     report["graph"] = {"ours": g_ours, "naive": g_naive}
@@ -240,6 +222,33 @@ def main():
         print(f"{f'propagate({PAPER_STEPS}), K={k}':<26}{ours['cpu_s'] * 1e3:>8.0f}ms / {ours['wall_s'] * 1e3:<5.0f}ms"
               f"{naive_['cpu_s'] * 1e3:>9.0f}ms / {naive_['wall_s'] * 1e3:<6.0f}ms{naive_['wall_s'] / ours['wall_s']:>7.1f}x"
               f"   max |diff| {diff:.1e}; graph + propagate {both['wall_s']:.2f} s wall")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, nargs="+", default=[4096])
+    p.add_argument("--d", type=int, default=1536)
+    p.add_argument("--concepts", type=int, nargs="+", default=[1, 4, 8])
+    p.add_argument("--memory-n", type=int, nargs="*", default=[4096, 9216])
+    p.add_argument("--interrupt-n", type=int, default=16384, help="0 = skip")
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory rows (--memory-n): no timings, no interrupt check")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--inner", default=None)
+    p.add_argument("--json", default=None)
+    args = p.parse_args()
+    if args.inner == "interrupt":
+        interrupt_latency(args.n[0], args.d, args.device)
+        return
+    if args.inner:
+        measure(args.inner, args.n[0], args.d, args.concepts[0], args.device, args.repeats)
+        return
+    n = args.n[0]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    print(f"AnchorDiff core benchmark: N={n}, D={args.d}, device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    report = {"device": name, "n": n, "d": args.d, "threads": torch.get_num_threads()}
+    if not args.memory_only:
+        timings(args, report)
     report["memory"] = []
     for m in args.memory_n:
         row = {"n": m, "core": run("graph_ours", args, 1, m), "node": run("graph_node", args, 1, m)}
@@ -249,7 +258,7 @@ def main():
               f"{row['node']['peak_n2']:.2f} N^2 ({row['node']['peak_bytes'] / 2**20:.0f} MB); live tensors (allocator-independent) "
               f"{row['core']['tensor_peak_n2']:.2f} / {row['node']['tensor_peak_n2']:.2f} N^2; "
               f"{row['core']['cpu_s']:.1f} CPU-s / {row['core']['wall_s']:.1f} s wall")
-    if args.interrupt_n:
+    if args.interrupt_n and not args.memory_only:
         cmd = [sys.executable, "-m", __spec__.name, "--inner", "interrupt", "--n", str(args.interrupt_n), "--d", str(args.d), "--device", args.device]
         report["interrupt"] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip().splitlines()[-1])
         r = report["interrupt"]

@@ -33,7 +33,7 @@ def core_rows(core):
         lines.append(f"| Propagate ({PAPER_STEPS} steps), K = {row['k']} | {o['cpu_s'] * 1e3:.0f} / {o['wall_s'] * 1e3:.0f} ms "
                      f"| {d['cpu_s'] * 1e3:.0f} / {d['wall_s'] * 1e3:.0f} ms, (s^T W)^T form |")
     if core.get("memory"):
-        mem = "; ".join(f"{m['n']} tokens: {m['core']['peak_n2']:.2f} / {m['node']['peak_n2']:.2f}" for m in core["memory"])
+        mem = "resident: " + "; ".join(f"{m['n']} tokens: {m['core']['peak_n2']:.2f} / {m['node']['peak_n2']:.2f}" for m in core["memory"])
         live = [m for m in core["memory"] if "tensor_peak_n2" in m["core"] and "tensor_peak_n2" in m["node"]]
         if live:
             mem += "; live tensors (any allocator): " + "; ".join(
