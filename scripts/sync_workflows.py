@@ -34,7 +34,7 @@ def ui_files() -> list[Path]:
 
 
 def object_info(server: str | None) -> dict:
-    from tests.fixtures.comfy_server import get_json, start_server
+    from tests.fixtures.comfy_server import start_server, stop_server
     if server:
         return checked_object_info(server.rstrip("/"))
     from tests.fixtures.comfy_base import link_anchordiff_pack, populate_base_dir
@@ -45,8 +45,7 @@ def object_info(server: str | None) -> dict:
         try:
             return checked_object_info(url)
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_server(proc)
 
 
 def checked_object_info(url: str) -> dict:

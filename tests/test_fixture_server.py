@@ -5,12 +5,11 @@ import pytest
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from fixtures.comfy_base import populate_base_dir
-    from fixtures.comfy_server import start_server
+    from fixtures.comfy_server import start_server, stop_server
     base = populate_base_dir(tmp_path_factory.mktemp("comfy_base"))
     proc, url = start_server(base)
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 def test_server_offers_fixtures(server):

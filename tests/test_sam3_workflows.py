@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fixtures.comfy_base import link_anchordiff_pack
-from fixtures.comfy_server import get_json, post_json, start_server
+from fixtures.comfy_server import get_json, post_json, start_server, stop_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SAM3_WORKFLOWS = sorted(p.stem for p in (ROOT / "workflows").glob("*.json")
@@ -48,8 +48,7 @@ def server(tmp_path_factory):
     link_anchordiff_pack(base)
     proc, url = start_server(base)
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 def wait_done(url: str, prompt_id: str, timeout: float = 120.0) -> dict:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from fixtures.comfy_base import PACK_NAME, link_anchordiff_pack, populate_base_dir
-from fixtures.comfy_server import get_json, run_prompt, start_server, view_bytes
+from fixtures.comfy_server import get_json, run_prompt, start_server, stop_server, view_bytes
 from fixtures.substitute import DEFAULT_MODELS, TOY_MODELS, SubstitutionError, substituted
 from fixtures.workflow_format import (SYNC_COMFYUI, VIRTUAL_NODES, api_path_for, comparable, is_api_format, is_ui_format,
                                      ui_to_api, widget_values_seen)
@@ -96,8 +96,7 @@ def server(tmp_path_factory):
     make_test_photo(base / "input" / INPUT_IMAGE)
     proc, url = start_server(base)
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +108,7 @@ def toy_server(tmp_path_factory):
     Image.fromarray(make_scene(SPLITS["val"].start, 256).image).save(base / "input" / TOY_IMAGE)
     proc, url = start_server(base)
     yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
