@@ -135,3 +135,15 @@ def pick_concepts(concepts: Sequence[str], concept: str) -> list[int]:
     if index < 0:
         raise AnchorDiffError(f"Unknown concept '{text}'; the recorded concepts are: {', '.join(concepts)}.")
     return [index]
+
+
+USED_WHEN = "anchordiff_used_when"  # the input option web/anchordiff.js reads
+
+
+def used_when(widget_input, **conditions):
+    """A widget input that is read only when other widgets of its node have some values, e.g.
+    used_when(io.Int.Input("steps", ...), steps_setting=["custom"]): every condition must hold.
+    The frontend greys the widget out otherwise (web/anchordiff.js); its value is kept and saved.
+    Set after construction: 0.3.75's Int / Float inputs take no extra_dict argument."""
+    widget_input.extra_dict = {**(getattr(widget_input, "extra_dict", None) or {}), USED_WHEN: conditions}
+    return widget_input

@@ -12,7 +12,7 @@ from ..anchordiff_core.masks import EDGE_RADIUS
 from . import preview
 from .common import (
     CATEGORY, MAPS_TIP, PREVIEW_SCHEMA, Anchors, Graph, Heat, Maps, check_image, finite_inputs, heat_preview, parse_block_list,
-    pick_concepts, preview_ui, progress_callback, search_aliases, user_errors,
+    pick_concepts, preview_ui, progress_callback, search_aliases, used_when, user_errors,
 )
 from .errors import AnchorDiffError
 
@@ -98,8 +98,9 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
 
 
 PAPER_GATE, PAPER_STEPS = f"{auto.PAPER_GATE_PERCENTILE:g}", f"{auto.PAPER_STEPS}"  # "98", "160" (auto.py is their home)
-GATE_SETTINGS = {"auto": auto.AUTO, f"paper ({PAPER_GATE}th percentile)": auto.PAPER, "custom": None}
-STEPS_SETTINGS = {"auto": auto.AUTO, f"paper ({PAPER_STEPS} steps)": auto.PAPER, "custom": None}
+CUSTOM = "custom"  # the choice that uses the node's own value widget
+GATE_SETTINGS = {"auto": auto.AUTO, f"paper ({PAPER_GATE}th percentile)": auto.PAPER, CUSTOM: None}
+STEPS_SETTINGS = {"auto": auto.AUTO, f"paper ({PAPER_STEPS} steps)": auto.PAPER, CUSTOM: None}
 AUTO_TIP = "(measured on the toy world at 128-1024 px: README, 'Gate and steps at other image sizes')"
 
 
@@ -120,7 +121,10 @@ class AnchorDiffBuildGatedGraph(io.ComfyNode):
             description="Build the sparse affinity graph: output-space similarity, gated by row-wise attention similarity (auto: sized to the image; the paper keeps the top 2% of pairs at 1024 px).",
             inputs=[
                 Maps.Input("maps", tooltip=MAPS_TIP),
-                io.Float.Input("gate_percentile", default=auto.PAPER_GATE_PERCENTILE, min=0.0, max=100.0, step=0.1, tooltip=f"Used when gate_setting is 'custom': keep pairs whose attention-row similarity is above this percentile ({PAPER_GATE} = the paper's top {100 - auto.PAPER_GATE_PERCENTILE:g}%)."),
+                used_when(
+                    io.Float.Input("gate_percentile", default=auto.PAPER_GATE_PERCENTILE, min=0.0, max=100.0, step=0.1, tooltip=f"Used when gate_setting is 'custom': keep pairs whose attention-row similarity is above this percentile ({PAPER_GATE} = the paper's top {100 - auto.PAPER_GATE_PERCENTILE:g}%)."),
+                    gate_setting=[CUSTOM], gate=[True],
+                ),
                 io.String.Input("layers", default="", tooltip="Recorded graph layers to average (e.g. '9' for one); empty = all recorded."),
                 io.Boolean.Input("gate", default=True, tooltip="Off = the paper's 'w/o gate' ablation (dense, leaks onto look-alikes; slow)."),
                 io.Combo.Input(
@@ -159,7 +163,10 @@ class AnchorDiffPropagate(io.ComfyNode):
             inputs=[
                 Graph.Input("graph", tooltip="From 'Build Gated Graph'."),
                 Anchors.Input("anchors", tooltip="From 'Anchor Select' (same maps as the graph)."),
-                io.Int.Input("steps", default=auto.PAPER_STEPS, min=0, max=10000, tooltip="Used when steps_setting is 'custom': propagation steps. More spreads further and leaks more."),
+                used_when(
+                    io.Int.Input("steps", default=auto.PAPER_STEPS, min=0, max=10000, tooltip="Used when steps_setting is 'custom': propagation steps. More spreads further and leaks more."),
+                    steps_setting=[CUSTOM],
+                ),
                 io.Combo.Input(
                     "steps_setting", options=list(STEPS_SETTINGS), default="auto", optional=True,
                     tooltip=f"Propagation steps. auto = {auto.STEPS_PER_SIDE:g} per token-grid side: {PAPER_STEPS} at 1024 x 1024 px, 40 at 256 px (the masks "
@@ -193,14 +200,14 @@ class AnchorDiffMask(io.ComfyNode):
                 Heat.Input("heat", tooltip="From 'Propagate' or a baseline node."),
                 io.String.Input("concept", default="", tooltip="Which concept: its name (any case) or number (1-based). Empty = all, as a batch (image-major: image 1's concepts, then image 2's...)."),
                 io.Combo.Input("threshold", options=["mean", "otsu", "fixed"], default="mean", tooltip="mean = the paper (above the map's mean); otsu = automatic two-class split; fixed = the value below."),
-                io.Float.Input("fixed_threshold", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Threshold for 'fixed' (heat is in 0..1)."),
+                used_when(io.Float.Input("fixed_threshold", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Threshold for 'fixed' (heat is in 0..1)."), threshold=["fixed"]),
                 io.Boolean.Input(
                     "refine_edges", default=True, optional=True,
                     tooltip="Snap the mask to the image's edges (guided filter of the heat by the image) instead of 16 px token "
                     "blocks, when 'image' is connected; without an image the mask keeps its token blocks. On by default: "
                     "better boundaries and IoU on the toy world at 256 and 512 px (README).",
                 ),
-                io.Int.Input("edge_radius", default=EDGE_RADIUS, min=1, max=256, optional=True, tooltip="Edge refinement window radius in pixels (16 = one token)."),
+                used_when(io.Int.Input("edge_radius", default=EDGE_RADIUS, min=1, max=256, optional=True, tooltip="Edge refinement window radius in pixels (16 = one token)."), refine_edges=[True]),
                 io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview; needed by refine_edges."),
             ],
             outputs=[

@@ -672,3 +672,54 @@ def test_example_workflow_one_runs_from_the_canvas(ui, server):
     assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255} and 0 < mask.mean() < 255
     screenshot(ui, "browser_workflow_01.png")
     assert not ui.our_errors(), ui.our_errors()
+
+
+USED_WIDGETS = """(id) => { const n = window.comfyAPI.app.app.graph.getNodeById(Number(id)); n.updateComputedDisabled?.();
+    return Object.fromEntries(n.widgets.filter((w) => w.type !== 'button' && w.name !== 'anchordiff_preview')
+        .map((w) => [w.name, !w.computedDisabled])); }"""
+
+
+def test_widgets_read_only_for_some_choices_are_greyed(ui):
+    """Propagate's steps beside steps_setting = auto, Build Gated Graph's gate_percentile beside auto
+    (or with the gate off), Mask's fixed_threshold and edge_radius: greyed out (the frontend's
+    `disabled`) unless their choice is made; a choice in the widget, by a script or in a loaded
+    workflow updates them; the values themselves are saved and sent unchanged."""
+    ids = ui.js(BUILD_GRAPH, [
+        {"id": "graph", "type": "AnchorDiffBuildGatedGraph", "pos": [100, 100]},
+        {"id": "prop", "type": "AnchorDiffPropagate", "pos": [450, 100], "size": [400, 300]},
+        {"id": "mask", "type": "AnchorDiffMask", "pos": [900, 100], "size": [300, 400]},
+    ])
+    ui.page.wait_for_timeout(300)
+    used = {n: ui.js(USED_WIDGETS, ids[n]) for n in ids}
+    assert used["prop"]["steps"] is False and used["prop"]["steps_setting"] is True, used
+    assert used["graph"]["gate_percentile"] is False and used["graph"]["gate"] is True, used
+    assert used["mask"]["fixed_threshold"] is False and used["mask"]["edge_radius"] is True, used
+    screenshot(ui, "widgets_auto.png")
+
+    set_value = """([id, name, value, callback]) => { const n = window.comfyAPI.app.app.graph.getNodeById(Number(id));
+        const w = n.widgets.find((w) => w.name === name); w.value = value; if (callback) w.callback?.(value); }"""
+    ui.js(set_value, [ids["prop"], "steps_setting", "custom", True])  # as the widget does on a user's choice
+    ui.js(set_value, [ids["graph"], "gate_setting", "custom", False])  # a script: the value alone
+    ui.js(set_value, [ids["mask"], "threshold", "fixed", False])
+    ui.js(set_value, [ids["mask"], "refine_edges", False, True])
+    used = {n: ui.js(USED_WIDGETS, ids[n]) for n in ids}
+    assert used["prop"]["steps"] and used["graph"]["gate_percentile"] and used["mask"]["fixed_threshold"], used
+    assert used["mask"]["edge_radius"] is False, used
+    ui.js(set_value, [ids["graph"], "gate", False, True])  # no gate: no percentile read
+    assert ui.js(USED_WIDGETS, ids["graph"])["gate_percentile"] is False
+    screenshot(ui, "widgets_custom.png")
+
+    # saved and sent as they are, greyed or not; a loaded workflow greys by its own values
+    saved = ui.js("() => window.comfyAPI.app.app.graph.serialize()")
+    prompt = ui.js("async () => (await window.comfyAPI.app.app.graphToPrompt()).output")
+    assert prompt[ids["prop"]]["inputs"]["steps"] == 160 and prompt[ids["graph"]]["inputs"]["gate_percentile"] == 98
+    prop = next(n for n in saved["nodes"] if str(n["id"]) == ids["prop"])
+    assert prop["widgets_values"][:2] == [160, "custom"], prop["widgets_values"]
+    prop["widgets_values"][1] = "auto"
+    ui.js("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, 'greyed'); }", saved)
+    ui.page.wait_for_timeout(300)
+    used = {n: ui.js(USED_WIDGETS, ids[n]) for n in ids}
+    assert used["prop"]["steps"] is False and used["graph"]["gate_percentile"] is False, used
+    assert used["mask"]["fixed_threshold"] and not used["mask"]["edge_radius"], used
+    assert ui.js("(id) => window.comfyAPI.app.app.graph.getNodeById(Number(id)).widgets[0].value", ids["prop"]) == 160
+    assert not ui.our_errors(), ui.our_errors()

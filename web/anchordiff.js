@@ -258,6 +258,70 @@ class Preview {
   }
 }
 
+// ---- widgets read only for some choices ------------------------------------------------------
+
+const USED_WHEN = "anchordiff_used_when"; // input option set by nodes/common.py used_when()
+
+/** {widget name: {other widget: [values under which the widget is read]}} from a node definition. */
+function usedWhen(nodeData) {
+  const found = {};
+  for (const group of ["required", "optional"])
+    for (const [name, spec] of Object.entries(nodeData.input?.[group] ?? {}))
+      if (spec?.[1]?.[USED_WHEN]) found[name] = spec[1][USED_WHEN];
+  return found;
+}
+
+/** Grey out (the frontend's own `disabled`, as its webcam node does) each widget its node does not
+ *  read with the current choices, e.g. Propagate's `steps` unless steps_setting is "custom": the
+ *  classic canvas then draws it without its value and ignores clicks on it, Nodes 2.0 dims it.
+ *  Its value is kept, saved and sent as before. */
+function updateUsedWidgets(node) {
+  const rules = node.constructor.anchordiffUsedWhen;
+  if (!rules || !node.widgets) return;
+  const value = (name) => node.widgets.find((w) => w.name === name)?.value;
+  let changed = false;
+  for (const [name, conditions] of Object.entries(rules)) {
+    const widget = node.widgets.find((w) => w.name === name);
+    if (!widget) continue;
+    const used = Object.entries(conditions).every(([other, values]) => values.includes(value(other)));
+    if (widget.disabled === !used) continue;
+    widget.disabled = !used;
+    changed = true;
+  }
+  if (changed) {
+    node.updateComputedDisabled?.();
+    node.setDirtyCanvas?.(true, false);
+  }
+}
+
+/** Re-check the greyed widgets whenever a widget they depend on gets a value: a user's choice (its
+ *  callback), a loaded workflow or a script (its value setter, wrapped on this widget only). */
+function watchChoices(node) {
+  const rules = node.constructor.anchordiffUsedWhen;
+  if (!rules) return;
+  const watched = new Set(Object.values(rules).flatMap((conditions) => Object.keys(conditions)));
+  for (const widget of node.widgets ?? []) {
+    if (!watched.has(widget.name)) continue;
+    let proto = widget, accessor;
+    while (proto && !(accessor = Object.getOwnPropertyDescriptor(proto, "value"))) proto = Object.getPrototypeOf(proto);
+    if (accessor?.set && accessor.configurable !== false) {
+      Object.defineProperty(widget, "value", {
+        configurable: true,
+        enumerable: accessor.enumerable,
+        get() { return accessor.get ? accessor.get.call(this) : undefined; },
+        set(v) { accessor.set.call(this, v); updateUsedWidgets(node); },
+      });
+    }
+    const callback = widget.callback;
+    widget.callback = function () {
+      const result = callback?.apply(this, arguments);
+      updateUsedWidgets(node);
+      return result;
+    };
+  }
+  updateUsedWidgets(node);
+}
+
 // ---- registration ---------------------------------------------------------------------------
 
 function addPreview(node) {
@@ -368,6 +432,16 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION_NAME)) app
 
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name === "AnchorDiffReadMaps") showRecordedStep(nodeType);
+    const rules = usedWhen(nodeData);
+    if (Object.keys(rules).length) {
+      nodeType.anchordiffUsedWhen = rules;
+      const onConfigure = nodeType.prototype.onConfigure;
+      nodeType.prototype.onConfigure = function () {
+        const result = onConfigure?.apply(this, arguments);
+        updateUsedWidgets(this);
+        return result;
+      };
+    }
     if (!PREVIEW_NODES.has(nodeData.name)) return;
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (output) {
@@ -377,6 +451,7 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION_NAME)) app
   },
 
   nodeCreated(node) {
+    watchChoices(node);
     if (!PREVIEW_NODES.has(node.comfyClass)) return;
     addPreview(node);
   },
