@@ -13,7 +13,6 @@ as the prompt's. Concept tokens sit at the first text token's position (0 for Fl
 """
 from __future__ import annotations
 
-import uuid
 from typing import Optional, Sequence
 
 import torch
@@ -21,8 +20,9 @@ import torch.nn.functional as F
 
 from .anchors import PIXELS_PER_TOKEN
 from .concepts import ConceptSet
+from .diffusers_capture import DiffusersRecorder
 from .maps import AttentionMaps
-from .recorder import RecordSpec, StepRecorder
+from .recorder import StepRecorder
 
 
 def _rotate(x: torch.Tensor, rope) -> torch.Tensor:
@@ -60,64 +60,53 @@ class _CapturingFluxProcessor:
         return attn.to_out[1](attn.to_out[0](img.contiguous())), attn.to_add_out(txt.contiguous())
 
 
-class DiffusersFluxRecorder:
+class DiffusersFluxRecorder(DiffusersRecorder):
     """One forward pass of a diffusers Flux transformer, recording AnchorDiff's maps for every row of
     the batch (guidance-distilled Flux has no unconditional rows)."""
 
     def __init__(self, transformer, concepts: ConceptSet, graph_layers: Sequence[int], seg4diff_layer: Optional[int] = None,
                  store_device=None):
-        self.transformer = transformer
-        self.concepts = concepts
         self.double = len(transformer.transformer_blocks)
         total = self.double + len(transformer.single_transformer_blocks)
-        self.spec = RecordSpec(concepts.names, concepts.token_concept, total, tuple(graph_layers), seg4diff_layer)
-        self.store_device = store_device
+        super().__init__(transformer, concepts, total, graph_layers, seg4diff_layer, store_device)
 
     @torch.no_grad()
     def record(self, hidden_states, img_ids, txt_ids, timestep, encoder_hidden_states, pooled_projections,
                guidance=None, grid: tuple[int, int] = None, image_size: tuple[int, int] = None) -> AttentionMaps:
         """hidden_states: packed latents [B, N, 64]; grid: the (h, w) token grid, row-major, of its N tokens
         (reference-image tokens, if any, would follow them and are left out); timestep: sigma."""
+        return self._record(grid, image_size, timestep, hidden_states, encoder_hidden_states, dict(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
+            timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False))
+
+    def _record(self, grid, image_size, timestep, hidden_states, encoder_hidden_states, forward_kwargs: dict) -> AttentionMaps:
+        """The forward pass with `forward_kwargs`, recording (shared by the Flux-shaped recorders)."""
         tr = self.transformer
         blocks = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
-        step = StepRecorder(self.spec, tr.config.num_attention_heads, self.store_device)
+        step = self._step(tr.config.num_attention_heads)
         batch = hidden_states.shape[0]
-        dtype = encoder_hidden_states.dtype
-        emb = self.concepts.embeddings.to(device=hidden_states.device, dtype=dtype)[None]
-        state = {"concepts": tr.context_embedder(emb).expand(batch, -1, -1).contiguous()}
+        state = {"concepts": self._initial_concepts(tr.context_embedder, encoder_hidden_states, batch)}
         grid_tokens = grid[0] * grid[1]
         slots = [dict() for _ in blocks]
-        saved = [block.attn.processor for block in blocks]
-        handles = []
 
-        def pre_hook(index):
-            def hook(module, args, kwargs):
-                slots[index]["temb"] = kwargs["temb"]
-                slots[index]["text_len"] = kwargs["encoder_hidden_states"].shape[1]
-            return hook
+        def pre(index, block, args, kwargs):
+            slots[index]["temb"] = kwargs["temb"]
+            if kwargs.get("encoder_hidden_states") is not None:  # else a single block of a joined [text, image] stream
+                state["text_len"] = kwargs["encoder_hidden_states"].shape[1]
+            slots[index]["text_len"] = state["text_len"]
 
-        def post_hook(index):
-            def hook(module, args, kwargs, output):
-                self._advance(module, index, slots[index], state, step, grid_tokens)
-            return hook
+        def post(index, block):
+            self._advance(block, index, slots[index], state, step, grid_tokens)
 
-        try:
-            for i, block in enumerate(blocks):
-                block.attn.set_processor(_CapturingFluxProcessor(slots[i]))
-                handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-                handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
-            tr(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, pooled_projections=pooled_projections,
-               timestep=timestep, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for block, processor in zip(blocks, saved):
-                block.attn.set_processor(processor)
+        with self._hooked(blocks, lambda i: _CapturingFluxProcessor(slots[i]), pre, post):
+            tr(**forward_kwargs)
         sigma = float(torch.as_tensor(timestep).reshape(-1)[0])
-        return step.finish(
-            torch.arange(batch), batch, grid=tuple(grid), image_size=image_size or (grid[0] * PIXELS_PER_TOKEN, grid[1] * PIXELS_PER_TOKEN),
-            sigma=sigma, meta={"id": uuid.uuid4().hex, "source": "diffusers"},
-        )
+        return self._finish(step, batch, grid, image_size or (grid[0] * PIXELS_PER_TOKEN, grid[1] * PIXELS_PER_TOKEN), sigma)
+
+    @staticmethod
+    def _text_temb(temb: torch.Tensor) -> torch.Tensor:
+        """The part of a double block's `temb` that modulates the text stream (Flux.1: all of it)."""
+        return temb
 
     def _advance(self, block, index: int, slot: dict, state: dict, step: StepRecorder, grid_tokens: int) -> None:
         """The concept stream through this block with the prompt stream's (double) or shared (single) weights."""
@@ -132,7 +121,7 @@ class DiffusersFluxRecorder:
             return y
 
         if double:
-            norm_c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(c, emb=temb)
+            norm_c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(c, emb=self._text_temb(temb))
             q_c, k_c = project(norm_c, attn.add_q_proj, attn.norm_added_q), project(norm_c, attn.add_k_proj, attn.norm_added_k)
             v_c = project(norm_c, attn.add_v_proj, None)
         else:

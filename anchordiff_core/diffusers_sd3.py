@@ -12,7 +12,6 @@ ComfyUI patch and the start of the standalone path:
 """
 from __future__ import annotations
 
-import uuid
 from typing import Optional, Sequence
 
 import torch
@@ -20,8 +19,9 @@ import torch.nn.functional as F
 
 from .anchors import PATCH_SIZE, PIXELS_PER_LATENT
 from .concepts import ConceptSet
+from .diffusers_capture import DiffusersRecorder
 from .maps import AttentionMaps
-from .recorder import RecordSpec, StepRecorder
+from .recorder import StepRecorder
 
 
 class _CapturingJointProcessor:
@@ -60,7 +60,7 @@ class _CapturingJointProcessor:
         return img, txt
 
 
-class DiffusersSD3Recorder:
+class DiffusersSD3Recorder(DiffusersRecorder):
     """Runs one forward pass of a diffusers SD3 transformer and records AnchorDiff's maps for every
     row of the batch (pass conditional rows only)."""
 
@@ -72,53 +72,29 @@ class DiffusersSD3Recorder:
         seg4diff_layer: Optional[int] = None,
         store_device=None,
     ):
-        self.transformer = transformer
-        self.concepts = concepts
-        blocks = transformer.transformer_blocks
-        self.spec = RecordSpec(concepts.names, concepts.token_concept, len(blocks), tuple(graph_layers), seg4diff_layer)
-        self.store_device = store_device
+        super().__init__(transformer, concepts, len(transformer.transformer_blocks), graph_layers, seg4diff_layer, store_device)
 
     @torch.no_grad()
     def record(self, latents, timestep, encoder_hidden_states, pooled_projections) -> AttentionMaps:
         tr = self.transformer
         blocks = tr.transformer_blocks
-        step = StepRecorder(self.spec, blocks[0].attn.heads, self.store_device)
+        step = self._step(blocks[0].attn.heads)
         batch = latents.shape[0]
-        dtype = encoder_hidden_states.dtype
-        emb = self.concepts.embeddings.to(device=latents.device, dtype=dtype)[None]
-        state = {"concepts": tr.context_embedder(emb).expand(batch, -1, -1).contiguous()}
+        state = {"concepts": self._initial_concepts(tr.context_embedder, encoder_hidden_states, batch)}
         slots = [dict() for _ in blocks]
-        saved = [block.attn.processor for block in blocks]
-        handles = []
 
-        def pre_hook(index):
-            def hook(module, args, kwargs):
-                slots[index]["temb"] = kwargs.get("temb", args[2] if len(args) > 2 else None)
-            return hook
+        def pre(index, block, args, kwargs):
+            slots[index]["temb"] = kwargs.get("temb", args[2] if len(args) > 2 else None)
 
-        def post_hook(index):
-            def hook(module, args, kwargs, output):
-                self._advance_concepts(module, index, slots[index], state, step)
-            return hook
+        def post(index, block):
+            self._advance_concepts(block, index, slots[index], state, step)
 
-        try:
-            for i, block in enumerate(blocks):
-                block.attn.set_processor(_CapturingJointProcessor(slots[i]))
-                handles.append(block.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-                handles.append(block.register_forward_hook(post_hook(i), with_kwargs=True))
+        with self._hooked(blocks, lambda i: _CapturingJointProcessor(slots[i]), pre, post):
             tr(hidden_states=latents, encoder_hidden_states=encoder_hidden_states,
                pooled_projections=pooled_projections, timestep=timestep, return_dict=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-            for block, processor in zip(blocks, saved):
-                block.attn.set_processor(processor)
         h, w = latents.shape[-2] // PATCH_SIZE, latents.shape[-1] // PATCH_SIZE
         sigma = float(torch.as_tensor(timestep).reshape(-1)[0]) / 1000.0
-        return step.finish(
-            torch.arange(batch), batch, grid=(h, w), image_size=(latents.shape[-2] * PIXELS_PER_LATENT, latents.shape[-1] * PIXELS_PER_LATENT),
-            sigma=sigma, meta={"id": uuid.uuid4().hex, "source": "diffusers"},
-        )
+        return self._finish(step, batch, (h, w), (latents.shape[-2] * PIXELS_PER_LATENT, latents.shape[-1] * PIXELS_PER_LATENT), sigma)
 
     @staticmethod
     def _advance_concepts(block, index: int, slot: dict, state: dict, step: StepRecorder) -> None:

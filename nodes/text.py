@@ -25,7 +25,7 @@ def encode_concepts(clip, text: str) -> ConceptSet:
     if clip is None:
         raise AnchorDiffError(
             "No CLIP connected: connect the model's text encoders (SD3: TripleCLIPLoader or an SD3 checkpoint's CLIP; "
-            "Flux.1: DualCLIPLoader with clip_l and t5xxl, type flux)."
+            "Flux.1: DualCLIPLoader with clip_l and t5xxl, type flux; Chroma: CLIPLoader with t5xxl, type chroma)."
         )
     probe = clip.tokenize("a")
     for adapter in ADAPTERS:
@@ -33,9 +33,10 @@ def encode_concepts(clip, text: str) -> ConceptSet:
             return _finite(adapter.encode_concepts(clip, names))
     keys = ", ".join(sorted(probe)) if isinstance(probe, dict) else type(probe).__name__
     raise AnchorDiffError(
-        f"The connected CLIP is not SD3's nor Flux.1's (it has encoders: {keys}). Connect the text encoders of one of: "
-        f"{supported_families()} (SD3: TripleCLIPLoader with clip_g, clip_l, t5xxl, or an SD3 / SD3.5 checkpoint's CLIP; "
-        "Flux.1: DualCLIPLoader with clip_l and t5xxl, type flux)."
+        f"The connected CLIP is not the text encoder of a supported family (it has encoders: {keys}). Connect the text "
+        f"encoders of one of: {supported_families()} (SD3: TripleCLIPLoader with clip_g, clip_l, t5xxl, or an SD3 / SD3.5 "
+        "checkpoint's CLIP; Flux.1: DualCLIPLoader with clip_l and t5xxl, type flux; Chroma: CLIPLoader with t5xxl, "
+        "type chroma)."
     )
 
 

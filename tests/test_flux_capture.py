@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fixtures.flux_family import assert_maps_match, core_node, noisy_latent, packed, relative_error, sample
 
 from fixtures import node_chain
 from fixtures.node_chain import read_maps, record, run
@@ -48,12 +49,6 @@ def env_guidance(nodes, conditioning, guidance):
     return core_node(nodes, "FluxGuidance", conditioning, guidance)
 
 
-def core_node(nodes, name, *args):
-    """Execute one of ComfyUI's own (V3) nodes; its first output."""
-    out = nodes.NODE_CLASS_MAPPINGS[name].execute(*args)
-    return out.args[0] if hasattr(out, "args") else out[0]
-
-
 def load_model(env, name="tiny_flux_dev"):
     from fixtures.tiny_flux import VARIANTS, load_with_comfy
     return load_with_comfy(env.models / "diffusion_models" / f"{name}.safetensors", expect=VARIANTS[name])
@@ -63,43 +58,16 @@ def concepts(env, text="cat, red car"):
     return run(env, "AnchorDiffConcepts", env.clip, text)[0]
 
 
-def sample(env, model, seed=0, steps=4, size=(16, 24), positive=None, callback=None, cfg=1.0, negative=None):
-    """Guidance-distilled Flux as users run it: cfg 1, so one forward per step (positive only)."""
-    import comfy.sample
-    latent = torch.zeros(1, 16, *size)
-    noise = comfy.sample.prepare_noise(latent, seed)
-    positive = positive if positive is not None else env.pos
-    negative = negative if negative is not None else positive
-    samples = comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", positive, negative, latent,
-                                  callback=callback, disable_pbar=True, seed=seed)
-    return {"samples": samples}
-
-
-def relative_error(a, b):
-    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
-
-
 def diffusers_reference(env, model, cs, maps, latent, seed, layers, seg, name="tiny_flux_dev", reference=None):
     """The same noisy latent, sigma, conditioning and guidance through diffusers' own Flux."""
-    import comfy.sample
-    from einops import rearrange
     from fixtures.tiny_flux import VARIANTS, build_diffusers
 
     sys.path.insert(0, str(REPO))
     from anchordiff_core.diffusers_flux import DiffusersFluxRecorder
 
     sigma = maps.sigma
-    noise = comfy.sample.prepare_noise(latent, seed)
-    x = sigma * noise + (1 - sigma) * model.model.process_latent_in(latent)
+    x = noisy_latent(model, latent, seed, sigma)
     h, w = x.shape[-2] // 2, x.shape[-1] // 2
-
-    def packed(t, index):
-        ids = torch.zeros(t.shape[-2] // 2, t.shape[-1] // 2, 3)
-        ids[..., 0] = index
-        ids[..., 1] = torch.arange(t.shape[-2] // 2)[:, None]
-        ids[..., 2] = torch.arange(t.shape[-1] // 2)[None, :]
-        return rearrange(t, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=2, pw=2), ids.reshape(-1, 3)
-
     hidden, img_ids = packed(x, 0)
     if reference is not None:  # Kontext: the reference latent's tokens follow, at RoPE index 1
         ref, ref_ids = packed(model.model.process_latent_in(reference), 1)
@@ -109,15 +77,6 @@ def diffusers_reference(env, model, cs, maps, latent, seed, layers, seg, name="t
     guidance = torch.tensor([3.5]) if VARIANTS[name].guidance else None
     return recorder.record(hidden, img_ids, torch.zeros(cond.shape[1], 3), torch.tensor([sigma]), cond,
                            env.pos[0][1]["pooled_output"], guidance, grid=(h, w), image_size=(x.shape[-2] * 8, x.shape[-1] * 8))
-
-
-def assert_maps_match(maps, expected, tolerance=1e-4):
-    for name in ("a_ci", "ca_scores", "a_ii", "o_ii", "seg4diff"):
-        x, y = getattr(maps, name), getattr(expected, name)
-        assert x.shape == y.shape, name
-        error = relative_error(x, y)
-        print(f"{name}: largest difference {error:.2e} of the largest value")
-        assert error <= tolerance, f"{name}: largest difference {error:.2e} of the largest value"
 
 
 # ------------------------------------------------------------------ the model and the adapter
@@ -334,6 +293,9 @@ def test_unsupported_model_names_the_supported_families(env):
         record(env, wan, concepts(env))
     message = str(info.value)
     assert "WAN21 (WanModel)" in message
-    assert "Supported families: SD3 / SD3.5 (Medium, Large, Large Turbo); Flux.1 (dev, schnell, Kontext)." in message
+    assert message.startswith("AnchorDiff needs a model of a supported family, but the connected MODEL is WAN21 (WanModel).")
+    adapters = sys.modules[env.pack.__name__ + ".nodes.models"].ADAPTERS
+    assert f"Supported families: {'; '.join(adapter.family for adapter in adapters)}." in message
+    assert "SD3 / SD3.5 (Medium, Large, Large Turbo); Flux.1 (dev, schnell, Kontext); Chroma" in message
     with pytest.raises(ValueError, match="out of range: this Flux.1-architecture .* has 4 joint blocks"):
         record(env, load_model(env), concepts(env), graph_layers="0, 4")

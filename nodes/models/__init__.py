@@ -5,10 +5,11 @@ import comfy.ldm.modules.attention as comfy_attention
 
 from ..errors import AnchorDiffError
 from .base import BackboneAdapter
+from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: tuple[type[BackboneAdapter], ...] = (SD3Adapter, FluxAdapter)
+ADAPTERS: tuple[type[BackboneAdapter], ...] = (SD3Adapter, FluxAdapter, ChromaAdapter)
 
 
 def supported_families() -> str:
@@ -33,7 +34,7 @@ def adapter_for(model) -> BackboneAdapter:
         if reason:
             why = f" {reason}"
     raise AnchorDiffError(
-        f"AnchorDiff needs an SD3 / SD3.5 model (MMDiT) or a Flux.1 model (dev, schnell), but the connected MODEL is "
-        f"{what}{inner}.{why} Supported families: {supported_families()}. Load one with 'Load Checkpoint' or "
+        f"AnchorDiff needs a model of a supported family, but the connected MODEL is {what}{inner}.{why} "
+        f"Supported families: {supported_families()}. Load one with 'Load Checkpoint' or "
         "'Load Diffusion Model'."
     )

@@ -57,8 +57,6 @@ class FluxAdapter(BackboneAdapter):
         if isinstance(diffusion_model, Flux) and not cls.matches(diffusion_model):
             return ("It is a Flux-architecture model that is not Flux.1 (Flux.2 / Klein: global modulation and "
                     "text positions), which AnchorDiff does not support yet.")
-        if type(diffusion_model).__name__ in ("Chroma", "ChromaRadiance"):
-            return "Chroma is not supported yet."
         return ""
 
     # ------------------------------------------------------------------ names and layout
@@ -110,11 +108,27 @@ class FluxAdapter(BackboneAdapter):
             q, k = apply_rope(q, k, at)
         return tuple(x.transpose(1, 2).reshape(b, t, -1) for x in (q, k, v))
 
+    # The modulation of the prompt stream, which the concept stream shares (Flux.1: one vector per
+    # row, each block's own txt_mod / modulation layer makes its shift, scale and gate).
+    def _unexpected_modulation(self, index: int, vec) -> str:
+        if not isinstance(vec, torch.Tensor):
+            return f"block {index} has no per-block modulation vector (not a Flux.1 model)"
+        return ""
+
+    def _text_modulation(self, block, vec: torch.Tensor, rows):
+        """A double block's two text-stream modulations (attention, MLP) for the recorded rows."""
+        return block.txt_mod(vec[rows])
+
+    def _single_modulation(self, block, vec: torch.Tensor, rows):
+        """A single block's modulation for the recorded rows."""
+        return block.modulation(vec[rows])[0]
+
     def record_block(self, call, index: int, args: dict, captured: tuple) -> str:
         double, _single = self.depths
         img, vec, pe = args["img"], args["vec"], args.get("pe")
-        if not isinstance(vec, torch.Tensor):
-            return f"block {index} has no per-block modulation vector (not a Flux.1 model)"
+        wrong = self._unexpected_modulation(index, vec)
+        if wrong:
+            return wrong
         q, k, v = (x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1) for x in captured[:3])  # [B, H, L, d] -> [B, L, H*d]
         out = captured[3].reshape(captured[3].shape[0], captured[3].shape[1], -1)
         if index < double:
@@ -133,11 +147,11 @@ class FluxAdapter(BackboneAdapter):
         rows = call.rows
         if call.concept_state is None:
             call.concept_state = self.initial_concepts(call.concepts.embeddings, img.dtype, img.device, rows.numel())
-        c, vec_c = call.concept_state, vec[rows]
+        c = call.concept_state
         image = slice(text_len, text_len + grid)  # reference-image tokens (Kontext) after the grid are left out
         if index < double:
             block = self.dm.double_blocks[index]
-            mod1, mod2 = block.txt_mod(vec_c)
+            mod1, mod2 = self._text_modulation(block, vec, rows)
             normed = apply_mod(block.txt_norm1(c), 1 + mod1.scale, mod1.shift)
             q_c, k_c, v_c = self._heads_qkv(block.txt_attn.qkv(normed), block.txt_attn.norm, pe, rows)
             o_c = call.step.record_block(index, q[rows, image], k[rows, image], v[rows, image], out[rows, image],
@@ -146,7 +160,7 @@ class FluxAdapter(BackboneAdapter):
             c = c + apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(c), 1 + mod2.scale, mod2.shift)), mod2.gate)
         else:
             block = self.dm.single_blocks[index - double]
-            mod, _ = block.modulation(vec_c)
+            mod = self._single_modulation(block, vec, rows)
             qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(c), 1 + mod.scale, mod.shift)),
                                    [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
             q_c, k_c, v_c = self._heads_qkv(qkv, block.norm, pe, rows)
@@ -176,7 +190,7 @@ class FluxAdapter(BackboneAdapter):
             raise AnchorDiffError(str(error)) from None
         cond, _pooled = clip.encode_from_tokens(tokens, return_pooled=True)
         if cond.dim() != 3 or cond.shape[1] < len(sequence):
-            raise AnchorDiffError(f"The text encoder output has shape {tuple(cond.shape)}; Flux.1 expects [1, L, 4096] T5 features.")
+            raise AnchorDiffError(f"The text encoder output has shape {tuple(cond.shape)}; {cls.family} expects [1, L, 4096] T5 features.")
         flat = [p for concept in positions for p in concept]
         owner = [k for k, concept in enumerate(positions) for _ in concept]
         return ConceptSet(tuple(names), cond[0, flat].detach().float().cpu(), torch.tensor(owner, dtype=torch.long), cls.family)
