@@ -17,17 +17,22 @@ class ConceptSet:
     embeddings [T, C] are the text encoder's outputs at the concepts' token positions (C = 4096 for
     SD3: CLIP-L + CLIP-G zero-padded; 4096 for Flux.1: T5-XXL); token_concept [T] says which
     concept each token belongs to. `encoder` names the text encoders' family ("" = not stated), so a
-    recording can refuse concepts encoded for another backbone of the same width.
+    recording can refuse concepts encoded for another backbone of the same width. `positions` [T]
+    (optional) are the tokens' places in the encoded concept sequence (0 = its first token), for
+    backbones whose text tokens carry RoPE positions (Qwen-Image); None where text has no positions.
     """
 
     names: tuple[str, ...]
     embeddings: torch.Tensor
     token_concept: torch.Tensor
     encoder: str = ""
+    positions: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if self.embeddings.dim() != 2 or self.embeddings.shape[0] != self.token_concept.numel():
             raise ValueError("embeddings must be [T, C] with one row per concept token")
+        if self.positions is not None and self.positions.shape != self.token_concept.shape:
+            raise ValueError("positions must be [T], one per concept token")
         counts = torch.bincount(self.token_concept, minlength=len(self.names))
         if counts.numel() != len(self.names) or bool((counts == 0).any()):
             raise ValueError("every concept needs at least one token")

@@ -322,7 +322,8 @@ class AttentionRecorder:
         # fast: the maps stay on the compute device until the graph is built (no host round trip)
         store = None if spec.precision != "exact" else comfy.model_management.intermediate_device()
         call = _Call(self, adapter, rows.to(x.device), store, spec)
-        call.grid_tokens = math.prod(adapter.grid(run.latent_hw))
+        call.grid = adapter.grid(run.latent_hw)
+        call.grid_tokens = math.prod(call.grid)
         options = dict(transformer_options)
         patches = dict(options.get("patches_replace", {}))
         dit = dict(patches.get("dit", {}))
@@ -441,6 +442,7 @@ class _Call:
         self.step = StepRecorder(spec, adapter.heads(), store_device, comfy.model_management.throw_exception_if_processing_interrupted)
         self.previous: dict[int, Optional[callable]] = {}
         self.concept_state: Optional[torch.Tensor] = None
+        self.grid: tuple[int, int] = (0, 0)  # the latent's image token grid (rows, columns)
         self.grid_tokens = 0  # image tokens of the latent's grid (reference tokens follow them)
         self.text_len: Optional[int] = None  # prompt tokens, where a block's arguments do not say
         self.problem = ""

@@ -7,9 +7,10 @@ from ..errors import AnchorDiffError
 from .base import BackboneAdapter
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
+from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: tuple[type[BackboneAdapter], ...] = (SD3Adapter, FluxAdapter, ChromaAdapter)
+ADAPTERS: tuple[type[BackboneAdapter], ...] = (SD3Adapter, FluxAdapter, ChromaAdapter, QwenImageAdapter)
 
 
 def supported_families() -> str:

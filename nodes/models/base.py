@@ -111,6 +111,28 @@ class BackboneAdapter:
         return ""
 
 
+# SD3 Medium's paper layers (graph pair 9, 18 and Seg4Diff's expert layer 9 of blocks 0..23) as
+# relative depths: the documented rule for families no paper gives layers for (docs/DESIGN.md).
+SD3_GRAPH_DEPTHS = (9 / 23, 18 / 23)
+SD3_SEG4DIFF_DEPTH = 9 / 23
+
+
+def relative_layer(fraction: float, num_blocks: int) -> int:
+    """The block at `fraction` of the depth, over blocks 0..num_blocks-1 in forward order."""
+    return round(fraction * (num_blocks - 1))
+
+
+class RelativeDepthDefaults:
+    """Default layers for a family without published ones: SD3 Medium's paper layers at the same
+    relative depth over all joint-attention blocks in forward order. Unmeasured on real weights."""
+
+    def default_graph_layers(self) -> tuple[int, ...]:
+        return tuple(sorted({relative_layer(f, self.num_blocks()) for f in SD3_GRAPH_DEPTHS}))
+
+    def default_seg4diff_layer(self) -> int:
+        return relative_layer(SD3_SEG4DIFF_DEPTH, self.num_blocks())
+
+
 def split_image(q: torch.Tensor, text_len: int, grid_tokens: int) -> torch.Tensor:
     """The generated image's tokens of a text-first joint sequence [B, L, C]: reference-image tokens
     (Kontext, edit models) that follow the grid are left out."""

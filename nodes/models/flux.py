@@ -30,7 +30,7 @@ from comfy.ldm.flux.model import Flux
 
 from ...anchordiff_core.concepts import ConceptSet, join_concepts, locate_tokens
 from ..errors import AnchorDiffError
-from .base import BackboneAdapter
+from .base import BackboneAdapter, RelativeDepthDefaults
 
 T5_SPECIAL = {0, 1}  # T5's pad and end-of-sequence ids
 FLUX1_DEPTHS = (19, 38)  # Flux.1 dev / schnell / Kontext / Krea: 19 double + 38 single blocks
@@ -40,7 +40,10 @@ def _t5_ids(tokens: dict) -> list[list[int]]:
     return [[int(t[0]) for t in chunk] for chunk in tokens["t5xxl"]]
 
 
-class FluxAdapter(BackboneAdapter):
+class FluxAdapter(RelativeDepthDefaults, BackboneAdapter):
+    """Default layers: RelativeDepthDefaults (Flux.1: graph 22, 44 of 0..56, i.e. single-stream blocks 3 and
+    25; Seg4Diff 22). Unmeasured on real weights."""
+
     family = "Flux.1 (dev, schnell, Kontext)"
 
     @classmethod
@@ -194,17 +197,3 @@ class FluxAdapter(BackboneAdapter):
         flat = [p for concept in positions for p in concept]
         owner = [k for k, concept in enumerate(positions) for _ in concept]
         return ConceptSet(tuple(names), cond[0, flat].detach().float().cpu(), torch.tensor(owner, dtype=torch.long), cls.family)
-
-    # ------------------------------------------------------------------ defaults
-    def _relative(self, fraction: float) -> int:
-        return round(fraction * (self.num_blocks() - 1))
-
-    def default_graph_layers(self) -> tuple[int, ...]:
-        """No paper gives Flux layers. Rule: SD3 Medium's paper pair (9, 18 of 0..23) at the same
-        relative depth over all joint-attention blocks in forward order (Flux.1: 22 and 44 of 0..56,
-        single-stream blocks 3 and 25). Unmeasured on real weights."""
-        return tuple(sorted({self._relative(9 / 23), self._relative(18 / 23)}))
-
-    def default_seg4diff_layer(self) -> int:
-        """Seg4Diff's SD3 expert layer 9 at the same relative depth (Flux.1: 22). Unmeasured."""
-        return self._relative(9 / 23)
