@@ -387,8 +387,8 @@ class AttentionRecorder:
     # ---------------------------------------------------------------- consumers
     def maps_for(self, samples: torch.Tensor) -> AttentionMaps:
         """The maps recorded while the sampler produced `samples` (a LATENT's "samples")."""
-        if samples.dim() != 4:
-            raise AnchorDiffError(f"expected a LATENT batch [B, C, H, W]; got shape {tuple(samples.shape)}")
+        if samples.dim() != 4 and not (samples.dim() == 5 and samples.shape[2] == 1):  # 5-D: one frame (Qwen-Image)
+            raise AnchorDiffError(f"expected an image LATENT batch [B, C, H, W] or [B, C, 1, H, W]; got shape {tuple(samples.shape)}")
         found = []
         for index in range(samples.shape[0]):
             fingerprint = latent_fingerprint(samples[index])
