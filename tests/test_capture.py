@@ -619,7 +619,7 @@ def test_clear_errors(env):
     model = load_model(env)
     cs = concepts(env)
     not_sd3 = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=torch.nn.Linear(2, 2)))
-    with refused("needs an SD3 / SD3.5 model .* is SimpleNamespace \\(Linear\\)"):
+    with refused("needs a model of a supported family, but the connected MODEL is SimpleNamespace \\(Linear\\)"):
         record(env, not_sd3, cs)
     with refused("No concepts given"):
         concepts(env, " , \n ")
@@ -639,7 +639,7 @@ def test_clear_errors(env):
         record(env, model, cs, graph_layers="0, 5")
     with refused("seg4diff_layer 9 out of range"):
         record(env, model, cs, seg4diff_layer=9)
-    with refused("not SD3's"):
+    with refused("not the text encoder of a supported family"):
         run(env, "AnchorDiffConcepts", types.SimpleNamespace(tokenize=lambda text: {"l": [[(1, 1.0)]]}), "cat")
 
     patched, recorder = record(env, model, cs)
