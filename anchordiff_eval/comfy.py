@@ -77,6 +77,16 @@ def pack_module(pack, dotted: str):
     return importlib.import_module(f"{pack.__name__}.{dotted}")
 
 
+def sd3_variant(pack, model) -> str:
+    """The SD3 / SD3.5 variant of a loaded MODEL, named by the pack's adapter; the evaluator measures
+    SD3-family models only (the paper's), so any other family is refused here."""
+    adapter = pack_module(pack, "nodes.models").adapter_for(model)
+    if type(adapter).__name__ != "SD3Adapter":
+        raise SetupError(f"the evaluator measures SD3 / SD3.5 models (the paper's backbone); the loaded model is "
+                         f"{adapter.variant()}: pass an SD3 / SD3.5 checkpoint or diffusion model file")
+    return adapter.variant()
+
+
 def _callable(spec: str, what: str) -> Callable:
     """'package.module:function' -> the function."""
     module, _, attr = spec.partition(":")
@@ -178,7 +188,7 @@ class NodeRecorder:
         self.nodes = nodes
         self.pipeline = pack_module(pack, "anchordiff_core.pipeline")
         self.device = comfy.model_management.get_torch_device()
-        self.variant = pack_module(pack, "nodes.sd3_patch").model_variant(pack_module(pack, "nodes.sd3_patch").sd3_diffusion_model(models.model))
+        self.variant = sd3_variant(pack, models.model)
         self._concepts: dict = {}
         self._prompts: dict = {}
 

@@ -118,10 +118,10 @@ def held_mb(maps) -> float:
 
 def per_block_record_cpu():
     """{block: CPU seconds} spent in the patch's per-block recording (concept stream + maps), by
-    timing sd3_patch._Call._record in this benchmark process."""
-    sd3_patch = next(m for name, m in sys.modules.items() if name.endswith("nodes.sd3_patch") and hasattr(m, "_Call"))
+    timing model_patch._Call._record in this benchmark process."""
+    model_patch = next(m for name, m in sys.modules.items() if name.endswith("nodes.model_patch") and hasattr(m, "_Call"))
     spent = {}
-    original = sd3_patch._Call._record
+    original = model_patch._Call._record
 
     def timed(self, index, *a, **kw):
         c0 = time.process_time()
@@ -130,7 +130,7 @@ def per_block_record_cpu():
         finally:
             spent[index] = spent.get(index, 0.0) + time.process_time() - c0
 
-    sd3_patch._Call._record = timed
+    model_patch._Call._record = timed
     return spent
 
 

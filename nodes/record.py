@@ -8,11 +8,11 @@ import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ..anchordiff_core.recorder import RECORD_PRECISIONS, RecordSpec
-from . import sd3_patch
+from . import model_patch
 from .common import CATEGORY, Concepts, Maps, Recorder, finite_inputs, user_errors
 from .errors import AnchorDiffError, parse_layers
 from .models import adapter_for
-from .sd3_patch import AttentionRecorder, RecordSettings
+from .model_patch import AttentionRecorder, RecordSettings
 from .text import encode_concepts
 
 GRAPH_LAYERS_TIP = (
@@ -175,7 +175,7 @@ class AnchorDiffReadMaps(io.ComfyNode):
 def recorded_text(maps) -> str:
     """Which step and noise level the maps come from, for the node's output text and the log."""
     asked = f" ({maps.meta['asked']})" if maps.meta.get("asked") else ""
-    return f"recorded {sd3_patch.step_text(maps.step, maps.meta.get('sampled_steps'))} at sigma {maps.sigma:.4f}{asked}"
+    return f"recorded {model_patch.step_text(maps.step, maps.meta.get('sampled_steps'))} at sigma {maps.sigma:.4f}{asked}"
 
 
 class AnchorDiffLookAtImage(io.ComfyNode):

@@ -309,18 +309,18 @@ RECORDING_POINTS = [
 def test_recording_step_is_the_sampled_sigma_nearest_the_target(env, scheduler, steps, record_at, step, sigma):
     import comfy.samplers
 
-    sd3_patch = sys.modules[env.pack.__name__ + ".nodes.sd3_patch"]
+    model_patch = sys.modules[env.pack.__name__ + ".nodes.model_patch"]
     model_sampling = load_model(env).get_model_object("model_sampling")
     sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps).tolist()
-    got, got_sigma, reason = sd3_patch.choose_recording_step(sigmas, record_at, -1, model_sampling.percent_to_sigma)
+    got, got_sigma, reason = model_patch.choose_recording_step(sigmas, record_at, -1, model_sampling.percent_to_sigma)
     table = [round(s, 4) for s in sigmas]
     assert (got, reason) == (step, ""), f"{scheduler} {steps} steps, sigmas {table}"
     assert got_sigma == pytest.approx(sigma, abs=1e-4)
 
 
 def test_recording_step_ties_go_to_the_earlier_step_and_a_far_target_is_refused(env):
-    sd3_patch = sys.modules[env.pack.__name__ + ".nodes.sd3_patch"]
-    choose = sd3_patch.choose_recording_step
+    model_patch = sys.modules[env.pack.__name__ + ".nodes.model_patch"]
+    choose = model_patch.choose_recording_step
     target = lambda p: 1.5 * (1 - p)  # noqa: E731 -- a schedule where record_at 0.5 is sigma 0.75 exactly
     assert choose([1.0, 0.8, 0.7, 0.0], 0.5, -1, target)[:2] == (1, 0.8)  # 0.8 and 0.7 are both 0.05 away
     assert choose([1.0, 0.7, 0.8, 0.0], 0.5, -1, target)[:2] == (1, 0.7)
@@ -587,7 +587,7 @@ def test_concurrent_model_calls_record_once_and_completely(env, monkeypatch):
         transformer_options["test_barrier"].wait()
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
 
-    step_recorder = sys.modules[env.pack.__name__ + ".nodes.sd3_patch"].StepRecorder
+    step_recorder = sys.modules[env.pack.__name__ + ".nodes.model_patch"].StepRecorder
     finish, finished = step_recorder.finish, []
     monkeypatch.setattr(step_recorder, "finish", lambda self, *a, **kw: finished.append(1) or finish(self, *a, **kw))
 
@@ -692,19 +692,19 @@ def test_whole_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
 
 # ------------------------------------------------------------------ precision "auto" (the default)
 def test_auto_precision_is_exact_on_a_cpu_and_fast_where_an_accelerator_has_room(env, monkeypatch):
-    sd3_patch = sys.modules[env.pack.__name__ + ".nodes.sd3_patch"]
+    model_patch = sys.modules[env.pack.__name__ + ".nodes.model_patch"]
     model, cs = load_model(env), concepts(env)
     patched, recorder = record(env, model, cs)  # the node's default precision
     maps = read_maps(env, recorder, sample(env, patched, steps=2))
     assert maps.meta["precision"] == "exact" and maps.o_ii.device.type == "cpu"
-    real, seen = sd3_patch.resolve_precision, []
+    real, seen = model_patch.resolve_precision, []
 
     def as_on_a_gpu(precision, device, need, free):  # the same rule, told the call runs on an accelerator
         seen.append(need)
         room = 4 * need if len(seen) == 1 else 4 * need - 1  # maps within a quarter of free memory, then just over
         return real(precision, "cuda", need, room)
 
-    monkeypatch.setattr(sd3_patch, "resolve_precision", as_on_a_gpu)
+    monkeypatch.setattr(model_patch, "resolve_precision", as_on_a_gpu)
     for expected in ("fast", "exact"):
         patched, recorder = record(env, model, cs)
         got = read_maps(env, recorder, sample(env, patched, steps=2))

@@ -343,6 +343,8 @@ def test_checkpoint_route_and_edges(data, tmp_path):
     (lambda a: [x for x in a if x != "--clip-from" and x != CLIP_FROM] + ["--folder", "FOLDER"], "has no text encoders"),
     (lambda a: a + ["--folder", "FOLDER", "--size", "72"], "multiple of 16"),
     (lambda a: a + ["--folder", "FOLDER", "--methods", "anchordiff,daam"], "unknown \\['daam'\\]"),
+    (lambda a: [x.replace("tiny_sd3.safetensors", "tiny_wan21.safetensors") for x in a] + ["--folder", "FOLDER"],
+     "needs a model of a supported family, but the connected MODEL is WAN21"),
 ])
 def test_command_errors(data, tmp_path, capsys, change, message):
     from anchordiff_eval.__main__ import main

@@ -69,6 +69,13 @@ def detected_model(state_dict):
     return config, dm
 
 
+def sd3_adapter(pack, dm):
+    """The adapter the pack picks for this MMDiT, as the nodes pick it (from a MODEL holding it)."""
+    adapter = sys.modules[pack.__name__ + ".nodes.models"].adapter_for(types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=dm)))
+    assert type(adapter).__name__ == "SD3Adapter"
+    return adapter
+
+
 @pytest.mark.parametrize("name", list(REAL_MODELS))
 def test_comfyui_detects_the_real_architectures_and_our_defaults_follow(pack, name):
     depth, qk_norm, x_layers, pos_size = REAL_MODELS[name]
@@ -78,11 +85,11 @@ def test_comfyui_detects_the_real_architectures_and_our_defaults_follow(pack, na
     assert sorted(config.unet_config["x_block_self_attn_layers"]) == list(x_layers)
     assert dm.joint_blocks[0].x_block.attn.num_heads == depth  # heads = depth (64 features each)
 
-    sd3_patch = sys.modules[pack.__name__ + ".nodes.sd3_patch"]
+    adapter = sd3_adapter(pack, dm)
     graph, seg, anchor = DEFAULTS[name]
-    assert sd3_patch.model_variant(dm) == name
-    assert sd3_patch.default_graph_layers(dm) == graph
-    assert sd3_patch.default_seg4diff_layer(dm) == seg
+    assert adapter.variant() == name
+    assert adapter.default_graph_layers() == graph
+    assert adapter.default_seg4diff_layer() == seg
 
     # through the Record node's own spec: empty graph_layers and seg4diff_layer -1 mean the defaults
     record = sys.modules[pack.__name__ + ".nodes.record"]
@@ -104,11 +111,11 @@ def test_comfyui_detects_the_real_architectures_and_our_defaults_follow(pack, na
 
 
 def test_other_depths_get_the_same_relative_layers(pack):
-    sd3_patch = sys.modules[pack.__name__ + ".nodes.sd3_patch"]
     _, dm = detected_model(shape_only_checkpoint(12, None, (), 64))
-    assert sd3_patch.model_variant(dm) == "SD3-architecture model with 12 blocks"
-    assert sd3_patch.default_graph_layers(dm) == (4, 9)  # 9/23 and 18/23 of the way through 0..11
-    assert sd3_patch.default_seg4diff_layer(dm) == 4
+    adapter = sd3_adapter(pack, dm)
+    assert adapter.variant() == "SD3-architecture model with 12 blocks"
+    assert adapter.default_graph_layers() == (4, 9)  # 9/23 and 18/23 of the way through 0..11
+    assert adapter.default_seg4diff_layer() == 4
 
 
 # --------------------------------------------------------------------------------------- Flux.1

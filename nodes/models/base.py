@@ -1,4 +1,4 @@
-"""The one small interface between the generic recorder (nodes/sd3_patch.py) and a backbone.
+"""The one small interface between the generic recorder (nodes/model_patch.py) and a backbone.
 
 An adapter holds everything the recorder must know about one family of ComfyUI diffusion models:
 - which models it is (`matches`, on the `diffusion_model` ComfyUI loaded) and their variant names;

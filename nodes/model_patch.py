@@ -1,7 +1,7 @@
 """The recorder: the MODEL patch that records attention maps during one denoising step, for every
-backbone behind nodes/models (SD3 / SD3.5, Flux.1). What is specific to a backbone (its blocks, token
-layout, concept stream, defaults) lives in its adapter; this module is generic. (Its name predates
-the adapters; the SD3 helpers below are kept for existing callers.)
+backbone behind nodes/models (SD3 / SD3.5, the Flux family, Qwen-Image). What is specific to a
+backbone (its blocks, token layout, concept stream, defaults) lives in its adapter; this module is
+generic.
 
 How a recording works
 - `AttentionRecorder.attach(model)` returns a clone of the MODEL with two wrappers:
@@ -35,10 +35,8 @@ import torch
 import comfy.model_management
 import comfy.patcher_extension
 
-from .errors import AnchorDiffError, parse_layers  # noqa: F401  (re-exported for older callers)
-from .models import adapter_for
+from .errors import AnchorDiffError
 from .models.base import BackboneAdapter
-from .models.sd3 import SD3Adapter
 
 from ..anchordiff_core.concepts import ConceptSet
 from ..anchordiff_core.maps import AttentionMaps
@@ -48,27 +46,6 @@ log = logging.getLogger("anchordiff")
 
 WRAPPER_KEY = "anchordiff_recorder"
 CALL_KEY = "anchordiff_call"
-
-
-# ------------------------------------------------------------------------------ SD3 helpers (kept for callers)
-def sd3_diffusion_model(model):
-    """The MMDiT inside an SD3 / SD3.5 MODEL, or a clear error naming what was connected."""
-    adapter = adapter_for(model)
-    if not isinstance(adapter, SD3Adapter):
-        raise AnchorDiffError(f"This needs an SD3 / SD3.5 model, but the connected MODEL is {adapter.variant()}.")
-    return adapter.dm
-
-
-def model_variant(dm) -> str:
-    return SD3Adapter(dm).variant()
-
-
-def default_graph_layers(dm) -> tuple[int, ...]:
-    return SD3Adapter(dm).default_graph_layers()
-
-
-def default_seg4diff_layer(dm) -> int:
-    return SD3Adapter(dm).default_seg4diff_layer()
 
 
 # ------------------------------------------------------------------------------ recording
