@@ -502,10 +502,11 @@ def test_example_workflow_returns_masks(server, tmp_path, path):
         count = len(masks) if inputs.get("concept", "") else concepts_in(prompt)
         check_concept_masks(masks, WORKFLOW_SIZE[::-1], count)
         by_heat.setdefault(tuple(inputs["heat"]), []).append((inputs.get("concept", ""), masks[0] if len(masks) == 1 else None))
-    # On the random tiny Flux both concepts' heat spreads over the same region at this size (see
-    # tests/test_workflows.py): the smoke check below is for the SD3 fixtures only.
-    tiny_flux = any(n["class_type"] == "AnchorDiffTestFluxModel" for n in prompt.values())
-    for same_heat in ([] if tiny_flux else by_heat.values()):  # Mask nodes picking different concepts of one heat map
+    # On the random tiny Flux.1, Chroma and Qwen-Image both concepts' heat spreads over (nearly) the same
+    # region at this size (see tests/test_workflows.py; Chroma's two masks differ in 0.96% of the pixels,
+    # under this check's 1%): the smoke check below is for the SD3 fixtures only.
+    one_region = any(n["class_type"] in ("AnchorDiffTestFluxModel", "AnchorDiffTestQwenImageModel") for n in prompt.values())
+    for same_heat in ([] if one_region else by_heat.values()):  # Mask nodes picking different concepts of one heat map
         picked = [(c, m) for c, m in same_heat if m is not None]
         # smoke check, not for concepts sharing a word ("left dog", "right dog"): on random weights the
         # shared word's map can decide both anchors alike (tests/test_workflows.py says the same)
