@@ -89,14 +89,46 @@ PREVIEW_KEY = "anchordiff_images"
 # Schema flags of the nodes with a preview: ComfyUI 0.33 resends a node's cached ui (our previews)
 # at every run when its schema has `has_intermediate_output` (without making it an output node);
 # older ComfyUI (0.3.75) has no such flag, so there a run answered from the cache shows no preview
-# (web/anchordiff.js restores the newest stored one after a page reload).
-PREVIEW_SCHEMA = {"has_intermediate_output": True} if "has_intermediate_output" in getattr(io.Schema, "__dataclass_fields__", {}) else {}
+# (web/anchordiff.js restores the newest stored one after a page reload). The hidden inputs give the
+# node the queued prompt and its id in it, for `made_from`.
+PREVIEW_SCHEMA = {
+    **({"has_intermediate_output": True} if "has_intermediate_output" in getattr(io.Schema, "__dataclass_fields__", {}) else {}),
+    "hidden": [io.Hidden.prompt, io.Hidden.unique_id],
+}
+
+
+def _is_link(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], int)
+
+
+def made_from(prompt, node_id) -> Optional[dict]:
+    """The part of a queued API prompt a node's output depends on: the node and every node upstream of
+    it, as {id: {"class_type", "inputs"}} (titles left out); None where the node is not in it (a node
+    made by a node expansion) or no prompt is known (a node called outside ComfyUI's executor).
+    web/anchordiff.js shows a stored preview (a tab shown again, a page reload) only where the graph
+    would queue exactly this again (its promptSource), else none: never another run's picture."""
+    if not isinstance(prompt, dict) or node_id is None or str(node_id) not in prompt:
+        return None
+    found, todo = {}, [str(node_id)]
+    while todo:
+        key = todo.pop()
+        if key in found or key not in prompt:
+            continue
+        node = prompt[key]
+        inputs = node.get("inputs", {})
+        found[key] = {"class_type": node.get("class_type"), "inputs": inputs}
+        todo.extend(value[0] for value in inputs.values() if _is_link(value))
+    return found
 
 
 def preview_ui(cls, images: list[torch.Tensor], info: dict) -> dict:
-    """ui dict: the preview images (under PREVIEW_KEY) plus layout info for the web extension."""
+    """ui dict: the preview images (under PREVIEW_KEY) plus layout info for the web extension, with
+    the node's id and the part of the prompt the preview was made from (`made_from`)."""
     saved = ui.PreviewImage(torch.cat(images, dim=0), cls=cls).as_dict()
-    return {PREVIEW_KEY: saved["images"], "anchordiff": [info]}
+    hidden = getattr(cls, "hidden", None)
+    node_id = getattr(hidden, "unique_id", None)
+    source = {"node_id": None if node_id is None else str(node_id), "made_from": made_from(getattr(hidden, "prompt", None), node_id)}
+    return {PREVIEW_KEY: saved["images"], "anchordiff": [{**info, **source}]}
 
 
 def heat_preview(cls, soft: torch.Tensor, names, image_size, image=None, points=None, manual=None) -> dict:

@@ -570,6 +570,58 @@ def test_previews_survive_tab_switch_and_reload(ui, server):
     assert not ui.our_errors(), ui.our_errors()
 
 
+SET_WIDGET = """([id, name, value]) => { const app = window.comfyAPI.app.app, n = app.graph.getNodeById(Number(id));
+    const w = n.widgets.find((w) => w.name === name); w.value = value; w.callback?.(value);
+    app.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.(); }"""
+
+
+def test_stored_previews_show_only_on_the_graph_that_made_them(ui, server):
+    """A stored preview (a workflow tab shown again, a workflow loaded after a run) is shown only where
+    the graph would queue exactly what made it: with another concept (an edited graph, or a template
+    reopened into a tab of the same name that ran other concepts before) no picture, never another
+    run's; with the concept back, the stored pictures again."""
+    seed = 30 + list(MODES).index(ui.mode)  # a seed of its own per mode: not answered from the cache of another run
+    chain = [dict(n, widgets={**n.get("widgets", {}), "seed": seed}) if n["id"] == "sampler" else n for n in CHAIN]
+    ids = ui.js(BUILD_GRAPH, chain)
+    run(ui)
+    previewed = ("anchors", "prop", "mask", "baseline")
+    srcs = {}
+    for n in previewed:
+        show_node(ui, ids[n])
+        srcs[n] = wait_loaded(ui, ids[n])
+    original = ui.js("() => window.comfyAPI.app.app.graph.serialize()")
+    command = "(id) => window.comfyAPI.app.app.extensionManager.command.execute(id)"
+    graph_size = "() => window.comfyAPI.app.app.graph.nodes.length"
+    pictures = "(id) => document.querySelectorAll(`.anchordiff-preview[data-node-id='${id}'] img.anchordiff-image`).length"
+
+    def assert_no_pictures(when):
+        ui.page.wait_for_timeout(1500)  # the extension checks stored outputs asynchronously
+        for n in previewed:
+            show_node(ui, ids[n])
+            assert ui.js(pictures, ids[n]) == 0, f"{n}: another run's preview shown {when}"
+
+    # the stored outputs of a tab shown again (the frontend's own), on an edited graph
+    ui.js(SET_WIDGET, [ids["concepts"], "concepts", "cat, sofa"])
+    ui.js(command, "Comfy.NewBlankWorkflow")
+    ui.page.wait_for_function(f"({graph_size})() === 0", timeout=20_000)
+    ui.js(command, "Workspace.PreviousOpenedWorkflow")
+    ui.page.wait_for_function(f"({graph_size})() === {len(CHAIN)}", timeout=20_000)
+    assert widget_value(ui, ids["concepts"], "concepts") == "cat, sofa"  # the tab kept the edit
+    assert_no_pictures("after a tab switch")
+
+    # /history's pictures for a loaded workflow (as after a page reload): none for the edited graph
+    edited = ui.js("() => window.comfyAPI.app.app.graph.serialize()")
+    ui.js("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, 'stale_edited'); }", edited)
+    assert_no_pictures("on a loaded workflow")
+    # ... and the stored ones for the graph that made them
+    ui.js("async (wf) => { await window.comfyAPI.app.app.loadGraphData(wf, true, true, 'stale_original'); }", original)
+    for n in previewed:
+        show_node(ui, ids[n])
+        assert picture(wait_loaded(ui, ids[n])) == picture(srcs[n]), f"{n}: not the stored preview of this graph"
+    assert_previews_once(ui, ids)
+    assert not ui.our_errors(), ui.our_errors()
+
+
 # What a frontend shows when a loaded workflow has a problem (missing node types, models...): a dialog
 # or an error toast (1.32.9), or the error overlay at the top right of the canvas (1.49.6, 1.58.1:
 # "Missing node: <type>", with "View details" opening the Errors tab of the right side panel).

@@ -245,6 +245,16 @@ def test_chain_gives_one_mask_per_concept(server, tmp_path):
         assert [f.name for f in result.node_files[n]] == [
             f"preview-{n}-{i['filename']}" for i in result.outputs[n]["anchordiff_images"]]
         assert all(i["type"] == "temp" for i in result.outputs[n]["anchordiff_images"])
+    # each preview names its node and the part of the prompt it was made from (for web/anchordiff.js,
+    # which shows a stored preview only on a graph that would queue the same): the node and all
+    # upstream of it, as queued, titles left out
+    prompt = chain()
+    upstream = {"10": {"1", "2", "3", "4", "5", "6", "7", "8", "9", "10"}, "12": {*map(str, range(1, 13))},
+                MASK_NODE: {*map(str, range(1, 13)), MASK_NODE}}
+    for n, ids in upstream.items():
+        info = result.outputs[n]["anchordiff"][0]
+        assert info["node_id"] == n
+        assert info["made_from"] == {i: {"class_type": prompt[i]["class_type"], "inputs": prompt[i]["inputs"]} for i in ids}, n
 
 
 def test_client_without_websocket_polls_history(server, tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 //
 // The backend renders each preview as one row of panels (one per concept) and sends them as
 // `anchordiff_images` (ComfyUI temp images; not `images`, which every frontend draws by itself),
-// with `anchordiff: [{concepts, colors, image_size: [H, W], panels, manual}]`.  This extension
+// with `anchordiff: [{concepts, colors, image_size: [H, W], panels, manual, node_id, made_from}]`.  This extension
 // shows those rows in a DOM widget of our own (so the click geometry is the <img>'s own), with a
 // legend of the concept colours.  On Anchor Select, a click on panel c writes "<concept>: x, y"
 // (image pixels) into the node's `manual_anchors` widget; shift-click adds another point.
@@ -102,6 +102,7 @@ class Preview {
     this.node = node;
     this.info = null;
     this.key = "";
+    this.shown = 0; // pictures shown so far (a stored output checked meanwhile is not shown over a newer one)
     this.pending = []; // manual points placed since the last run: {concept, x, y}
     this.legendShown = true;
     this.root = el("div", "anchordiff-preview");
@@ -127,6 +128,7 @@ class Preview {
     const key = images.map((i) => `${i.type}/${i.subfolder}/${i.filename}`).join("|");
     if (!info || !images.length || key === this.key) return;
     this.key = key;
+    this.shown += 1;
     this.info = info;
     this.pending = [];
     this.root.dataset.nodeId = String(this.node.id);
@@ -379,35 +381,82 @@ function showRecordedStep(nodeType) {
   };
 }
 
-/** Inputs of an API prompt node, comparable whatever their key order. */
-function inputsKey(node) {
-  const inputs = node?.inputs ?? {};
-  return JSON.stringify(Object.keys(inputs).sort().map((k) => [k, inputs[k]]));
+/** The node `id` and every node upstream of it in an API prompt ({id: {class_type, inputs}}), titles
+ *  left out: what nodes/common.py made_from() stores with each preview for the prompt it ran. */
+export function promptSource(prompt, id) {
+  const found = {};
+  const todo = [String(id)];
+  while (todo.length) {
+    const key = todo.pop();
+    if (key in found || !prompt?.[key]) continue;
+    const inputs = prompt[key].inputs ?? {};
+    found[key] = { class_type: prompt[key].class_type, inputs };
+    for (const value of Object.values(inputs))
+      if (Array.isArray(value) && value.length === 2 && typeof value[0] === "string" && Number.isInteger(value[1])) todo.push(value[0]);
+  }
+  return found;
+}
+
+/** JSON with every object's keys sorted: equal for equal values whatever their key order. */
+function canonical(value) {
+  if (Array.isArray(value)) return `[${value.map(canonical).join(",")}]`;
+  if (value && typeof value === "object")
+    return `{${Object.keys(value).sort().map((k) => `${JSON.stringify(k)}:${canonical(value[k])}`).join(",")}}`;
+  return JSON.stringify(value);
+}
+
+/** Whether a stored preview output was made by exactly what the graph would queue now (`now`: its
+ *  API prompt): the node and everything upstream of it, widget values and links. An output without
+ *  that record (an older pack's) never matches: a stored picture is shown right or not at all. */
+export function madeByGraph(output, now) {
+  const info = output?.anchordiff?.[0];
+  if (!info?.made_from || !info.node_id || !now?.[info.node_id]) return false;
+  return canonical(info.made_from) === canonical(promptSource(now, info.node_id));
+}
+
+/** The API prompt the graph would queue now, or null. */
+async function promptNow() {
+  try {
+    return (await app.graphToPrompt()).output;
+  } catch {
+    return null;
+  }
+}
+
+/** Show stored outputs ([node, output] pairs) on the nodes they were made for, each only if the graph
+ *  would make the same again (madeByGraph) and no newer picture arrived while the prompt was built. */
+async function showStored(pairs) {
+  if (!pairs.length) return;
+  const shown = pairs.map(([node]) => node.anchordiffPreview.shown);
+  const now = await promptNow();
+  pairs.forEach(([node, output], i) => {
+    if (node.anchordiffPreview.shown === shown[i] && madeByGraph(output, now)) node.anchordiffPreview.show(output);
+  });
 }
 
 /** The graph's nodes with a preview but no picture (after a page reload the frontend holds no node
- *  outputs): show the newest pictures ComfyUI's /history holds for them, from a run in which the
- *  node had the id, type and inputs (widget values, links) it has now. Root graph only. */
+ *  outputs): show the newest pictures ComfyUI's /history holds for them that the graph would make
+ *  again (madeByGraph). Root graph only. */
 async function restoreFromHistory() {
   const graph = app.rootGraph ?? app.graph;
   const empty = () => (graph?.nodes ?? []).filter((n) => n.anchordiffPreview && !n.anchordiffPreview.info);
   if (!empty().length) return;
-  let history, now;
+  let history;
   try {
     const response = await api.fetchApi(`/history?max_items=${HISTORY_ITEMS}`);
     if (!response.ok) return;
     history = Object.values(await response.json()).reverse(); // newest first
-    now = (await app.graphToPrompt()).output; // the prompt this graph would queue now
   } catch {
     return; // nothing stored to show: the next run brings the pictures
   }
+  const now = await promptNow();
+  const pairs = [];
   for (const node of empty()) { // the nodes still empty now (a run may have filled some meanwhile)
     const id = String(node.id);
-    if (now?.[id]?.class_type !== node.comfyClass) continue;
-    const entry = history.find((h) => h.outputs?.[id]?.[IMAGES_KEY]?.length
-      && h.prompt?.[2]?.[id]?.class_type === node.comfyClass && inputsKey(h.prompt[2][id]) === inputsKey(now[id]));
-    if (entry) node.anchordiffPreview.show(entry.outputs[id]);
+    const entry = history.find((h) => h.outputs?.[id]?.[IMAGES_KEY]?.length && madeByGraph(h.outputs[id], now));
+    if (entry) pairs.push([node, entry.outputs[id]]);
   }
+  await showStored(pairs);
 }
 
 const EXTENSION_NAME = "AnchorDiff.Previews";
@@ -463,12 +512,16 @@ if (!app.extensions?.some((extension) => extension.name === EXTENSION_NAME)) app
 
   // The frontend replaced its stored outputs: a workflow tab shown again, a run loaded from the
   // queue. Our nodes there were created anew, without their pictures: show the stored ones.
+  // Only outputs the graph would make again are shown (a template reopened into a tab of the same
+  // name must not show that tab's earlier runs).
   onNodeOutputsUpdated(nodeOutputs) {
     const graph = app.canvas?.graph ?? app.graph;
+    const pairs = [];
     for (const node of graph?.nodes ?? []) {
       if (!node.anchordiffPreview) continue;
       const output = nodeOutputs?.[graph.isRootGraph === false ? `${graph.id}:${node.id}` : String(node.id)];
-      if (output) node.anchordiffPreview.show(output);
+      if (output) pairs.push([node, output]);
     }
+    showStored(pairs);
   },
 });
