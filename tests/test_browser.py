@@ -101,6 +101,8 @@ def server(tmp_path_factory):
 
     base = populate_base_dir(tmp_path_factory.mktemp("comfy_browser"))
     (base / "custom_nodes" / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+    y, x = np.mgrid[0:256, 0:256]  # the picture the example workflows with Load Image are run on
+    Image.fromarray((np.stack([x, y, 255 - x], -1) * 0.9).astype(np.uint8)).save(base / "input" / BROWSER_PHOTO)
     proc, url = start_server(base, extra_args=("--front-end-root", str(FRONTEND_ROOT)) if FRONTEND_ROOT else ())
     try:
         info = http_json(url + "/object_info")
@@ -114,6 +116,9 @@ def server(tmp_path_factory):
             proc.wait(timeout=30)
         except Exception:
             proc.kill()
+
+
+BROWSER_PHOTO = "anchordiff_browser_photo.png"
 
 
 def history(url: str) -> dict:
@@ -723,6 +728,98 @@ def test_example_workflow_one_runs_from_the_canvas(ui, server):
     (mask,) = output_images(ui.url, entry, save_mask)
     assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255} and 0 < mask.mean() < 255
     screenshot(ui, "browser_workflow_01.png")
+    assert not ui.our_errors(), ui.our_errors()
+
+
+# Each node's rectangle in canvas units, title included: LiteGraph's bounding box (classic) or the
+# Vue node's own box on the page (Nodes 2.0, where the DOM decides a node's height), after a draw.
+NODE_RECTS = """(mode) => {
+  const app = window.comfyAPI.app.app, ds = app.canvas.ds, canvasBox = app.canvas.canvas.getBoundingClientRect();
+  const rects = {};
+  for (const n of app.graph.nodes) {
+    const b = n.boundingRect ?? n.getBounding?.();
+    rects[n.id] = { type: n.type, title: n.title, litegraph: [b[0], b[1], b[2], b[3]] };
+    const el = mode === "nodes2" && document.querySelector(`[data-node-id="${n.id}"]:not(.anchordiff-preview)`);
+    if (el) {
+      const r = el.getBoundingClientRect();
+      rects[n.id].dom = [(r.left - canvasBox.left) / ds.scale - ds.offset[0], (r.top - canvasBox.top) / ds.scale - ds.offset[1],
+                         r.width / ds.scale, r.height / ds.scale];
+    }
+  }
+  return rects;
+}"""
+
+
+def overlapping(rects: dict, key: str, tolerance: float = 2.0) -> list[tuple]:
+    """Pairs of node rectangles (`key`: "litegraph" or "dom") that overlap by more than `tolerance`
+    canvas units both ways."""
+    found, items = [], [(i, r) for i, r in rects.items() if r.get(key)]
+    for k, (i, a) in enumerate(items):
+        for j, b in items[k + 1:]:
+            (ax, ay, aw, ah), (bx, by, bw, bh) = a[key], b[key]
+            dx, dy = min(ax + aw, bx + bw) - max(ax, bx), min(ay + ah, by + bh) - max(ay, by)
+            if dx > tolerance and dy > tolerance:
+                found.append((f"{i} {a['title'] or a['type']}", f"{j} {b['title'] or b['type']}", round(dx), round(dy)))
+    return found
+
+
+RUNNABLE_WORKFLOWS = [p for p in WORKFLOWS if not any(n["type"].startswith("SAM3")
+                                                      for n in json.loads(p.read_text())["nodes"])]
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=p.stem) for p in RUNNABLE_WORKFLOWS])
+def test_example_workflow_nodes_do_not_overlap_after_a_run(ui, server, path):
+    """Each example workflow as a user opens it and runs it (on the fixtures, as above): no node covers
+    another before the run or after it, when the previews have grown the nodes; in the classic canvas
+    (LiteGraph's boxes) and in Nodes 2.0 (the nodes' boxes on the page, whose heights follow their
+    content). In the classic canvas the run changes no node's box: the files hold the sizes a run gives
+    the preview nodes. A screenshot of each (test-artifacts/). The SAM3 workflows (06, 07) cannot run
+    here (no SAM3 weights) and are not checked."""
+    from fixtures.substitute import substituted
+
+    workflow = json.loads(path.read_text())
+    missing, shown = load_workflow(ui, workflow, path.stem, scan_assets=False)
+    assert missing == [] and shown == [], (missing, shown)
+    key = "dom" if ui.mode == "nodes2" else "litegraph"
+    fit = """() => { const app = window.comfyAPI.app.app, c = app.canvas, el = c.canvas;  // the whole graph in view
+        let x0 = Infinity, y0 = Infinity, x1 = -Infinity, y1 = -Infinity;
+        for (const n of app.graph.nodes) { const b = n.boundingRect ?? n.getBounding();
+            x0 = Math.min(x0, b[0]); y0 = Math.min(y0, b[1]); x1 = Math.max(x1, b[0] + b[2]); y1 = Math.max(y1, b[1] + b[3]); }
+        const s = Math.min(0.6, 0.95 * Math.min((el.clientWidth - 160) / (x1 - x0), (el.clientHeight - 160) / (y1 - y0)));
+        c.ds.scale = s; c.ds.offset = [100 / s - x0, 110 / s - y0]; c.setDirty(true, true); }"""
+    ui.js(fit)
+    ui.page.wait_for_timeout(800)
+    before = ui.js(NODE_RECTS, ui.mode)
+    if ui.mode == "nodes2":
+        assert all(r.get("dom") for r in before.values()), [r["title"] or r["type"] for r in before.values() if not r.get("dom")]
+
+    def to_fixtures(route):
+        body = json.loads(route.request.post_data)
+        body["prompt"] = substituted(body["prompt"], size=(256, 256), max_steps=4, input_image=BROWSER_PHOTO)
+        route.continue_(post_data=json.dumps(body))
+
+    ui.page.route("**/prompt", lambda route: to_fixtures(route) if route.request.method == "POST" else route.continue_())
+    try:
+        run(ui)
+    finally:
+        ui.page.unroute("**/prompt")
+    preview_types = {*PREVIEWED, "AnchorDiffConceptAttentionHeat", "AnchorDiffSeg4DiffHeat"}
+    previewed = [str(n["id"]) for n in workflow["nodes"] if n["type"] in preview_types]
+    for node_id in previewed:  # the extension's own state: a node off screen may have its DOM widget detached
+        ui.page.wait_for_function(
+            """(id) => { const n = window.comfyAPI.app.app.graph.getNodeById(Number(id));
+                const i = n?.anchordiffPreview?.rows.querySelector("img");
+                return !!(i && i.complete && i.naturalWidth > 0); }""", arg=node_id, timeout=RUN_TIMEOUT * 1000)
+    ui.js(fit)
+    ui.page.wait_for_timeout(800)
+    after = ui.js(NODE_RECTS, ui.mode)
+    screenshot(ui, f"layout_{path.stem}.png")
+    (ARTIFACTS / f"{FRONTEND}-{ui.mode}-layout_{path.stem}.json").write_text(json.dumps({"before": before, "after": after}))
+    assert overlapping(before, key) == [], f"{path.stem}, {ui.mode}, before the run"
+    assert overlapping(after, key) == [], f"{path.stem}, {ui.mode}, after the run"
+    if ui.mode == "classic":  # saved at the size a run gives them (square pictures): a run moves and grows nothing
+        boxes = lambda rects: {i: [round(v) for v in r["litegraph"]] for i, r in rects.items()}  # noqa: E731
+        assert boxes(after) == boxes(before), f"{path.stem}: the run changed node boxes"
     assert not ui.our_errors(), ui.our_errors()
 
 
