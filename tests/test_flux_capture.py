@@ -168,10 +168,10 @@ def test_half_precision_flux_records_float32_maps_and_keeps_the_image(env, dtype
     computed in float32. Not in bf16: there the tiny random Flux's own prediction already differs from
     its float32 one by 26% (measured; 0.07% in fp16), so its maps differ too, whatever records them."""
     import comfy.sd
-    from fixtures.tiny_flux import narrow_flux_detection
+    from fixtures.tiny_flux import narrow_detection
 
     path = env.models / "diffusion_models" / "tiny_flux_dev.safetensors"
-    with narrow_flux_detection():
+    with narrow_detection():
         half = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": dtype})
         reference = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": dtype})  # same weights, fp32 math
     half.model.manual_cast_dtype = None  # compute in `dtype` (a CPU would otherwise upcast)
@@ -269,12 +269,12 @@ def flux_chain_prompt(seed):
 
 
 def test_flux_chain_runs_in_comfyuis_executor_and_follows_the_seed(env):
-    from fixtures.tiny_flux import narrow_flux_detection
+    from fixtures.tiny_flux import narrow_detection
 
     runner = node_chain.executor()
 
     def masks(seed):
-        with narrow_flux_detection():  # ComfyUI 0.3.75 detects only the full-width Flux (see tiny_flux)
+        with narrow_detection():  # ComfyUI 0.3.75 detects only the full-width Flux (see tiny_flux)
             return node_chain.run_chain(runner, flux_chain_prompt(seed), f"flux{seed}")
 
     first = masks(1)

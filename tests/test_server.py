@@ -515,7 +515,7 @@ def test_example_workflow_returns_masks(server, tmp_path, path):
     # On the random tiny Flux.1, Chroma and Qwen-Image both concepts' heat spreads over (nearly) the same
     # region at this size (see tests/test_workflows.py; Chroma's two masks differ in 0.96% of the pixels,
     # under this check's 1%): the smoke check below is for the SD3 fixtures only.
-    one_region = any(n["class_type"] in ("AnchorDiffTestFluxModel", "AnchorDiffTestQwenImageModel") for n in prompt.values())
+    one_region = any(n["class_type"] == "AnchorDiffTestFamilyModel" for n in prompt.values())
     for same_heat in ([] if one_region else by_heat.values()):  # Mask nodes picking different concepts of one heat map
         picked = [(c, m) for c, m in same_heat if m is not None]
         # smoke check, not for concepts sharing a word ("left dog", "right dog"): on random weights the

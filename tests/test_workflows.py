@@ -335,12 +335,12 @@ def test_substitution_table():
     assert "sd3.5_medium.safetensors" in DEFAULT_MODELS
 
     qwen = substituted(load(ROOT / "workflows" / "api" / "anchordiff-09-qwen-image-generate-mask.json"), size=(W, H))
-    assert qwen["1"] == {"class_type": "AnchorDiffTestQwenImageModel", "_meta": qwen["1"]["_meta"],
+    assert qwen["1"] == {"class_type": "AnchorDiffTestFamilyModel", "_meta": qwen["1"]["_meta"],
                          "inputs": {"unet_name": "tiny_qwen_image.safetensors"}}
     assert qwen["2"]["class_type"] == "AnchorDiffTestFamilyCLIP" and qwen["2"]["inputs"] == {"type": "qwen_image"}
     assert qwen["3"]["inputs"] == {"vae_name": "tiny_wan21_vae.safetensors"}  # Qwen-Image's VAE is 3-D (Wan 2.1's)
     chroma = substituted(load(ROOT / "workflows" / "api" / "anchordiff-08-chroma-generate-mask.json"))
-    assert chroma["1"]["class_type"] == "AnchorDiffTestFluxModel" and chroma["1"]["inputs"] == {"unet_name": "tiny_chroma.safetensors"}
+    assert chroma["1"]["class_type"] == "AnchorDiffTestFamilyModel" and chroma["1"]["inputs"] == {"unet_name": "tiny_chroma.safetensors"}
     assert chroma["2"]["inputs"] == {"type": "chroma"} and chroma["3"]["inputs"] == {"vae_name": "taesd3"}
     with pytest.raises(SubstitutionError, match="CLIPLoader of type 'wan'"):
         substituted({"1": {"class_type": "CLIPLoader", "inputs": {"clip_name": "umt5.safetensors", "type": "wan"}}})
