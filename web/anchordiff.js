@@ -423,8 +423,8 @@ async function promptNow() {
   }
 }
 
-/** Show stored outputs ([node, output] pairs) on the nodes they were made for, each only if the graph
- *  would make the same again (madeByGraph) and no newer picture arrived while the prompt was built. */
+/** Show a tab's stored outputs ([node, output] pairs) on the nodes they were made for, each only if the
+ *  graph would make the same again (madeByGraph) and no newer picture arrived while the prompt was built. */
 async function showStored(pairs) {
   if (!pairs.length) return;
   const shown = pairs.map(([node]) => node.anchordiffPreview.shown);
@@ -450,13 +450,11 @@ async function restoreFromHistory() {
     return; // nothing stored to show: the next run brings the pictures
   }
   const now = await promptNow();
-  const pairs = [];
   for (const node of empty()) { // the nodes still empty now (a run may have filled some meanwhile)
     const id = String(node.id);
     const entry = history.find((h) => h.outputs?.[id]?.[IMAGES_KEY]?.length && madeByGraph(h.outputs[id], now));
-    if (entry) pairs.push([node, entry.outputs[id]]);
+    if (entry) node.anchordiffPreview.show(entry.outputs[id]);
   }
-  await showStored(pairs);
 }
 
 const EXTENSION_NAME = "AnchorDiff.Previews";
