@@ -203,16 +203,67 @@ def image_self_attention(
     return a_mean, out, extra
 
 
-def _extra_column_probs(q: torch.Tensor, extra_keys: torch.Tensor, columns: torch.Tensor, heads: int, lse: torch.Tensor) -> torch.Tensor:
+# torch.nn.attention.SDPBackend values (torch._fused_sdp_choice returns them as ints)
+_SDP_FLASH, _SDP_EFFICIENT, _SDP_CUDNN = 1, 2, 3
+
+
+def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """F.scaled_dot_product_attention(q, k, v) (no mask, default scale; [B, H, L, d]) through the fused
+    kernel PyTorch picks for these inputs, called directly so that it also hands back its per-row
+    log-sum-exp of the scaled scores: (out, lse [B, H, Lq] float32).  None where that pick returns
+    none (the math fallback, a backend this does not know) or the direct call fails.
+
+    The recorder uses it to read the model's own softmax normaliser instead of recomputing q k^T for
+    the image-to-concept maps (nodes/model_patch.py checks, once per recording call and input shape,
+    that the output is bit-identical to the model's own attention call before using it: a kernel
+    picked differently there, e.g. under another sdpa_kernel priority, just turns this off)."""
+    try:
+        choice = int(torch._fused_sdp_choice(q, k, v))
+        if q.device.type == "cpu":
+            if choice != _SDP_FLASH:
+                return None
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[:2]
+        elif choice == _SDP_FLASH:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)[:2]
+        elif choice == _SDP_EFFICIENT:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True)[:2]
+        elif choice == _SDP_CUDNN:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, False, False)[:2]
+        else:
+            return None
+    except (RuntimeError, AttributeError, TypeError, NotImplementedError):
+        return None
+    b, h, lq = q.shape[0], q.shape[1], q.shape[2]
+    if lse.dim() == 4 and lse.shape[-1] == 1:  # cuDNN: [B, H, L, 1]
+        lse = lse[..., 0]
+    if lse.dim() != 3 or lse.shape[:2] != (b, h) or lse.shape[2] < lq:
+        return None
+    return out, lse[:, :, :lq].float()  # memory-efficient attention pads the rows to a multiple of 32
+
+
+def lse_matches(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, samples: int = 64) -> bool:
+    """Whether `lse` [B, H, Lq] is the natural log-sum-exp of q k^T / sqrt(d) ([B, H, L, d]) on `samples`
+    query rows spread over the sequence (float32 reference, 1e-3 absolute + 1e-4 relative)."""
+    rows = torch.linspace(0, q.shape[2] - 1, min(samples, q.shape[2]), device=q.device).round().long().unique()
+    with float32_matmul(exact=True):
+        scores = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    reference = scores.logsumexp(dim=-1)
+    return bool(((lse[:, :, rows].float() - reference).abs() <= 1e-3 + 1e-4 * reference.abs()).all())
+
+
+def _extra_column_probs(q: torch.Tensor, extra_keys: torch.Tensor, columns: torch.Tensor, heads: int, lse: torch.Tensor,
+                        exact: bool = False) -> torch.Tensor:
     """Seg4Diff's map beside the fused kernels: per image query, the head-averaged probability on
     `columns` of the extra keys under a softmax over [image keys; extra keys], from the image keys'
     row log-sum-exp `lse` [B, H, N] (fused_attention.row_logsumexp). q [B, N, H*d], extra_keys
     [B, M, H*d]; the extra keys are few (the prompt and concept tokens): one head's [B, N, M] float32
-    scores at a time. -> [B, N, len(columns)] float32."""
+    scores at a time. `lse` may cover more keys than the image's (the recorder passes the model's own
+    normaliser over prompt and image keys, and only the concept keys as extra). `exact`: no TF32 in
+    the products (the recorder's exact precision). -> [B, N, len(columns)] float32."""
     qh, eh = split_heads(q, heads), split_heads(extra_keys, heads)
     qh = qh * qh.shape[-1] ** -0.5
     total = None
-    with float32_matmul(exact=False):
+    with float32_matmul(exact=exact):
         for h in range(heads):
             scores = torch.matmul(qh[:, h], eh[:, h].transpose(1, 2))  # [B, N, M]
             joint = torch.logaddexp(lse[:, h, :, None], scores.logsumexp(dim=-1, keepdim=True))

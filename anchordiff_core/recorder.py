@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .attention import group_mean, image_and_extra_key_columns, image_self_attention, multihead_attention, query_key_attention
+from .attention import _extra_column_probs, group_mean, image_and_extra_key_columns, image_self_attention, multihead_attention, query_key_attention
 from .baselines import concept_attention_scores
 from .maps import AttentionMaps
 
@@ -132,10 +132,16 @@ class StepRecorder:
         q_c: torch.Tensor,
         k_c: torch.Tensor,
         v_c: torch.Tensor,
+        lse_joint: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Record block `block`; all inputs [B, L, heads*d]. Returns the concept output o_c (float32).
 
         img_out is the model's own attention output for the image queries (ConceptAttention's o_x).
+        `lse_joint` [B, heads, N] (optional): the image queries' log-sum-exp of the scaled scores over
+        exactly the keys [k_txt; k_img], i.e. the normaliser of the model's own joint attention (its
+        fused kernel returns it: attention.attention_with_lse). Where given, a block that is not a
+        graph layer reads its image-to-concept columns from it and the concept keys alone, instead of
+        recomputing the image queries' scores over all keys (`wants_lse`).
         """
         spec, heads, k = self.spec, self.heads, len(self.spec.concepts)
         groups = spec.token_concept
@@ -172,6 +178,10 @@ class StepRecorder:
                 self.o_ii[:, slot].copy_(o)
                 del a, o
             self.graph_done.add(block)
+        elif seg_here and lse_joint is not None:
+            # softmax over [k_img; k_txt; k_c]: the model's normaliser over [k_txt; k_img] joined with the concept keys'
+            per_token = _extra_column_probs(q_img, k_c, torch.arange(k_c.shape[1], device=k_c.device), heads,
+                                            lse_joint.float(), exact=spec.precision == "exact")
         elif seg_here:
             per_token = image_and_extra_key_columns(
                 q_img, k_img, extra_keys, columns, heads, spec.max_chunk_bytes, attention_precision(spec.precision), self.interrupt
@@ -183,6 +193,12 @@ class StepRecorder:
             if spec.ic_blocks:
                 self.ic[block] = per_concept
         return o_c
+
+    def wants_lse(self, block: int) -> bool:
+        """Whether `record_block(block, ...)` would use `lse_joint`: an image-to-concept map is recorded
+        there (Seg4Diff's layer, or every block for the consensus anchor) and the block is not a graph
+        layer (whose A_II pass yields those columns anyway)."""
+        return (block == self.spec.seg4diff_layer or self.spec.ic_blocks) and block not in self.spec.graph_layers
 
     def missing_blocks(self) -> list[int]:
         return [i for i, a in enumerate(self.a_ci) if a is None]

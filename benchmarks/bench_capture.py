@@ -272,7 +272,8 @@ def full(args):
         "tokens": maps.num_tokens, "text_tokens": int(pos[0][0].shape[1]), "graph_layers": list(maps.graph_layers),
         "plain": rows["plain"], "record": rows["record"],
         "identical": bool(torch.equal(outputs["plain"], outputs["record"])),
-        "anchor_maps": args.anchor_maps, "held_mb": held_mb(maps),
+        "anchor_maps": args.anchor_maps or ("all" if maps.ic is not None else "paper"),  # what was recorded
+        "held_mb": held_mb(maps),
     }
     plain_cpu = min(r["cpu_s"] for r in rows["plain"])
     rec_cpu = min(r["cpu_s"] for r in rows["record"])

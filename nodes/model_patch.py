@@ -38,6 +38,7 @@ import comfy.patcher_extension
 from .errors import AnchorDiffError
 from .models.base import BackboneAdapter
 
+from ..anchordiff_core.attention import attention_with_lse, lse_matches
 from ..anchordiff_core.concepts import ConceptSet
 from ..anchordiff_core.maps import AttentionMaps
 from ..anchordiff_core.recorder import RecordSpec, StepRecorder, fast_map_bytes, resolve_precision
@@ -423,6 +424,7 @@ class _Call:
         self.grid_tokens = 0  # image tokens of the latent's grid (reference tokens follow them)
         self.text_len: Optional[int] = None  # prompt tokens, where a block's arguments do not say
         self.problem = ""
+        self.joint_lse = _JointAttentionLSE()
 
     def __deepcopy__(self, memo):
         return self
@@ -434,9 +436,13 @@ class _Call:
             captured = []
 
             def capture(func, *a, **kw):
-                out = previous_override(func, *a, **kw) if previous_override is not None else func(*a, **kw)
+                lse = None
+                if not captured and previous_override is None and self.step.wants_lse(index):
+                    out, lse = self.joint_lse(func, a, kw)
+                else:
+                    out = previous_override(func, *a, **kw) if previous_override is not None else func(*a, **kw)
                 if not captured:  # the block's first attention call is the joint one (MMDiT-X's attn2 follows)
-                    captured.append((a[0], a[1], a[2], out))
+                    captured.append((a[0], a[1], a[2], out, lse))
                 return out
 
             inner = dict(args)
@@ -455,3 +461,69 @@ class _Call:
             self.problem = f"joint block {index} ran no attention (another patch replaced or skipped it)"
             return
         self.problem = self.adapter.record_block(self, index, args, captured[0])
+
+
+class _JointAttentionLSE:
+    """A block's joint attention call, also giving the row log-sum-exp of its scores (the model's own
+    softmax normaliser), so the recorder reads the image-to-concept maps of the blocks that are not
+    graph layers from it instead of recomputing q k^T (docs/DESIGN.md "Speed and memory").
+
+    The call runs through `attention_with_lse` (the fused kernel F.scaled_dot_product_attention picks,
+    called directly) only once that was found, for the same function and input layout in this
+    recording call, to give output bit-identical to the model's own attention function, with a log-
+    sum-exp equal to a float32 reference on sampled rows: the first time both run and the model gets
+    its own function's result. Any other case (an attention function that is not plain SDPA, such as
+    sage, xformers or sub-quadratic attention; a mask; extra arguments; a kernel picked differently)
+    runs the model's function unchanged and returns no log-sum-exp: the recorder then recomputes."""
+
+    def __init__(self):
+        self.usable: dict = {}  # layout -> bool, decided by the first comparison
+
+    def __call__(self, func, args: tuple, kwargs: dict) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        layout = self._layout(func, args, kwargs)
+        if layout is None or self.usable.get(layout[0]) is False:
+            return func(*args, **kwargs), None
+        key, (q, k, v), heads, flat_output = layout
+        got = attention_with_lse(q, k, v)
+        if got is None:
+            self.usable[key] = False
+            return func(*args, **kwargs), None
+        out, lse = got
+        if flat_output:
+            out = out.transpose(1, 2).reshape(out.shape[0], out.shape[2], heads * out.shape[3])
+        if key not in self.usable:
+            own = func(*args, **kwargs)
+            same = (isinstance(own, torch.Tensor) and own.shape == out.shape and own.dtype == out.dtype
+                    and torch.equal(own, out) and lse_matches(q, k, lse))
+            self.usable[key] = same
+            if not same:
+                log.info("AnchorDiff: the model's attention function (%s) is not the fused SDPA kernel here; "
+                         "recording recomputes the image-to-concept scores", getattr(func, "__name__", func))
+            return own, (lse if same else None)
+        return out, lse
+
+    @staticmethod
+    def _layout(func, args: tuple, kwargs: dict):
+        """(key, (q, k, v) [B, H, L, d], heads, whether the output is [B, L, H*d]) of a ComfyUI attention
+        call optimized_attention(q, k, v, heads, mask=None, ..., skip_reshape, skip_output_reshape), or
+        None for a call this does not take over."""
+        if len(args) < 3 or len(args) > 5 or (len(args) == 5 and args[4] is not None) or kwargs.get("mask") is not None:
+            return None
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        tensors = args[:3]
+        if not isinstance(heads, int) or not all(isinstance(t, torch.Tensor) for t in tensors):
+            return None
+        if kwargs.get("skip_reshape", False):
+            if any(t.dim() != 4 or t.shape[1] != heads for t in tensors):
+                return None
+            qkv = tensors
+        else:
+            b = tensors[0].shape[0]
+            try:  # as ComfyUI's attention functions view [B, L, H*d] (or [B, L, H, d]) inputs
+                qkv = tuple(t.view(b, t.shape[1], heads, -1).transpose(1, 2) for t in tensors)
+            except RuntimeError:
+                return None
+        options = tuple(sorted((name, value if isinstance(value, (bool, int, float, str, type(None))) else type(value).__name__)
+                               for name, value in kwargs.items()))
+        key = (func, options, *((tuple(t.shape), t.stride(), t.dtype, t.device) for t in tensors))
+        return key, qkv, heads, not kwargs.get("skip_output_reshape", False)

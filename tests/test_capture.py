@@ -738,3 +738,78 @@ def test_half_precision_model_records_float32_maps_and_keeps_the_image(env, dtyp
         got, want = getattr(maps["half"], field), getattr(maps["fp32"], field)
         assert got.dtype == torch.float32 and torch.isfinite(got).all(), field
         assert (got - want).norm() / want.norm() < 0.05, field  # half-precision activations, same maps
+
+
+def test_image_to_concept_maps_come_from_the_models_own_attention_normaliser(env, monkeypatch):
+    """The consensus anchor's per-block image-to-concept maps: on every block that is not a graph layer
+    the patch runs the joint attention through the fused kernel that also returns its log-sum-exp
+    (checked bit-identical to ComfyUI's attention call first) instead of recomputing q k^T. The maps
+    equal the recomputed ones, the image equals a plain run's, and an attention function that is not
+    that kernel is left running (the recorder recomputes)."""
+    import comfy.sample
+
+    model_patch = sys.modules[env.pack.__name__ + ".nodes.model_patch"]
+    model = load_model(env)
+    cs = concepts(env, "cat, red car")
+    calls = []
+    real_call = model_patch._JointAttentionLSE.__call__
+
+    def spy(self, func, args, kwargs):
+        out, lse = real_call(self, func, args, kwargs)
+        calls.append(lse is not None)
+        return out, lse
+
+    def recorded():
+        patched, recorder = record(env, model, cs, record_step=1, graph_layers="1", seg4diff_layer=0)
+        out = sample(env, patched, seed=5, steps=3)
+        return read_maps(env, recorder, out), out
+
+    monkeypatch.setattr(model_patch._JointAttentionLSE, "__call__", spy)
+    maps, out = recorded()
+    depth = maps.num_blocks
+    assert calls == [True] * (depth - 1), "every block but the graph layer read the model's normaliser"
+    assert torch.equal(out["samples"], sample(env, model, seed=5, steps=3)["samples"])
+    # the same maps recomputed: the kernel turned off
+    calls.clear()
+    monkeypatch.setattr(model_patch, "attention_with_lse", lambda q, k, v: None)
+    again, out2 = recorded()
+    assert calls == [False] * (depth - 1)
+    assert torch.equal(out2["samples"], out["samples"])
+    torch.testing.assert_close(maps.ic, again.ic, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(maps.seg4diff, again.seg4diff, atol=1e-6, rtol=1e-5)
+    assert (maps.ic[0, 0] - maps.ic[0, depth - 1]).abs().max() > 1e-3  # not one block's map everywhere
+
+
+def test_an_attention_function_other_than_the_fused_kernel_is_left_running(env):
+    """_JointAttentionLSE compares once: a function whose output is not bit-identical to the fused
+    kernel's (here: one rounding step off) keeps producing the model's attention, with no normaliser,
+    and the kernel is not tried again for that layout."""
+    from anchordiff_core.attention import attention_with_lse as real
+
+    model_patch = sys.modules[env.pack.__name__ + ".nodes.model_patch"]
+    q, k, v = (torch.randn(1, 12, 2 * 8, generator=torch.Generator().manual_seed(s)) for s in range(3))
+    seen = []
+
+    def own(q, k, v, heads, **kw):  # ComfyUI's attention-call convention: [B, L, H*d] in and out
+        split = lambda t: t.view(1, -1, heads, 8).transpose(1, 2)  # noqa: E731
+        out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(1, -1, heads * 8)
+        seen.append(1)
+        return torch.nextafter(out, torch.full_like(out, 2.0)) if kw.get("off") else out
+
+    exact = model_patch._JointAttentionLSE()
+    out, lse = exact(own, (q, k, v, 2), {})
+    assert lse is not None and torch.equal(out, own(q, k, v, 2))
+    out, lse = exact(own, (q, k, v, 2), {})  # now trusted: the kernel alone runs
+    assert lse is not None and len(seen) == 2
+    other = model_patch._JointAttentionLSE()
+    out, lse = other(own, (q, k, v, 2), {"off": True})
+    assert lse is None and torch.equal(out, own(q, k, v, 2, off=True))
+    tries = []
+    model_patch_real = model_patch.attention_with_lse
+    try:
+        model_patch.attention_with_lse = lambda *a: tries.append(1) or real(*a)
+        out, lse = other(own, (q, k, v, 2), {"off": True})
+    finally:
+        model_patch.attention_with_lse = model_patch_real
+    assert lse is None and not tries
+    assert other(own, (q, k, v, 2), {"mask": torch.zeros(12, 12)})[1] is None  # a masked call is never taken over

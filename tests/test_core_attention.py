@@ -122,3 +122,35 @@ def test_a_compact_store_gets_the_float32_head_mean_rounded_once(precision):
     ad.image_self_attention(q, k, v, 8, 8 * 30 * 4 * 7, out_a=store[:, 1], precision=precision)
     assert torch.isnan(store[:, 0]).all()
     assert torch.equal(store[:, 1], want.half())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_lse_is_sdpa_and_its_normaliser(dtype):
+    """The fused kernel called directly (the recorder's source of the model's own softmax normaliser):
+    output bit-identical to F.scaled_dot_product_attention on these inputs, log-sum-exp equal to a
+    float64 reference; lse_matches accepts it and refuses a log2-based or shifted one."""
+    from anchordiff_core.attention import attention_with_lse, lse_matches
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 70, 4 * 16, generator=g) * 2).to(dtype)
+    q, k, v = (x.roll(s, 1).view(2, 70, 4, 16).transpose(1, 2) for s in (0, 5, 11))  # ComfyUI's strided view
+    got = attention_with_lse(q, k, v)
+    assert got is not None, "CPU SDPA picks the flash kernel for these inputs"
+    out, lse = got
+    assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    want = (q.double() @ k.double().transpose(-1, -2) / 4).logsumexp(-1)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 70)
+    torch.testing.assert_close(lse.double(), want, atol=2e-5 if dtype == torch.float32 else 2e-4, rtol=1e-6)
+    assert lse_matches(q, k, lse)
+    assert not lse_matches(q, k, lse / torch.log(torch.tensor(2.0)))
+    assert not lse_matches(q, k, lse + 0.01)
+
+
+def test_attention_with_lse_gives_none_where_the_pick_has_no_normaliser(monkeypatch):
+    """Where PyTorch would pick the math fallback (no log-sum-exp), nothing is returned: the recorder recomputes."""
+    from anchordiff_core.attention import attention_with_lse
+
+    q = torch.randn(1, 2, 10, 8)
+    assert attention_with_lse(q, q, q) is not None
+    monkeypatch.setattr(torch, "_fused_sdp_choice", lambda *a, **kw: 0)  # SDPBackend.MATH
+    assert attention_with_lse(q, q, q) is None

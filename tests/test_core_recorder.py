@@ -149,3 +149,41 @@ def test_interrupt_stops_a_block_midway(block, graph_layers, seg4diff_layer):
     with pytest.raises(Stop):
         step.record_block(block, *block_inputs(2, 0))
     assert len(calls) == 2  # the second of 12 chunks: the rest never ran
+
+
+def joint_lse(q_img, k_txt, k_img):
+    """The image queries' log-sum-exp of the scaled scores over [k_txt; k_img], per head: [B, H, N] (float64)."""
+    qh = q_img.double().view(q_img.shape[0], N, HEADS, D).transpose(1, 2)
+    keys = torch.cat([k_txt, k_img], 1).double()
+    kh = keys.view(keys.shape[0], keys.shape[1], HEADS, D).transpose(1, 2)
+    return (qh @ kh.transpose(-1, -2) * D**-0.5).logsumexp(-1)
+
+
+@pytest.mark.parametrize("graph_layers, seg4diff_layer", [((0, 2), 1), ((1,), None)])
+def test_image_to_concept_maps_from_the_models_own_normaliser(graph_layers, seg4diff_layer):
+    """lse_joint (the model's attention normaliser over the prompt and image keys, which the ComfyUI
+    patch reads from the fused kernel) gives the same ic / Seg4Diff maps as recomputing the scores,
+    against the transcription; a normaliser over the image keys only (the prompt left out) does not."""
+    row_image = [0, 1]
+    blocks = [block_inputs(2, 40 + seed) for seed in range(BLOCKS)]
+    want = ref.recorded_step([[x.numpy() for x in b] for b in blocks], HEADS, TOKEN_CONCEPT.numpy(), K,
+                             graph_layers, seg4diff_layer or 0, row_image, 2)
+
+    def recorded(lse_of):
+        spec = RecordSpec(("cat", "red car"), TOKEN_CONCEPT, BLOCKS, graph_layers, seg4diff_layer, ic_blocks=True)
+        step = StepRecorder(spec, HEADS)
+        used = []
+        for index, (q, k, v, out, k_txt, q_c, k_c, v_c) in enumerate(blocks):
+            lse = lse_of(q, k, k_txt) if step.wants_lse(index) else None
+            used.append(lse is not None)
+            step.record_block(index, q, k, v, out, k_txt, q_c, k_c, v_c, lse)
+        assert used == [b not in graph_layers for b in range(BLOCKS)]
+        return step.finish(torch.tensor(row_image), 2, grid=(3, 4), image_size=(48, 64), sigma=0.75, step=2)
+
+    maps = recorded(lambda q, k, k_txt: joint_lse(q, k_txt, k).float())
+    np.testing.assert_allclose(maps.ic.numpy(), want["ic"], atol=2e-5, rtol=1e-4)
+    if seg4diff_layer is not None:
+        np.testing.assert_allclose(maps.seg4diff.numpy(), want["seg4diff"], atol=2e-5, rtol=1e-4)
+    wrong = recorded(lambda q, k, k_txt: joint_lse(q, k_txt[:, :0], k).float())  # planted: the prompt keys left out
+    non_graph = [b for b in range(BLOCKS) if b not in graph_layers]
+    assert np.abs(wrong.ic.numpy()[:, non_graph] - want["ic"][:, non_graph]).max() > 1e-3

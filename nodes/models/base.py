@@ -144,3 +144,13 @@ def flat_heads(t: torch.Tensor, heads_first: bool) -> torch.Tensor:
     if heads_first:
         return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], -1)
     return t.reshape(t.shape[0], t.shape[1], -1)
+
+
+def image_rows_lse(lse, rows: torch.Tensor, text_len: int, grid_tokens: int, keys: int):
+    """The recorded rows' image queries' log-sum-exp [R, H, N] over the model's joint keys (the 5th
+    item the recorder captures, or None), for StepRecorder.record_block's `lse_joint`: only where those
+    keys are exactly the prompt and the image grid (`keys` = their number); with reference-image
+    tokens among them (Kontext, edit models) the model's normaliser is not the recorder's, so None."""
+    if lse is None or keys != text_len + grid_tokens:
+        return None
+    return lse[rows][:, :, text_len:text_len + grid_tokens]

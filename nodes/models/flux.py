@@ -30,7 +30,7 @@ from comfy.ldm.flux.model import Flux
 
 from ...anchordiff_core.concepts import ConceptSet, join_concepts, locate_tokens
 from ..errors import AnchorDiffError
-from .base import BackboneAdapter, RelativeDepthDefaults
+from .base import BackboneAdapter, RelativeDepthDefaults, image_rows_lse
 
 T5_SPECIAL = {0, 1}  # T5's pad and end-of-sequence ids
 FLUX1_DEPTHS = (19, 38)  # Flux.1 dev / schnell / Kontext / Krea: 19 double + 38 single blocks
@@ -148,6 +148,7 @@ class FluxAdapter(RelativeDepthDefaults, BackboneAdapter):
         if text_len is None or q.shape[1] != total or total < text_len + grid:
             return f"unexpected joint attention length {q.shape[1]} at block {index} (text {text_len} + image {grid})"
         rows = call.rows
+        lse = image_rows_lse(captured[4], rows, text_len, grid, total)
         if call.concept_state is None:
             call.concept_state = self.initial_concepts(call.concepts.embeddings, img.dtype, img.device, rows.numel())
         c = call.concept_state
@@ -158,7 +159,7 @@ class FluxAdapter(RelativeDepthDefaults, BackboneAdapter):
             normed = apply_mod(block.txt_norm1(c), 1 + mod1.scale, mod1.shift)
             q_c, k_c, v_c = self._heads_qkv(block.txt_attn.qkv(normed), block.txt_attn.norm, pe, rows)
             o_c = call.step.record_block(index, q[rows, image], k[rows, image], v[rows, image], out[rows, image],
-                                         k[rows, :text_len], q_c, k_c, v_c)
+                                         k[rows, :text_len], q_c, k_c, v_c, lse)
             c = c + apply_mod(block.txt_attn.proj(o_c.to(c.dtype)), mod1.gate)
             c = c + apply_mod(block.txt_mlp(apply_mod(block.txt_norm2(c), 1 + mod2.scale, mod2.shift)), mod2.gate)
         else:
@@ -168,7 +169,7 @@ class FluxAdapter(RelativeDepthDefaults, BackboneAdapter):
                                    [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
             q_c, k_c, v_c = self._heads_qkv(qkv, block.norm, pe, rows)
             o_c = call.step.record_block(index, q[rows, image], k[rows, image], v[rows, image], out[rows, image],
-                                         k[rows, :text_len], q_c, k_c, v_c)
+                                         k[rows, :text_len], q_c, k_c, v_c, lse)
             if index + 1 < self.num_blocks():  # the last block's concept output is never read
                 c = c + apply_mod(block.linear2(torch.cat((o_c.to(c.dtype), block.mlp_act(mlp)), 2)), mod.gate)
         call.concept_state = c

@@ -32,7 +32,7 @@ from comfy.ldm.qwen_image.model import QwenImageTransformer2DModel
 
 from ...anchordiff_core.concepts import JOINER, ConceptSet, join_concepts, locate_tokens
 from ..errors import AnchorDiffError
-from .base import BackboneAdapter, RelativeDepthDefaults, flat_heads, split_image
+from .base import BackboneAdapter, RelativeDepthDefaults, flat_heads, image_rows_lse, split_image
 
 QWEN_STREAM = "qwen25_7b"  # ComfyUI's tokenizer / encoder key for Qwen2.5-VL 7B
 QWEN_IMAGE_DEPTH = 60  # Qwen-Image / Edit / Edit 2509 / 2511: 60 blocks at width 3072
@@ -131,7 +131,8 @@ class QwenImageAdapter(RelativeDepthDefaults, BackboneAdapter):
         v_c = self._heads(normed, attn.add_v_proj, None)
         q_c, k_c, v_c = (flat_heads(x, heads_first=True) for x in (q_c, k_c, v_c))
         o_c = call.step.record_block(index, *(split_image(x[rows], text_len, grid_tokens) for x in (q, k, v, out)),
-                                     k[rows, :text_len], q_c, k_c, v_c)
+                                     k[rows, :text_len], q_c, k_c, v_c,
+                                     image_rows_lse(captured[4], rows, text_len, grid_tokens, q.shape[1]))
         if index + 1 < self.num_blocks():  # the last block's concept output is never read
             c = c + gate1 * attn.to_add_out(o_c.to(c.dtype))
             normed2, gate2 = block._modulate(block.txt_norm2(c), mod2)

@@ -13,7 +13,7 @@ from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
 
 from ...anchordiff_core.concepts import ConceptSet, join_concepts, locate_tokens
 from ..errors import AnchorDiffError
-from .base import BackboneAdapter
+from .base import BackboneAdapter, image_rows_lse
 
 CLIP_SPECIAL = {49406, 49407}  # start / end-and-padding tokens of CLIP-L
 SD3_CONTEXT_WIDTH = 4096
@@ -83,7 +83,7 @@ class SD3Adapter(BackboneAdapter):
 
     def record_block(self, call, index: int, args: dict, captured: tuple) -> str:
         img, txt, vec = args["img"], args["txt"], args["vec"]
-        q, k, v, out = (t.reshape(t.shape[0], t.shape[1], -1) for t in captured)  # mmdit keeps v as [B, L, H, d]
+        q, k, v, out = (t.reshape(t.shape[0], t.shape[1], -1) for t in captured[:4])  # mmdit keeps v as [B, L, H, d]
         text_len, n = (txt.shape[1] if txt is not None else 0), img.shape[1]
         if q.shape[1] != text_len + n:
             return f"unexpected joint attention length {q.shape[1]} at block {index} (text {text_len} + image {n})"
@@ -97,7 +97,7 @@ class SD3Adapter(BackboneAdapter):
             index,
             q[rows, text_len:], k[rows, text_len:], v[rows, text_len:],
             out[rows, text_len:], k[rows, :text_len],
-            q_c, k_c, v_c,
+            q_c, k_c, v_c, image_rows_lse(captured[4], rows, text_len, n, q.shape[1]),
         )
         if not block.pre_only:
             call.concept_state = block.post_attention(o_c.to(img.dtype), *intermediates)
