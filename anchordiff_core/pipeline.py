@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .anchors import PIXELS_PER_TOKEN, consensus_map, point_to_token, select_anchors
+from .anchors import PIXELS_PER_TOKEN, anchor_smooth_sigma, consensus_map, point_to_token, select_anchors, smooth_on_grid
 from .attention import mean_over_layers
 from .auto import AUTO, Setting, gate_percentile_for, steps_for
 from .concepts import concept_index, concept_number
@@ -73,7 +73,10 @@ def anchor_layers(maps: AttentionMaps, exclude_last_block: bool = False) -> Opti
 # Seg4Diff layer's map), weighted by their agreement with each other (anchors.consensus_map):
 # label-free.  The last (pre_only) block is always left out, in both directions: measured on the toy
 # validation split, its maps pull the consensus off in both (docs/DESIGN.md "Consensus anchor").
-ANCHOR_SOURCES = ("concept_to_image", "image_to_concept", "consensus")
+# "consensus_smoothed": the consensus map blurred over the token grid (anchors.smooth_on_grid, sigma
+# anchors.ANCHOR_SMOOTH_SHARE of the grid side) before its peak is taken: the anchor lands inside the
+# region the maps agree on rather than on one edge token (docs/DESIGN.md "Consensus anchor", "Smoothed").
+ANCHOR_SOURCES = ("concept_to_image", "image_to_concept", "consensus", "consensus_smoothed")
 # Agreement weights squared (anchors.agreement_weights power): chosen on the toy validation split (phrase
 # anchors +1.4 / +1.4 / +11.4 points over power 1 at 256 px record_at 0.85 / 0.5 and 512 px 0.85).
 CONSENSUS_POWER = 2.0
@@ -95,7 +98,10 @@ def consensus_sources(maps: AttentionMaps) -> tuple[torch.Tensor, Optional[torch
 def anchor_map(maps: AttentionMaps, exclude_last_block: bool = False, source: str = "concept_to_image") -> torch.Tensor:
     """The map anchors are the peaks of -> [B, K, N]: A_CI averaged over the anchor layers (the
     paper), the image-to-concept map of the Seg4Diff layer, or the consensus map (which always leaves
-    the last block out: `exclude_last_block` does not change it)."""
+    the last block out: `exclude_last_block` does not change it), or that map smoothed over the grid."""
+    if source == "consensus_smoothed":
+        sigma = anchor_smooth_sigma(maps.grid)
+        return torch.stack([smooth_on_grid(m, maps.grid, sigma) for m in anchor_map(maps, False, "consensus")])
     if source == "consensus":
         a_ci, ic = consensus_sources(maps)
         if a_ci.shape[1] + (0 if ic is None else ic.shape[1]) == 1:
@@ -221,10 +227,13 @@ def baseline_heat(maps: AttentionMaps, method: str, layers: Sequence[int] = (), 
     return Heat(torch.stack(values).cpu(), maps.grid, maps.image_size, maps.concepts, method, recording_id(maps))
 
 
-def consensus_heat(maps: AttentionMaps) -> Heat:
-    """The consensus anchor map (min-max per concept) as heat: what the consensus anchor is the peak of."""
-    values = minmax_rows(anchor_map(maps, False, "consensus").flatten(0, 1).float()).view(maps.a_ci.shape[0], len(maps.concepts), -1)
-    return Heat(values.cpu(), maps.grid, maps.image_size, maps.concepts, "consensus", recording_id(maps))
+def consensus_heat(maps: AttentionMaps, source: str = "consensus") -> Heat:
+    """The consensus anchor map ("consensus", or smoothed: "consensus_smoothed"; min-max per concept) as
+    heat: what that anchor is the peak of."""
+    if source not in ("consensus", "consensus_smoothed"):
+        raise ValueError(f"source must be consensus or consensus_smoothed; got '{source}'")
+    values = minmax_rows(anchor_map(maps, False, source).flatten(0, 1).float()).view(maps.a_ci.shape[0], len(maps.concepts), -1)
+    return Heat(values.cpu(), maps.grid, maps.image_size, maps.concepts, source, recording_id(maps))
 
 
 def heat_masks(

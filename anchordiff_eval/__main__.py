@@ -19,7 +19,7 @@ from anchordiff_core.masks import EDGE_EPS, EDGE_RADIUS
 from anchordiff_core.metrics import nan_to_none
 
 from . import datasets as ds
-from .comfy import NodeRecorder, RecordOptions, SetupError, load_comfyui, load_models
+from .comfy import ANCHOR_FROM, NodeRecorder, RecordOptions, SetupError, load_comfyui, load_models
 from .run import DatasetRun, Settings, check_settings, evaluate_dataset, format_markdown
 
 ALL_METHODS = NodeRecorder.METHODS
@@ -89,9 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"propagation steps: a number, 'paper' ({auto.PAPER_STEPS}) or 'auto' (the nodes' default: "
                    f"{auto.STEPS_PER_SIDE:g} per token-grid side, {auto.PAPER_STEPS} at 1024 px); default {auto.PAPER_STEPS}")
     g.add_argument("--exclude-last-block", action="store_true", help="anchor selection without the pre_only last block")
-    g.add_argument("--anchor-from", choices=("paper", "consensus"), default="paper",
-                   help="AnchorDiff's anchor: the paper's A_CI argmax, or the consensus anchor (every block, both directions; "
-                   "records every block's image-to-concept map too)")
+    g.add_argument("--anchor-from", choices=tuple(ANCHOR_FROM), default="paper",
+                   help="AnchorDiff's anchor: the paper's A_CI argmax, the consensus anchor (every block, both directions; "
+                   "records every block's image-to-concept map too), or that anchor map smoothed over the token grid "
+                   "(consensus-smoothed: Anchor Select's default)")
     g.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {', '.join(ALL_METHODS)}")
     g.add_argument("--refine-edges", action="store_true", help="also score every method with the Mask node's refine_edges")
     g.add_argument("--edge-radius", type=int, default=EDGE_RADIUS)

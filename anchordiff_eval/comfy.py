@@ -168,11 +168,13 @@ class RecordOptions:
     gate_percentile: Setting = PAPER_GATE_PERCENTILE
     steps: Setting = PAPER_STEPS
     exclude_last_block: bool = False
-    anchor_from: str = "paper"  # ANCHOR_FROM: "paper" (A_CI argmax) or "consensus" (docs/DESIGN.md "Consensus anchor")
+    anchor_from: str = "paper"  # ANCHOR_FROM: "paper" (A_CI argmax), "consensus" or "consensus-smoothed" (the nodes'
+    # default; docs/DESIGN.md "Consensus anchor")
 
 
 ANCHOR_FROM = {"paper": ("concept_to_image", "concept→image (paper)"),
-               "consensus": ("consensus", "all blocks, both directions (consensus)")}
+               "consensus": ("consensus", "all blocks, both directions (consensus)"),
+               "consensus-smoothed": ("consensus_smoothed", "all blocks, both directions (consensus)")}
 
 
 class NodeRecorder:

@@ -85,6 +85,7 @@ def selectors(maps, graph_fn) -> dict:
         "image-to-concept (Seg4Diff layer)": lambda: anchor_map(plain, False, "image_to_concept")[0].argmax(1),
         "consensus, A_CI blocks + Seg4Diff map (default recording; the last block left out)": lambda: anchor_map(plain, False, "consensus")[0].argmax(1),
         "consensus, all blocks both directions (the last left out)": lambda: anchor_map(maps, False, "consensus")[0].argmax(1),
+        "consensus smoothed over the token grid (shipped default)": lambda: anchor_map(maps, False, "consensus_smoothed")[0].argmax(1),
         "candidate: consensus including the last block": lambda: consensus_map(a, ic, 2.0).argmax(1),
         # power 1 (the first version; power 2, chosen on validation, is what anchor_map ships)
         "candidate: consensus with power-1 agreement weights": lambda: consensus_map(a[:-1], ic[:-1], 1.0).argmax(1),

@@ -66,7 +66,9 @@ NO_WCOS = variant("no W_cos (W_attn weights)")
 IC_ANCHOR = variant("image-to-concept anchor")
 TRUE_CENTRE = variant("true-centre anchor (upper bound)")
 CONSENSUS = variant("consensus anchor (all blocks, both directions)")
-DEFAULT = CONSENSUS + ", auto gate and steps (the nodes' default)"  # Anchor Select's and the recorders' defaults
+CONSENSUS_AUTO = CONSENSUS + ", auto gate and steps"  # the nodes' default before the smoothed consensus
+SMOOTHED = variant("smoothed consensus anchor (all blocks, both directions)")
+DEFAULT = SMOOTHED + ", auto gate and steps (the nodes' default)"  # Anchor Select's and the recorders' defaults
 REFINED = (PAPER, TRUE_CENTRE)  # the rows measured with and without edge refinement
 
 
@@ -102,7 +104,9 @@ def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict
                lambda: anchor_map(replace(maps, ic=None), False, "consensus")[0].argmax(1))
     if maps.ic is not None:
         anchordiff(CONSENSUS, lambda: anchor_map(maps, False, "consensus")[0].argmax(1))
-        anchordiff(DEFAULT, lambda: anchor_map(maps, False, "consensus")[0].argmax(1), **auto)
+        anchordiff(CONSENSUS_AUTO, lambda: anchor_map(maps, False, "consensus")[0].argmax(1), **auto)
+        anchordiff(SMOOTHED, lambda: anchor_map(maps, False, "consensus_smoothed")[0].argmax(1))
+        anchordiff(DEFAULT, lambda: anchor_map(maps, False, "consensus_smoothed")[0].argmax(1), **auto)
     centre = lambda: torch.tensor([central_token(t, maps.grid) for t in truths])  # noqa: E731
     anchordiff(TRUE_CENTRE, centre)
     anchordiff(variant("true-centre anchor, auto gate and steps"), centre, **auto)

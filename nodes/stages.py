@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..anchordiff_core import pipeline
 from ..anchordiff_core import auto
-from ..anchordiff_core.anchors import PIXELS_PER_TOKEN
+from ..anchordiff_core.anchors import ANCHOR_SMOOTH_SHARE, PIXELS_PER_TOKEN
 from ..anchordiff_core.masks import EDGE_RADIUS
 from . import preview
 from .common import (
@@ -36,10 +36,12 @@ ANCHOR_FROM = {
     "concept→image (paper)": "concept_to_image",
     "image→concept": "image_to_concept",
     "consensus (blocks agree, both directions)": "consensus",
+    "consensus, smoothed (region peak)": "consensus_smoothed",
 }
 # The default since it won on the toy's test split at both recording points and sizes measured (docs/DESIGN.md
-# "Consensus anchor", "Default"); the paper's argmax is one click away.
-DEFAULT_ANCHOR_FROM = "consensus (blocks agree, both directions)"
+# "Consensus anchor", "Default" and "Smoothed"); the paper's argmax is one click away, and workflows saved with
+# the unsmoothed consensus keep it.
+DEFAULT_ANCHOR_FROM = "consensus, smoothed (region peak)"
 
 
 class AnchorDiffAnchorSelect(io.ComfyNode):
@@ -52,8 +54,8 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
             **search_aliases("Anchor Select", "anchor point", "click anchor"),
             category=CATEGORY,
             description=(
-                "Pick each concept's anchor: the peak of the blocks' agreed attention in both directions (consensus, the "
-                "default), of concept-to-image attention (the paper), several separated peaks (multi-anchor), or points you "
+                "Pick each concept's anchor: the peak of the blocks' agreed attention in both directions, smoothed over the "
+                "image (consensus, the default), of concept-to-image attention (the paper), several separated peaks (multi-anchor), or points you "
                 "place by clicking the preview."
             ),
             inputs=[
@@ -66,7 +68,9 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
                 io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview."),
                 io.Combo.Input(
                     "anchor_from", options=list(ANCHOR_FROM), default=DEFAULT_ANCHOR_FROM, optional=True,
-                    tooltip="consensus (default): every block's map but the last's, both directions, each weighted by how well it "
+                    tooltip="consensus, smoothed (default): the consensus map blurred over the image (a Gaussian of "
+                    f"{ANCHOR_SMOOTH_SHARE:.0%} of the token grid's side) before its peak is taken, so the anchor sits inside the region the maps agree on, not on "
+                    "one edge token. consensus: every block's map but the last's, both directions, each weighted by how well it "
                     "agrees with the others (label-free; full accuracy with the recorder's anchor_maps 'all blocks, both "
                     "directions', its default; else A_CI blocks + the Seg4Diff map; ignores exclude_last_block; docs/DESIGN.md). "
                     "concept→image (paper): the paper's argmax of concept-to-image attention, averaged over blocks. "
@@ -85,8 +89,8 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
             raise AnchorDiffError(f"anchor_from must be one of {', '.join(ANCHOR_FROM)}; got '{anchor_from}'.")
         anchors = user_errors(pipeline.pick_anchors, maps, max_anchors, min_distance, min_relative_score, manual_anchors,
                               exclude_last_block, source)
-        if source == "consensus":
-            looked_at = user_errors(pipeline.consensus_heat, maps)
+        if source in ("consensus", "consensus_smoothed"):
+            looked_at = user_errors(pipeline.consensus_heat, maps, source)
         elif source == "image_to_concept":
             looked_at = pipeline.baseline_heat(maps, "seg4diff")
         else:

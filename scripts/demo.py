@@ -13,7 +13,7 @@ The workflows themselves are the files users open:
    whose true masks are known: the demo prints each mask's IoU against the truth, and then the mean
    IoU of the same workflow (the nodes' defaults, record_at 0.85) over the next HELD_OUT look-alike
    scenes of the test split (both look-alikes masked in each); all of it once more with the paper's
-   argmax anchor (PAPER: two widgets changed), to show what the default consensus anchor buys.
+   argmax anchor (PAPER: two widgets changed), to show what the default (smoothed consensus) anchor buys.
 
 The scene is chosen by a fixed rule, not by trying seeds: the first seed of the test split whose
 scene the world draws as a look-alike pair (`demo_seeds`); the held-out scenes are the look-alike
@@ -49,7 +49,7 @@ RECORD_AT = 0.85    # the toy's best recording point on the validation split (th
                     # too noisy for so small a model: toyworld/README.md)
 STEPS = 24
 HELD_OUT = 8        # look-alike scenes after the demo's, for the printed mean IoU
-# The paper's argmax anchor, one click away from the default consensus anchor (docs/DESIGN.md "Consensus
+# The paper's argmax anchor, one click away from the default smoothed consensus anchor (docs/DESIGN.md "Consensus
 # anchor"): the same workflow with two widgets changed, run beside the defaults
 PAPER = {"AnchorDiffAnchorSelect": ("anchor_from", "concept→image (paper)"),
          "AnchorDiffLookAtImage": ("anchor_maps", "concept→image (paper)"),
@@ -229,7 +229,7 @@ def main() -> int:
         print(f"demo: world scene, the paper's anchor, mask '{c}': IoU {v:.2f}")
     if held:
         print(f"demo: mean IoU over {len(held_out)} held-out look-alike scenes ({len(held)} masks, seeds "
-              f"{held_out[0]}..{held_out[-1]}): default pipeline (consensus anchor) {np.mean(held):.2f} (median "
+              f"{held_out[0]}..{held_out[-1]}): default pipeline (smoothed consensus anchor) {np.mean(held):.2f} (median "
               f"{np.median(held):.2f}), the paper's anchor {np.mean(held_p):.2f} (median {np.median(held_p):.2f})")
     truth_img = scene.image.copy()
     for t, col in zip(truth, COLOURS):
@@ -240,7 +240,7 @@ def main() -> int:
     bottom = panel([(scene.image, "held-out world scene"), (truth_img, "true masks"),
                     (overlay(scene.image, m2[0], COLOURS[0]), f"{pair[0]}: IoU {ious[0]:.2f}"),
                     (overlay(scene.image, m2[1], COLOURS[1]), f"{pair[1]}: IoU {ious[1]:.2f}"),
-                    (load(o2["inpainted"]), f"inpainted: {swap}")], "2. an existing image (Look At Image), the nodes' defaults (consensus anchor)")
+                    (load(o2["inpainted"]), f"inpainted: {swap}")], "2. an existing image (Look At Image), the nodes' defaults (smoothed consensus anchor)")
     third = panel([(scene.image, "held-out world scene"), (truth_img, "true masks"),
                    (overlay(scene.image, m3[0], COLOURS[0]), f"{pair[0]}: IoU {ious3[0]:.2f}"),
                    (overlay(scene.image, m3[1], COLOURS[1]), f"{pair[1]}: IoU {ious3[1]:.2f}")],

@@ -82,3 +82,23 @@ def consensus_map(maps, power=1.0):
         w = weights[:, k] if weights[:, k].sum() > 0 else np.ones(s_count)
         out.append(sum(w[s] * p[s] for s in range(s_count)) / w.sum())
     return np.stack(out), weights
+
+
+def grid_smooth(maps, grid, sigma):
+    """Gaussian smoothing of maps [K, N] on a row-major (h, w) token grid, written as loops over token
+    pairs: weight g(dy) g(dx) with g the 1-D Gaussian exp(-d^2 / 2 sigma^2) over |d| <= ceil(4 sigma),
+    normalised to sum 1 over that window; tokens outside the grid count as zero."""
+    import math
+    h, w = grid
+    r = max(1, math.ceil(4 * sigma))
+    g = {d: math.exp(-0.5 * (d / sigma) ** 2) for d in range(-r, r + 1)}
+    total = sum(g.values())
+    m = np.asarray(maps, dtype=np.float64)
+    out = np.zeros_like(m)
+    for i in range(h * w):
+        yi, xi = divmod(i, w)
+        for j in range(h * w):
+            yj, xj = divmod(j, w)
+            if abs(yi - yj) <= r and abs(xi - xj) <= r:
+                out[:, i] += g[yj - yi] * g[xj - xi] / total ** 2 * m[:, j]
+    return out

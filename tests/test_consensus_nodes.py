@@ -50,8 +50,12 @@ def test_anchor_select_consensus_is_the_pure_function(looked):
     # without the per-block maps: A_CI of every block but the last, plus the Seg4Diff map
     got_plain = select(toy, plain, anchor_from="consensus (blocks agree, both directions)").indices[0][:, 0]
     assert torch.equal(got_plain, consensus_map(plain.a_ci[0, :-1], plain.seg4diff[0][None], 2.0).argmax(1))
-    # the consensus is the default; the paper's anchor is one click away and untouched (a workflow saved with it keeps it)
-    assert torch.equal(select(toy, full).indices[0][:, 0], want)
+    # the smoothed consensus is the default; the unsmoothed consensus (workflows saved with it keep it) and the
+    # paper's anchor are one click away and untouched
+    from anchordiff_core.anchors import anchor_smooth_sigma, smooth_on_grid
+    smoothed = smooth_on_grid(consensus_map(full.a_ci[0, :-1], full.ic[0, :-1], 2.0), full.grid, anchor_smooth_sigma(full.grid)).argmax(1)
+    assert torch.equal(select(toy, full).indices[0][:, 0], smoothed)
+    assert torch.equal(select(toy, full, anchor_from="consensus, smoothed (region peak)").indices[0][:, 0], smoothed)
     paper = plain.a_ci[0].mean(0).argmax(1)
     assert torch.equal(select(toy, plain, anchor_from="concept→image (paper)").indices[0][:, 0], paper)
     assert torch.equal(select(toy, full, anchor_from="concept→image (paper)").indices[0][:, 0], full.a_ci[0].mean(0).argmax(1))

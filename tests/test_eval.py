@@ -275,7 +275,7 @@ def test_command_end_to_end_resumable(data, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["datasets"]["folder-confusion"]["n_recorded"] == 2
 
 
-@pytest.mark.parametrize("anchor_from", ["paper", "consensus"])
+@pytest.mark.parametrize("anchor_from", ["paper", "consensus", "consensus-smoothed"])
 def test_cached_heat_is_what_the_nodes_give(data, tmp_path, anchor_from):
     """The heat the command scores is the nodes' own: the same image through Concepts, CLIP Text
     Encode, VAE Encode, Look At Image, Anchor Select, Build Gated Graph and Propagate (with
@@ -306,7 +306,8 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path, anchor_from):
     else:
         maps = N["AnchorDiffLookAtImage"].execute(model, concepts, positive, latent, 0, 0.5, "", -1,
                                                   "all blocks, both directions (consensus)").args[0]
-        anchors = N["AnchorDiffAnchorSelect"].execute(maps, 1, 8.0, 0.5, "", False, None, "consensus (blocks agree, both directions)").args[0]
+        choice = {"consensus": "consensus (blocks agree, both directions)", "consensus-smoothed": "consensus, smoothed (region peak)"}
+        anchors = N["AnchorDiffAnchorSelect"].execute(maps, 1, 8.0, 0.5, "", False, None, choice[anchor_from]).args[0]
         assert maps.ic is not None
     graph = N["AnchorDiffBuildGatedGraph"].execute(maps, 98.0, "", True, "custom").args[0]
     heat = N["AnchorDiffPropagate"].execute(graph, anchors, 20, "custom").args[0]

@@ -165,7 +165,7 @@ EXPECTED = {  # node id: (display name, category, [(input, type, default)], [(ou
     "AnchorDiffAnchorSelect": ("AnchorDiff Anchor Select", "AnchorDiff",
                                [MAPS_IN, ("max_anchors", "INT", 1), ("min_distance", "FLOAT", 8.0), ("min_relative_score", "FLOAT", 0.5),
                                 ("manual_anchors", "STRING", ""), ("exclude_last_block", "BOOLEAN", False), IMAGE_OPT,
-                                ("anchor_from" + OPTIONAL, "COMBO", "consensus (blocks agree, both directions)")],
+                                ("anchor_from" + OPTIONAL, "COMBO", "consensus, smoothed (region peak)")],
                                [("ANCHORDIFF_ANCHORS", "anchors")]),
     "AnchorDiffBuildGatedGraph": ("AnchorDiff Build Gated Graph", "AnchorDiff",
                                   [MAPS_IN, ("gate_percentile", "FLOAT", 98.0), ("layers", "STRING", ""), ("gate", "BOOLEAN", True),
