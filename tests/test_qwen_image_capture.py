@@ -54,8 +54,9 @@ def latent5d(h, w, seed):
     return torch.randn(1, 16, 1, h, w, generator=torch.Generator().manual_seed(seed))
 
 
-def diffusers_reference(env, model, cs, maps, latent, seed, layers, seg, reference=None, positive=None):
-    """The same noisy latent, sigma and conditioning through diffusers' own Qwen-Image."""
+def diffusers_reference(env, model, cs, maps, latent, seed, layers, seg, reference=None, positive=None, cfg=None):
+    """The same noisy latent, sigma and conditioning through diffusers' own Qwen-Image (`cfg`: the tiny
+    model's config, default QWEN_IMAGE)."""
     from einops import rearrange
     from fixtures.tiny_qwen_image import QWEN_IMAGE, build_diffusers
 
@@ -74,7 +75,7 @@ def diffusers_reference(env, model, cs, maps, latent, seed, layers, seg, referen
         ref, ref_shape = packed(model.model.process_latent_in(reference))
         hidden, shapes = torch.cat([hidden, ref], 1), shapes + [ref_shape]
     cond = (positive or env.pos)[0][0]
-    recorder = DiffusersQwenImageRecorder(build_diffusers(QWEN_IMAGE), cs, graph_layers=layers, seg4diff_layer=seg)
+    recorder = DiffusersQwenImageRecorder(build_diffusers(cfg or QWEN_IMAGE), cs, graph_layers=layers, seg4diff_layer=seg)
     return recorder.record(hidden, torch.tensor([sigma]), cond, [shapes], grid=shape[1:],
                            image_size=(x.shape[-2] * 8, x.shape[-1] * 8))
 
@@ -242,6 +243,53 @@ def test_edit_reference_tokens_are_left_out_and_the_image_is_unchanged(env):
     assert_maps_match(looked, expected)
     plain = run(env, "AnchorDiffLookAtImage", model, cs, env.pos, latent, 2, 0.5, "0, 2", 1)[0]
     assert relative_error(plain.a_ii, looked.a_ii) > 1e-3  # the references were seen by the image tokens
+
+
+def test_edit_2511_reference_tokens_at_timestep_zero(env, tmp_path, monkeypatch):
+    """Qwen-Image Edit 2511 (ComfyUI >= 0.33: the file's __index_timestep_zero__ marker): the reference
+    tokens are modulated at timestep 0, so every block gets two modulation rows per image; the concept
+    stream takes the prompt stream's (the first), the image stays bit-identical, the maps equal
+    diffusers' zero_cond_t model holding the same weights (which a concept stream on the timestep-zero
+    row would not: checked by planting it)."""
+    import dataclasses
+    import inspect
+
+    import comfy.ldm.qwen_image.model as qwen_model
+    from fixtures.tiny_qwen_image import QWEN_IMAGE, load_with_comfy, write_to_models_dir
+
+    if "default_ref_method" not in inspect.signature(qwen_model.QwenImageTransformer2DModel.__init__).parameters:
+        pytest.skip("this ComfyUI has no Qwen-Image Edit 2511 (index_timestep_zero reference method; ComfyUI >= 0.33)")
+    cfg = dataclasses.replace(QWEN_IMAGE, timestep_zero=True)
+    model = load_with_comfy(write_to_models_dir(tmp_path, "tiny_qwen_image_edit_2511", cfg), expect=cfg)
+    cs = concepts(env)
+    reference = latent5d(8, 12, 5)
+    positive = core_node(env.nodes, "ReferenceLatent", env.pos, {"samples": reference})
+    adapter = sys.modules[env.pack.__name__ + ".nodes.models.qwen_image"].QwenImageAdapter
+    seen, original = [], adapter.record_block
+
+    def seeing(self, call, index, args, captured):
+        seen.append((args["vec"].shape[0], args["img"].shape[0]))
+        return original(self, call, index, args, captured)
+
+    monkeypatch.setattr(adapter, "record_block", seeing)
+    patched, recorder = record(env, model, cs, record_at=0.5, graph_layers="0, 2", seg4diff_layer=1)
+    out_p = sample(env, patched, seed=4, size=(16, 16), positive=positive)
+    assert seen and all(v == 2 * b for v, b in seen), seen  # timestep zero: two modulation rows per image
+    assert torch.equal(out_p["samples"], sample(env, model, seed=4, size=(16, 16), positive=positive)["samples"])
+    assert read_maps(env, recorder, out_p).grid == (8, 8)
+    latent = {"samples": latent5d(16, 16, 6)}
+    looked = run(env, "AnchorDiffLookAtImage", model, cs, positive, latent, 2, 0.5, "0, 2", 1)[0]
+    expected = diffusers_reference(env, model, cs, looked, latent["samples"], 2, (0, 2), 1, reference=reference,
+                                   positive=positive, cfg=cfg)
+    assert_maps_match(looked, expected)
+
+    def wrong_half(self, call, index, args, captured):  # planted: the concept stream on the timestep-zero row
+        vec = args["vec"]
+        return original(self, call, index, {**args, "vec": torch.cat([vec[vec.shape[0] // 2:], vec[vec.shape[0] // 2:]])}, captured)
+
+    monkeypatch.setattr(adapter, "record_block", wrong_half)
+    planted = run(env, "AnchorDiffLookAtImage", model, cs, positive, latent, 2, 0.5, "0, 2", 1)[0]
+    assert relative_error(planted.a_ci, expected.a_ci) > 1e-3
 
 
 # ------------------------------------------------------------------ errors
