@@ -74,12 +74,9 @@ def concepts(env, name="tiny_flux2_klein", text="cat, red car"):
     from fixtures.tiny_flux2 import VARIANTS
     if real_encoder(env, name):
         return run(env, "AnchorDiffConcepts", env.clip, text)[0]
-    from anchordiff_core.concepts import ConceptSet
-    sys.path.insert(0, str(REPO))
     emb = torch.randn(3, VARIANTS[name].text_dim, generator=torch.Generator().manual_seed(9))
     at = torch.tensor([3, 5, 6]) + TEXT_LEN - 12
-    cs_class = sys.modules[env.pack.__name__ + ".anchordiff_core.concepts"].ConceptSet
-    del ConceptSet
+    cs_class = sys.modules[env.pack.__name__ + ".anchordiff_core.concepts"].ConceptSet  # the pack's own class
     return cs_class(("cat", "red car"), emb, torch.tensor([0, 1, 1]), env.family, positions=at)
 
 
