@@ -7,11 +7,12 @@ the same weights), that planted bugs in the concept stream's modulation and text
 that the recorded image is bit-identical to a plain run, the single forward per step (record_at,
 stale-map protection), reference-image tokens left out, and the errors users see.
 
-Concepts: on ComfyUI 0.33 Klein's are encoded through the real nodes with Klein's real tokenizer and
-text model (a fake Qwen3 inside: tests/fixtures/comfy_test_nodes/flux2_clip.py). ComfyUI 0.3.75 ships
-no Klein text encoder, and dev's Mistral tokenizer needs Mistral's tekken file, which the tests do not
-have: there (and for the dev-shaped model) the prompt features and the ConceptSet are given as data,
-with text positions as the rule gives them for a 12-token concept string (512 - 12 + place).
+Concepts: on ComfyUI 0.33 they are encoded through the real nodes with the family's real tokenizer and
+text model (tests/fixtures/comfy_test_nodes/flux2_clip.py: Klein's Qwen BPE; dev's Mistral tekken BPE on a
+tiny vocabulary; fake language models inside). ComfyUI 0.3.75 ships no Klein text encoder, and its Mistral
+tokenizer loader does not run with the transformers of its venv: there the prompt features and the
+ConceptSet are given as data, with text positions as the rule gives them for a 12-token concept string
+(512 - 12 + place).
 """
 import sys
 import types
@@ -30,7 +31,9 @@ TEXT_LEN = 512  # model_base.Flux2 left-pads the prompt to 512 tokens (nodes/mod
 
 @pytest.fixture(scope="module")
 def env(comfy, comfy_models_dir):
-    from fixtures.comfy_test_nodes.flux2_clip import klein_available, make_klein_fixture_clip
+    from fixtures.comfy_test_nodes.flux2_clip import (
+        klein_available, make_flux2_dev_fixture_clip, make_klein_fixture_clip, mistral_unavailable,
+    )
     from fixtures.comfy_test_nodes.flux_clip import make_flux_fixture_clip
     from fixtures.tiny_flux2 import VARIANTS, write_to_models_dir
     from toyworld import comfy_env
@@ -43,6 +46,7 @@ def env(comfy, comfy_models_dir):
     pack = comfy_env.pack_module(REPO)
     ns = types.SimpleNamespace(nodes=nodes, pack=pack, models=comfy_models_dir, N=nodes.NODE_CLASS_MAPPINGS,
                                clip=make_klein_fixture_clip() if klein_available() else None,
+                               dev_clip=None if mistral_unavailable() else make_flux2_dev_fixture_clip(),
                                flux_clip=make_flux_fixture_clip())
     ns.family = sys.modules[pack.__name__ + ".nodes.models.flux2"].Flux2Adapter.family
     return ns
@@ -53,8 +57,9 @@ def load_model(env, name="tiny_flux2_klein"):
     return load_with_comfy(env.models / "diffusion_models" / f"{name}.safetensors", expect=VARIANTS[name])
 
 
-def real_encoder(env, name) -> bool:
-    return env.clip is not None and name == "tiny_flux2_klein"
+def real_encoder(env, name):
+    """The fixture CLIP of that variant's text encoder, None where this ComfyUI has none."""
+    return env.clip if name == "tiny_flux2_klein" else env.dev_clip
 
 
 def positive(env, name="tiny_flux2_klein", text="a cat next to a red car"):
@@ -62,8 +67,8 @@ def positive(env, name="tiny_flux2_klein", text="a cat next to a red car"):
     FluxGuidance 3.5 for the guidance-distilled dev."""
     from fixtures.tiny_flux2 import VARIANTS
     cfg = VARIANTS[name]
-    if real_encoder(env, name):
-        cond = env.nodes.CLIPTextEncode().encode(env.clip, text)[0]
+    if real_encoder(env, name) is not None:
+        cond = env.nodes.CLIPTextEncode().encode(real_encoder(env, name), text)[0]
     else:
         features = torch.randn(1, 24, cfg.text_dim, generator=torch.Generator().manual_seed(len(text)))
         cond = [[features, {"pooled_output": None}]]  # as CLIPTextEncode gives it (Flux.2's encoders pool nothing)
@@ -72,8 +77,8 @@ def positive(env, name="tiny_flux2_klein", text="a cat next to a red car"):
 
 def concepts(env, name="tiny_flux2_klein", text="cat, red car"):
     from fixtures.tiny_flux2 import VARIANTS
-    if real_encoder(env, name):
-        return run(env, "AnchorDiffConcepts", env.clip, text)[0]
+    if real_encoder(env, name) is not None:
+        return run(env, "AnchorDiffConcepts", real_encoder(env, name), text)[0]
     emb = torch.randn(3, VARIANTS[name].text_dim, generator=torch.Generator().manual_seed(9))
     at = torch.tensor([3, 5, 6]) + TEXT_LEN - 12
     cs_class = sys.modules[env.pack.__name__ + ".anchordiff_core.concepts"].ConceptSet  # the pack's own class
@@ -148,6 +153,23 @@ def test_klein_concepts_come_from_qwen3_at_their_prompt_positions(env):
     flux = load_flux(write_flux(env.models, "tiny_flux_dev", FLUX_DEV), expect=FLUX_DEV)
     with pytest.raises(ValueError, match=r"text encoders of Flux.2 \(dev, Klein\), but the model is Flux.1"):
         record(env, flux, cs)
+
+
+def test_dev_concepts_come_from_mistral_at_their_left_padded_prompt_positions(env):
+    if env.dev_clip is None:
+        from fixtures.comfy_test_nodes.flux2_clip import mistral_unavailable
+        pytest.skip(mistral_unavailable())
+    cs = concepts(env, "tiny_flux2_dev", "cat, red car")
+    assert cs.encoder == env.family and cs.embeddings.shape == (3, 15360) and cs.token_concept.tolist() == [0, 1, 1]
+    joined = sys.modules[env.pack.__name__ + ".anchordiff_core.concepts"].join_concepts(["cat", "red car"])
+    tokens = env.dev_clip.tokenize(joined)
+    ids = [t[0] for t in tokens["mistral3_24b"][0]]
+    at = [len(ids) - 6, len(ids) - 3, len(ids) - 2]  # "cat", " ", ",", " red", " car", "[/INST]" at the end
+    assert [ids[p] for p in at] == [277, 285, 287]  # the tiny tekken's "cat", " red", " car"
+    cond = env.dev_clip.encode_from_tokens(tokens)  # no padding: [1, len(ids), 15360]
+    assert cond.shape[1] == len(ids) < 512 and torch.equal(cs.embeddings, cond[0, at].float())
+    # the model sees the prompt left-padded to 512 tokens: these tokens sit at 512 - len(ids) + place
+    assert cs.positions.tolist() == [512 - len(ids) + p for p in at]
 
 
 # ------------------------------------------------------------------ independent cross-check
