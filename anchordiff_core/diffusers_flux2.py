@@ -63,9 +63,12 @@ class DiffusersFlux2Recorder(DiffusersRecorder):
 
     @torch.no_grad()
     def record(self, hidden_states, img_ids, txt_ids, timestep, encoder_hidden_states, guidance=None,
-               grid: tuple[int, int] = None, image_size: tuple[int, int] = None) -> AttentionMaps:
-        """hidden_states: latent tokens [B, N, 128] (patch size 1), the grid's h * w tokens row-major,
-        then any reference-image tokens (left out); img_ids [N, 4]; txt_ids [L, 4]; timestep: sigma."""
+               grid: tuple[int, int] = None, image_size: tuple[int, int] = None, image_offset: int = 0,
+               **forward_kwargs) -> AttentionMaps:
+        """hidden_states: latent tokens [B, N, 128] (patch size 1), the grid's h * w tokens row-major after
+        `image_offset` tokens (diffusers' KV "extract" mode puts reference tokens first), any other
+        reference-image tokens after them (left out); img_ids [N, 4]; txt_ids [L, 4]; timestep: sigma;
+        `forward_kwargs` go to the transformer (kv_cache_mode, num_ref_tokens, ref_fixed_timestep)."""
         tr = self.transformer
         blocks = list(tr.transformer_blocks) + list(tr.single_transformer_blocks)
         step = self._step(tr.config.num_attention_heads)
@@ -81,34 +84,36 @@ class DiffusersFlux2Recorder(DiffusersRecorder):
             slots[index]["mod"] = kwargs["temb_mod_txt"] if index < self.double else kwargs["temb_mod"]
 
         def post(index, block):
-            self._advance(block, index, slots[index], state, step, text_len, grid_tokens)
+            self._advance(block, index, slots[index], state, step, text_len, image_offset, grid_tokens)
 
         def processor(index):
             return _CapturingFluxProcessor(slots[index]) if index < self.double else _CapturingFlux2SingleProcessor(slots[index])
 
         with self._hooked(blocks, processor, pre, post):
             tr(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, timestep=timestep,
-               img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)
+               img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False, **forward_kwargs)
         sigma = float(torch.as_tensor(timestep).reshape(-1)[0])
         return self._finish(step, batch, grid, image_size or (grid[0] * PIXELS_PER_TOKEN, grid[1] * PIXELS_PER_TOKEN), sigma)
 
-    def _advance(self, block, index: int, slot: dict, state: dict, step, text_len: int, grid_tokens: int) -> None:
+    def _advance(self, block, index: int, slot: dict, state: dict, step, text_len: int, offset: int, grid_tokens: int) -> None:
         """The concept stream through this block with the prompt stream's (double) or shared (single)
         weights and the prompt stream's modulation."""
         from diffusers.models.transformers.transformer_flux2 import Flux2Modulation
 
-        attn, c, rope = block.attn, state["concepts"], state["rope"]
+        attn, c, rope, mod = block.attn, state["concepts"], state["rope"], slot["mod"]
+        if mod.dim() == 3 and mod.shape[1] > 1:  # "extract" mode: one modulation per token [text, references, image]
+            mod = mod[:, :1]  # the text's
 
         def heads(x):
             return x.unflatten(-1, (-1, attn.head_dim))
 
         if index < self.double:
-            (shift, scale, gate), (shift2, scale2, gate2) = Flux2Modulation.split(slot["mod"], 2)
+            (shift, scale, gate), (shift2, scale2, gate2) = Flux2Modulation.split(mod, 2)
             normed = block.norm1_context(c) * (1 + scale) + shift
             q_c, k_c = attn.norm_added_q(heads(attn.add_q_proj(normed))), attn.norm_added_k(heads(attn.add_k_proj(normed)))
             v_c = heads(attn.add_v_proj(normed))
         else:
-            ((shift, scale, gate),) = Flux2Modulation.split(slot["mod"], 1)
+            ((shift, scale, gate),) = Flux2Modulation.split(mod, 1)
             normed = block.norm(c) * (1 + scale) + shift
             proj = attn.to_qkv_mlp_proj(normed)
             qkv, mlp = torch.split(proj, [3 * attn.inner_dim, proj.shape[-1] - 3 * attn.inner_dim], dim=-1)
@@ -116,7 +121,7 @@ class DiffusersFlux2Recorder(DiffusersRecorder):
             q_c, k_c = attn.norm_q(q_c), attn.norm_k(k_c)
         q_c, k_c = _rotate(q_c, rope), _rotate(k_c, rope)
         q, k, v, out = slot["q"], slot["k"], slot["v"], slot["out"]
-        image = slice(text_len, text_len + grid_tokens)  # reference-image tokens after the grid are left out
+        image = slice(text_len + offset, text_len + offset + grid_tokens)  # reference-image tokens are left out
         o_c = step.record_block(index, q[:, image], k[:, image], v[:, image], out[:, image], k[:, :text_len],
                                 q_c.flatten(2, 3), k_c.flatten(2, 3), v_c.flatten(2, 3)).to(c.dtype)
         if index < self.double:

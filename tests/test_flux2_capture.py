@@ -95,8 +95,9 @@ def tokens(x, index=0):
     return x.flatten(2).transpose(1, 2), ids.reshape(-1, 4)
 
 
-def diffusers_reference(env, model, cs, maps, latent, seed, layers, seg, name, cond, reference=None):
-    """The same noisy latent, sigma, (left-padded) prompt features and guidance through diffusers' own Flux.2."""
+def diffusers_reference(env, model, cs, maps, latent, seed, layers, seg, name, cond, reference=None, timestep_zero=False):
+    """The same noisy latent, sigma, (left-padded) prompt features and guidance through diffusers' own Flux.2.
+    timestep_zero: the reference modulated at timestep 0, diffusers' KV "extract" mode (references first)."""
     from fixtures.tiny_flux2 import VARIANTS, build_diffusers
 
     sys.path.insert(0, str(REPO))
@@ -104,9 +105,15 @@ def diffusers_reference(env, model, cs, maps, latent, seed, layers, seg, name, c
 
     x = noisy_latent(model, latent, seed, maps.sigma)
     hidden, img_ids = tokens(x)
+    extra = {}
     if reference is not None:  # Flux.2's "index" method: the first reference at RoPE index 10
         ref, ref_ids = tokens(model.model.process_latent_in(reference), 10)
-        hidden, img_ids = torch.cat([hidden, ref], 1), torch.cat([img_ids, ref_ids], 0)
+        if timestep_zero:
+            hidden, img_ids = torch.cat([ref, hidden], 1), torch.cat([ref_ids, img_ids], 0)
+            extra = dict(image_offset=ref.shape[1], kv_cache_mode="extract", num_ref_tokens=ref.shape[1],
+                         ref_fixed_timestep=0.0)
+        else:
+            hidden, img_ids = torch.cat([hidden, ref], 1), torch.cat([img_ids, ref_ids], 0)
     text = cond[0][0]
     text = F.pad(text, (0, 0, max(0, TEXT_LEN - text.shape[1]), 0))
     txt_ids = torch.zeros(text.shape[1], 4)
@@ -114,7 +121,7 @@ def diffusers_reference(env, model, cs, maps, latent, seed, layers, seg, name, c
     recorder = DiffusersFlux2Recorder(build_diffusers(VARIANTS[name]), cs, graph_layers=layers, seg4diff_layer=seg)
     guidance = torch.tensor([3.5]) if VARIANTS[name].guidance else None
     return recorder.record(hidden, img_ids, txt_ids, torch.tensor([maps.sigma]), text, guidance,
-                           grid=tuple(x.shape[-2:]), image_size=(x.shape[-2] * 16, x.shape[-1] * 16))
+                           grid=tuple(x.shape[-2:]), image_size=(x.shape[-2] * 16, x.shape[-1] * 16), **extra)
 
 
 # ------------------------------------------------------------------ the model and the adapter
@@ -283,6 +290,31 @@ def test_reference_image_tokens_are_left_out_and_the_image_is_unchanged(env):
     assert_maps_match(looked, expected)
     plain = run(env, "AnchorDiffLookAtImage", model, cs, positive(env, name), latent, 2, 0.5, "1, 3", 1)[0]
     assert relative_error(plain.a_ii, looked.a_ii) > 1e-3  # the references were seen by the image tokens
+
+
+def test_timestep_zero_references_record_the_texts_modulation_slot(env):
+    """ComfyUI 0.33's "index_timestep_zero" (FluxKontextMultiReferenceLatentMethod): the reference tokens are
+    modulated at timestep 0, the single blocks get two modulation slots per row and the concepts use the
+    text's. The same maps as diffusers' KV "extract" mode (references first, modulated at timestep 0);
+    the image is unchanged."""
+    if "index_timestep_zero" not in str(env.N["FluxKontextMultiReferenceLatentMethod"].INPUT_TYPES()):
+        pytest.skip("this ComfyUI has no index_timestep_zero reference method (0.33 has it)")
+    name = "tiny_flux2_klein"
+    model, cs = load_model(env, name), concepts(env, name)
+    reference = torch.randn(1, 128, 6, 6, generator=torch.Generator().manual_seed(5))
+    cond = core_node(env.nodes, "ReferenceLatent", positive(env, name), {"samples": reference})
+    cond = core_node(env.nodes, "FluxKontextMultiReferenceLatentMethod", cond, "index_timestep_zero")
+    patched, _recorder = record(env, model, cs, record_at=0.5, graph_layers="1, 3", seg4diff_layer=1)
+    assert torch.equal(sample(env, patched, seed=4, size=(8, 8), positive=cond)["samples"],
+                       sample(env, model, seed=4, size=(8, 8), positive=cond)["samples"])
+    latent = {"samples": torch.randn(1, 128, 8, 8, generator=torch.Generator().manual_seed(6))}
+    looked = run(env, "AnchorDiffLookAtImage", model, cs, cond, latent, 2, 0.5, "1, 3", 1)[0]
+    expected = diffusers_reference(env, model, cs, looked, latent["samples"], 2, (1, 3), 1, name, cond, reference=reference,
+                                   timestep_zero=True)
+    assert_maps_match(looked, expected)
+    indexed = core_node(env.nodes, "ReferenceLatent", positive(env, name), {"samples": reference})
+    plain = run(env, "AnchorDiffLookAtImage", model, cs, indexed, latent, 2, 0.5, "1, 3", 1)[0]
+    assert relative_error(plain.a_ii, looked.a_ii) > 1e-3  # timestep 0 changed what the image tokens saw
 
 
 # ------------------------------------------------------------------ errors
