@@ -19,7 +19,8 @@ class ConceptSet:
     concept each token belongs to. `encoder` names the text encoders' family ("" = not stated), so a
     recording can refuse concepts encoded for another backbone of the same width. `positions` [T]
     (optional) are the tokens' places in the encoded concept sequence (0 = its first token), for
-    backbones whose text tokens carry RoPE positions (Qwen-Image); None where text has no positions.
+    backbones whose text tokens carry RoPE positions (Qwen-Image; Flux.2: their RoPE text positions,
+    which add the model's left padding, nodes/models/flux2.py); None where text has no positions.
     """
 
     names: tuple[str, ...]

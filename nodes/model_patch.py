@@ -420,6 +420,7 @@ class _Call:
         self.step = StepRecorder(spec, adapter.heads(), store_device, comfy.model_management.throw_exception_if_processing_interrupted)
         self.previous: dict[int, Optional[callable]] = {}
         self.concept_state: Optional[torch.Tensor] = None
+        self.concept_pe = None  # the concept tokens' RoPE table, for backbones whose text has positions
         self.grid: tuple[int, int] = (0, 0)  # the latent's image token grid (rows, columns)
         self.grid_tokens = 0  # image tokens of the latent's grid (reference tokens follow them)
         self.text_len: Optional[int] = None  # prompt tokens, where a block's arguments do not say

@@ -25,7 +25,7 @@ def encode_concepts(clip, text: str) -> ConceptSet:
     if clip is None:
         raise AnchorDiffError(
             "No CLIP connected: connect the model's text encoders (SD3: TripleCLIPLoader or an SD3 checkpoint's CLIP; "
-            "Flux.1: DualCLIPLoader with clip_l and t5xxl, type flux; Chroma: CLIPLoader with t5xxl, type chroma; Qwen-Image: CLIPLoader with qwen_2.5_vl_7b, type qwen_image)."
+            "Flux.1: DualCLIPLoader with clip_l and t5xxl, type flux; Flux.2: CLIPLoader with its text encoder (dev: Mistral Small 3.1; Klein: Qwen3 4B / 8B), type flux2; Chroma: CLIPLoader with t5xxl, type chroma; Qwen-Image: CLIPLoader with qwen_2.5_vl_7b, type qwen_image)."
         )
     probe = clip.tokenize("a")
     for adapter in ADAPTERS:
@@ -36,7 +36,8 @@ def encode_concepts(clip, text: str) -> ConceptSet:
         f"The connected CLIP is not the text encoder of a supported family (it has encoders: {keys}). Connect the text "
         f"encoders of one of: {supported_families()} (SD3: TripleCLIPLoader with clip_g, clip_l, t5xxl, or an SD3 / SD3.5 "
         "checkpoint's CLIP; Flux.1: DualCLIPLoader with clip_l and t5xxl, type flux; Chroma: CLIPLoader with t5xxl, "
-        "type chroma; Qwen-Image: CLIPLoader with qwen_2.5_vl_7b, type qwen_image)."
+        "type chroma; Flux.2: CLIPLoader with its text encoder (dev: Mistral Small 3.1; Klein: Qwen3 4B / 8B), type flux2; "
+        "Qwen-Image: CLIPLoader with qwen_2.5_vl_7b, type qwen_image)."
     )
 
 

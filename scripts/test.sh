@@ -32,7 +32,7 @@ run() {  # run NAME ENV... -- PYTEST-ARGS...
 run "ComfyUI 0.3.75" -- .venv/bin/python -m pytest "$@"
 if [ "${ANCHORDIFF_MATRIX:-1}" != "0" ]; then
     run "ComfyUI 0.33.0" -- .venv-comfy033/bin/python -m pytest \
-        tests/test_capture.py tests/test_flux_capture.py tests/test_chroma_capture.py tests/test_qwen_image_capture.py tests/test_server.py tests/test_workflows.py tests/test_browser.py \
+        tests/test_capture.py tests/test_flux_capture.py tests/test_flux2_capture.py tests/test_chroma_capture.py tests/test_qwen_image_capture.py tests/test_server.py tests/test_workflows.py tests/test_browser.py \
         tests/test_segmenter_prompts.py tests/test_sam3_workflows.py "$@"
     run "ComfyUI 0.33.0, frontend $NEWEST_FRONTEND" ANCHORDIFF_FRONTEND="$NEWEST_FRONTEND" -- \
         .venv-comfy033/bin/python -m pytest tests/test_browser.py "$@"

@@ -296,6 +296,6 @@ def test_unsupported_model_names_the_supported_families(env):
     assert message.startswith("AnchorDiff needs a model of a supported family, but the connected MODEL is WAN21 (WanModel).")
     adapters = sys.modules[env.pack.__name__ + ".nodes.models"].ADAPTERS
     assert f"Supported families: {'; '.join(adapter.family for adapter in adapters)}." in message
-    assert "SD3 / SD3.5 (Medium, Large, Large Turbo); Flux.1 (dev, schnell, Kontext); Chroma; Qwen-Image (and Edit)" in message
+    assert "SD3 / SD3.5 (Medium, Large, Large Turbo); Flux.1 (dev, schnell, Kontext); Flux.2 (dev, Klein); Chroma; Qwen-Image (and Edit)" in message
     with pytest.raises(ValueError, match="out of range: this Flux.1-architecture .* has 4 joint blocks"):
         record(env, load_model(env), concepts(env), graph_layers="0, 4")

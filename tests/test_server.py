@@ -284,7 +284,7 @@ def test_non_sd3_model_is_refused_with_our_message(server, tmp_path):
     assert (data["node_id"], data["node_type"]) == ("6", "AnchorDiffRecordAttention")
     assert data["exception_message"].rstrip("\n") == (  # ComfyUI appends a newline (for its OOM tips)
         "AnchorDiff needs a model of a supported family, but the connected MODEL is WAN21 (WanModel). "
-        "Supported families: SD3 / SD3.5 (Medium, Large, Large Turbo); Flux.1 (dev, schnell, Kontext); Chroma; "
+        "Supported families: SD3 / SD3.5 (Medium, Large, Large Turbo); Flux.1 (dev, schnell, Kontext); Flux.2 (dev, Klein); Chroma; "
         "Qwen-Image (and Edit). "
         "Load one with 'Load Checkpoint' or 'Load Diffusion Model'."
     )

@@ -7,10 +7,11 @@ from ..errors import AnchorDiffError
 from .base import BackboneAdapter
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
+from .flux2 import Flux2Adapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
 
-ADAPTERS: tuple[type[BackboneAdapter], ...] = (SD3Adapter, FluxAdapter, ChromaAdapter, QwenImageAdapter)
+ADAPTERS: tuple[type[BackboneAdapter], ...] = (SD3Adapter, FluxAdapter, Flux2Adapter, ChromaAdapter, QwenImageAdapter)
 
 
 def supported_families() -> str:

@@ -24,7 +24,7 @@ import math
 import torch
 
 import comfy.model_management
-from comfy.ldm.flux.layers import apply_mod
+from comfy.ldm.flux.layers import ModulationOut, apply_mod
 from comfy.ldm.flux.math import apply_rope
 from comfy.ldm.flux.model import Flux
 
@@ -38,6 +38,33 @@ FLUX1_DEPTHS = (19, 38)  # Flux.1 dev / schnell / Kontext / Krea: 19 double + 38
 
 def _t5_ids(tokens: dict) -> list[list[int]]:
     return [[int(t[0]) for t in chunk] for chunk in tokens["t5xxl"]]
+
+
+def _rows(mod: ModulationOut, rows) -> ModulationOut:
+    """One modulation's shift / scale / gate [B, 1, width] for the recorded rows."""
+    return ModulationOut(shift=mod.shift[rows], scale=mod.scale[rows], gate=mod.gate[rows])
+
+
+class ModulationSlices:
+    """For FluxAdapter subclasses whose blocks have no modulation layers of their own (Chroma, Flux.2):
+    the model computes the modulations once and each block receives them as `vec`, a double block
+    ((img_mod1, img_mod2), (txt_mod1, txt_mod2)), a single block one ModulationOut, each of shift /
+    scale / gate [B, 1, width]. The concept stream takes the prompt stream's (txt_mod1 / txt_mod2, the
+    single block's one): the modulation the prompt's tokens get."""
+
+    def _unexpected_modulation(self, index: int, vec) -> str:
+        if index < self.depths[0]:
+            ok = isinstance(vec, (tuple, list)) and len(vec) == 2 and all(len(pair) == 2 for pair in vec)
+        else:
+            ok = isinstance(vec, ModulationOut)
+        return "" if ok else f"block {index} did not receive {self.family}'s modulation slices (got {type(vec).__name__})"
+
+    def _text_modulation(self, block, vec, rows):
+        _img, txt = vec
+        return tuple(_rows(mod, rows) for mod in txt)
+
+    def _single_modulation(self, block, vec, rows):
+        return _rows(vec, rows)
 
 
 class FluxAdapter(RelativeDepthDefaults, BackboneAdapter):
@@ -58,8 +85,15 @@ class FluxAdapter(RelativeDepthDefaults, BackboneAdapter):
     @classmethod
     def unsupported_reason(cls, diffusion_model) -> str:
         if isinstance(diffusion_model, Flux) and not cls.matches(diffusion_model):
-            return ("It is a Flux-architecture model that is not Flux.1 (Flux.2 / Klein: global modulation and "
-                    "text positions), which AnchorDiff does not support yet.")
+            params = diffusion_model.params
+            what = ("text tokens at RoPE positions" if getattr(params, "txt_ids_dims", []) else
+                    f"patch size {diffusion_model.patch_size}" if diffusion_model.patch_size != 2 else
+                    "image and text streams flipped" if any(getattr(b, "flipped_img_txt", False) for b in diffusion_model.double_blocks)
+                    else "no double-stream blocks")
+            if getattr(params, "global_modulation", False):
+                return ""  # Flux.2's layout: nodes/models/flux2.py says why one it does not take is refused
+            return (f"It is a Flux-architecture model that is neither Flux.1 nor Flux.2 ({what}; e.g. Ovis-Image or "
+                    "LongCat-Image), which AnchorDiff does not support yet.")
         return ""
 
     # ------------------------------------------------------------------ names and layout
@@ -99,17 +133,23 @@ class FluxAdapter(RelativeDepthDefaults, BackboneAdapter):
             context = self.dm.txt_norm(context)
         return self.dm.txt_in(context).expand(batch, -1, -1).contiguous()
 
-    def _heads_qkv(self, qkv: torch.Tensor, norm, pe, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Concept q, k, v [B, T, H*d] from a fused qkv projection, normalised and rotated as the
-        prompt's tokens (at the first text token's position)."""
+    def _heads_qkv(self, qkv: torch.Tensor, norm, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Concept q, k, v [B, T, H*d] from a fused qkv projection, normalised and rotated with `rope`
+        (the concept tokens' RoPE table, `_concept_rope`)."""
         b, t = qkv.shape[0], qkv.shape[1]
         q, k, v = qkv.view(b, t, 3, self.heads(), -1).permute(2, 0, 3, 1, 4)
         q, k = norm(q, k, v)
-        if pe is not None:
-            at = pe[rows] if pe.shape[0] > 1 else pe
-            at = at[:, :, :1].expand(*at.shape[:2], t, *at.shape[3:]).contiguous()
-            q, k = apply_rope(q, k, at)
+        if rope is not None:
+            q, k = apply_rope(q, k, rope)
         return tuple(x.transpose(1, 2).reshape(b, t, -1) for x in (q, k, v))
+
+    def _concept_rope(self, call, pe, rows, tokens: int):
+        """The RoPE table of the concept tokens. Flux.1: every text token sits at position 0, so the
+        concepts are rotated with the first text token's entry of the joint table `pe`."""
+        if pe is None:
+            return None
+        at = pe[rows] if pe.shape[0] > 1 else pe
+        return at[:, :, :1].expand(*at.shape[:2], tokens, *at.shape[3:]).contiguous()
 
     # The modulation of the prompt stream, which the concept stream shares (Flux.1: one vector per
     # row, each block's own txt_mod / modulation layer makes its shift, scale and gate).
@@ -157,7 +197,8 @@ class FluxAdapter(RelativeDepthDefaults, BackboneAdapter):
             block = self.dm.double_blocks[index]
             mod1, mod2 = self._text_modulation(block, vec, rows)
             normed = apply_mod(block.txt_norm1(c), 1 + mod1.scale, mod1.shift)
-            q_c, k_c, v_c = self._heads_qkv(block.txt_attn.qkv(normed), block.txt_attn.norm, pe, rows)
+            q_c, k_c, v_c = self._heads_qkv(block.txt_attn.qkv(normed), block.txt_attn.norm,
+                                             self._concept_rope(call, pe, rows, c.shape[1]))
             o_c = call.step.record_block(index, q[rows, image], k[rows, image], v[rows, image], out[rows, image],
                                          k[rows, :text_len], q_c, k_c, v_c, lse)
             c = c + apply_mod(block.txt_attn.proj(o_c.to(c.dtype)), mod1.gate)
@@ -167,7 +208,7 @@ class FluxAdapter(RelativeDepthDefaults, BackboneAdapter):
             mod = self._single_modulation(block, vec, rows)
             qkv, mlp = torch.split(block.linear1(apply_mod(block.pre_norm(c), 1 + mod.scale, mod.shift)),
                                    [3 * block.hidden_size, block.mlp_hidden_dim_first], dim=-1)
-            q_c, k_c, v_c = self._heads_qkv(qkv, block.norm, pe, rows)
+            q_c, k_c, v_c = self._heads_qkv(qkv, block.norm, self._concept_rope(call, pe, rows, c.shape[1]))
             o_c = call.step.record_block(index, q[rows, image], k[rows, image], v[rows, image], out[rows, image],
                                          k[rows, :text_len], q_c, k_c, v_c, lse)
             if index + 1 < self.num_blocks():  # the last block's concept output is never read

@@ -42,6 +42,27 @@ def _ids(tokens: dict) -> list[int]:
     return [int(t[0]) for chunk in tokens[QWEN_STREAM] for t in chunk]
 
 
+def template_positions(clip, names: list[str], ids) -> tuple[list[int], list[list[int]], int]:
+    """For a text encoder that wraps the prompt in a chat template (Qwen-Image's Qwen2.5-VL, Flux.2's
+    Mistral / Qwen3): the token ids of the joined concept string as a prompt, each concept's positions
+    in them, and the length of the template's head. `ids(tokens)` reads one stream's ids (without any
+    padding). Each concept is found in the form it has in the joined string (a BPE tokenises " car"
+    and "car" differently): the template's head and tail, read off the empty prompt, are cut from
+    each concept's own tokens."""
+    sequence = ids(clip.tokenize(join_concepts(names)))
+    empty = ids(clip.tokenize(""))
+    head = next((i for i, (a, b) in enumerate(zip(sequence, empty)) if a != b), len(empty))
+    tail = len(empty) - head
+    pieces = []
+    for k, name in enumerate(names):
+        own = ids(clip.tokenize(name if k == 0 else JOINER[-1] + name))
+        pieces.append(own[head:len(own) - tail])
+    try:
+        return sequence, locate_tokens(sequence, pieces, names), head
+    except ValueError as error:
+        raise AnchorDiffError(str(error)) from None
+
+
 class QwenImageAdapter(RelativeDepthDefaults, BackboneAdapter):
     """Default layers: RelativeDepthDefaults (Qwen-Image's 60 blocks: graph 23, 46; Seg4Diff 23). Unmeasured
     on real weights."""
@@ -151,19 +172,8 @@ class QwenImageAdapter(RelativeDepthDefaults, BackboneAdapter):
         """As Qwen-Image encodes a prompt: ComfyUI's chat template around the joined concept string,
         Qwen2.5-VL's last hidden states with the template's head dropped (ComfyUI's text encoder does
         that), at the concepts' token positions. Each concept is found in the form it has in the
-        joined string (Qwen's BPE tokenises " car" and "car" differently)."""
-        sequence = _ids(clip.tokenize(join_concepts(names)))
-        empty = _ids(clip.tokenize(""))
-        head = next((i for i, (a, b) in enumerate(zip(sequence, empty)) if a != b), len(empty))
-        tail = len(empty) - head
-        pieces = []
-        for k, name in enumerate(names):
-            ids = _ids(clip.tokenize(name if k == 0 else JOINER[-1] + name))
-            pieces.append(ids[head:len(ids) - tail])
-        try:
-            positions = locate_tokens(sequence, pieces, names)
-        except ValueError as error:
-            raise AnchorDiffError(str(error)) from None
+        joined string (template_positions)."""
+        sequence, positions, head = template_positions(clip, names, _ids)
         cond = clip.encode_from_tokens(clip.tokenize(join_concepts(names)))
         dropped = len(sequence) - cond.shape[1] if cond.dim() == 3 else -1
         if cond.dim() != 3 or not 0 <= dropped <= head:
