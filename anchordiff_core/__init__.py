@@ -14,14 +14,14 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "anchors": ["agreement_weights", "anchor_seeds", "consensus_anchors", "consensus_map", "point_to_token", "select_anchors", "weighted_map"],
-    "auto": ["auto_gate_percentile", "auto_steps"],
+    "auto": ["auto_gate_percentile", "auto_min_distance", "auto_steps"],
     "attention": ["group_mean", "image_self_attention", "key_column_attention", "mean_over_layers", "multihead_attention", "query_key_attention"],
     "baselines": ["concept_attention_heat", "concept_attention_scores", "cross_attention_heat", "seg4diff_heat"],
     "graph": ["GatedGraph", "build_gated_graph", "cosine_similarity_rows", "percentile"],
     "maps": ["AttentionMaps"],
     "masks": ["otsu_thresholds", "refine_edges", "refined_soft_map", "soft_map", "to_mask"],
     "metrics": ["BinarySegmentationMeter", "MultiConceptMeter", "average_precision"],
-    "propagation": ["minmax_rows", "propagate"],
+    "propagation": ["anchor_regions", "minmax_rows", "propagate"],
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -130,6 +130,13 @@ ANCHOR_SELECTORS = ("argmax", "consensus")
 # token at an object's edge, from which the gated graph's propagation stays small.
 ANCHOR_SMOOTH_SHARE = 0.08
 
+# The nodes' multi-anchor defaults, used with Propagate's anchor regions (propagation.anchor_regions): up to
+# 3 separated peaks of the concept's map, each at least 0.7 of its maximum, auto.auto_min_distance apart.
+# Chosen on the toy's validation split at 256 / 512 px and record_at 0.85 / 0.5 (docs/DESIGN.md,
+# "Anchor regions"): a phrase's second instance keeps its own region, a look-alike's region (no anchor) is cut.
+REGION_MAX_ANCHORS = 3
+REGION_MIN_RELATIVE_SCORE = 0.7
+
 
 def anchor_smooth_sigma(grid: tuple[int, int], share: float = ANCHOR_SMOOTH_SHARE) -> float:
     """The smoothing sigma in tokens for a token grid: `share` of sqrt(rows x columns)."""

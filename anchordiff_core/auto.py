@@ -54,6 +54,18 @@ def auto_steps(grid: tuple[int, int]) -> int:
     return max(1, round(STEPS_PER_SIDE * math.sqrt(h * w)))
 
 
+ANCHOR_SEPARATION_SHARE = 1 / 8  # multi-anchor peaks at least 1/8 of the grid side apart: 8 tokens at 64 x 64
+
+
+def auto_min_distance(grid: tuple[int, int]) -> float:
+    """Multi-anchor separation in tokens for a token grid: 1/8 of the grid side (sqrt of the token
+    count), 8 tokens (128 px) at the paper's 64 x 64, 4 at 32 x 32, 2 at 16 x 16. A fixed 8 tokens is
+    half of a 256 px image: measured on the toy's validation split, it merges the instances there
+    (docs/DESIGN.md, "Anchor regions")."""
+    h, w = _tokens(grid)
+    return ANCHOR_SEPARATION_SHARE * math.sqrt(h * w)
+
+
 def _named(setting: Setting, grid: tuple[int, int], auto, paper, what: str):
     """"auto" -> auto(grid), "paper" -> paper; another string is an error naming `what`; else None."""
     if not isinstance(setting, str):
@@ -73,6 +85,18 @@ def gate_percentile_for(setting: Setting, grid: tuple[int, int]) -> float:
     if named is not None:
         return named
     if isinstance(setting, bool) or not isinstance(setting, (int, float)) or not 0.0 <= float(setting) <= 100.0:
+        raise ValueError(f"{what}; got {setting!r}")
+    return float(setting)
+
+
+def min_distance_for(setting: Setting, grid: tuple[int, int]) -> float:
+    """"auto" (the rule) or a finite distance >= 0 in tokens -> the multi-anchor separation."""
+    what = "min_distance must be 'auto' or a number of tokens >= 0"
+    if isinstance(setting, str):
+        if setting.strip().lower() == AUTO:
+            return auto_min_distance(grid)
+        raise ValueError(f"{what}; got '{setting}'")
+    if isinstance(setting, bool) or not isinstance(setting, (int, float)) or not 0.0 <= float(setting) < math.inf:
         raise ValueError(f"{what}; got {setting!r}")
     return float(setting)
 

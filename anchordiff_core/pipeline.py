@@ -18,13 +18,13 @@ import torch
 
 from .anchors import PIXELS_PER_TOKEN, anchor_smooth_sigma, consensus_map, point_to_token, select_anchors, smooth_on_grid
 from .attention import mean_over_layers
-from .auto import AUTO, Setting, gate_percentile_for, steps_for
+from .auto import AUTO, Setting, gate_percentile_for, min_distance_for, steps_for
 from .concepts import concept_index, concept_number
 from .graph import GatedGraph, build_gated_graph
 from .maps import AttentionMaps
 from .masks import EDGE_EPS, EDGE_RADIUS, Threshold, refine_edges, soft_map, thresholds_for, to_mask
 from .methods import baseline
-from .propagation import minmax_rows, propagate
+from .propagation import anchor_regions, minmax_rows, propagate
 
 Progress = Optional[Callable[[int, int], None]]
 
@@ -148,13 +148,15 @@ def parse_manual_points(text: str, concepts: Sequence[str]) -> dict[int, list[tu
 def pick_anchors(
     maps: AttentionMaps,
     max_anchors: int = 1,
-    min_distance: float = 8.0,
+    min_distance: Setting = 8.0,
     min_relative_score: float = 0.5,
     manual_points: str = "",
     exclude_last_block: bool = False,
     source: str = "concept_to_image",
 ) -> Anchors:
-    """Automatic anchors (paper argmax, or several peaks), with manual points overriding concepts."""
+    """Automatic anchors (paper argmax, or several peaks), with manual points overriding concepts.
+    `min_distance`: tokens, or "auto" (`auto.auto_min_distance`: 1/8 of the grid side)."""
+    min_distance = min_distance_for(min_distance, maps.grid)
     a_ci = anchor_map(maps, exclude_last_block, source)
     manual = parse_manual_points(manual_points, maps.concepts)
     tokens = {
@@ -198,9 +200,17 @@ def build_graphs(
     return Graphs(maps, tuple(graphs), chosen, gate_percentile)
 
 
-def propagate_anchors(graphs: Graphs, anchors: Anchors, steps: Setting = AUTO, progress: Progress = None) -> Heat:
+KEEP = ("everywhere", "anchor_regions")  # where the heat is kept: the paper's, or propagation.anchor_regions
+
+
+def propagate_anchors(graphs: Graphs, anchors: Anchors, steps: Setting = AUTO, progress: Progress = None,
+                      keep: str = "everywhere") -> Heat:
     """Propagate every image's anchors over its graph; all concepts of an image in one batch.
-    `steps`: "auto" (for the token grid, `auto.auto_steps`), "paper" (160) or a number."""
+    `steps`: "auto" (for the token grid, `auto.auto_steps`), "paper" (160) or a number.
+    `keep`: "everywhere" (the paper) or "anchor_regions" (only the mask's regions that hold an anchor,
+    `propagation.anchor_regions`)."""
+    if keep not in KEEP:
+        raise ValueError(f"keep must be one of {', '.join(KEEP)}; got {keep!r}")
     if recording_id(graphs.maps) != recording_id(anchors.maps):
         raise ValueError("The graph and the anchors come from different recordings; connect both to the same maps.")
     maps = graphs.maps
@@ -212,7 +222,10 @@ def propagate_anchors(graphs: Graphs, anchors: Anchors, steps: Setting = AUTO, p
             if progress is not None:
                 progress(b * max(steps, 1) + done, total)
 
-        out.append(propagate(graph, anchors.indices[b].to(graph.device), steps, callback=step_progress).cpu())
+        heat = propagate(graph, anchors.indices[b].to(graph.device), steps, callback=step_progress)
+        if keep == "anchor_regions":
+            heat = anchor_regions(heat, anchors.indices[b], maps.grid)
+        out.append(heat.cpu())
     return Heat(torch.stack(out), maps.grid, maps.image_size, maps.concepts, "anchordiff", recording_id(maps), anchors.indices)
 
 

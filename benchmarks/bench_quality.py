@@ -35,7 +35,9 @@ if not __package__:  # run as a file, the repository's packages are not importab
 ROOT = Path(__file__).resolve().parents[1]
 
 from anchordiff_core import build_gated_graph, propagate, select_anchors, soft_map  # noqa: E402
-from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, auto_gate_percentile, auto_steps  # noqa: E402
+from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, auto_gate_percentile, auto_min_distance, auto_steps  # noqa: E402
+from anchordiff_core.anchors import REGION_MAX_ANCHORS, REGION_MIN_RELATIVE_SCORE  # noqa: E402
+from anchordiff_core.propagation import anchor_regions  # noqa: E402
 from anchordiff_core.masks import refine_edges  # noqa: E402
 from anchordiff_core.pipeline import anchor_map  # noqa: E402
 from anchordiff_core.methods import ANCHORDIFF, BASELINES, METHODS  # noqa: E402
@@ -68,7 +70,11 @@ TRUE_CENTRE = variant("true-centre anchor (upper bound)")
 CONSENSUS = variant("consensus anchor (all blocks, both directions)")
 CONSENSUS_AUTO = CONSENSUS + ", auto gate and steps"  # the nodes' default before the smoothed consensus
 SMOOTHED = variant("smoothed consensus anchor (all blocks, both directions)")
-DEFAULT = SMOOTHED + ", auto gate and steps (the nodes' default)"  # Anchor Select's and the recorders' defaults
+SMOOTHED_AUTO = SMOOTHED + ", auto gate and steps"  # the nodes' default before the anchor regions
+REGIONS = SMOOTHED_AUTO + ", anchor regions"  # one anchor per concept, Propagate keeping the regions holding it
+# Anchor Select's, Propagate's and the recorders' defaults (nodes/stages.py): up to 3 separated peaks of the smoothed
+# consensus, Propagate keeping only the mask's regions that hold an anchor
+DEFAULT = variant("smoothed consensus, up to 3 anchors, anchor regions, auto gate and steps (the nodes' default)")
 REFINED = (PAPER, TRUE_CENTRE)  # the rows measured with and without edge refinement
 
 
@@ -78,12 +84,15 @@ def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict
     a = maps.a_ci[0]
     out = {}
 
-    def anchordiff(name, anchors, gate=gate, steps=steps, layers=None, weights="output"):
+    def anchordiff(name, anchors, gate=gate, steps=steps, layers=None, weights="output", regions=False):
         def fn():
             a_ii, o_ii = maps.graph_inputs(0, layers)
             seeds = anchors()
             heat = propagate(build_gated_graph(a_ii, o_ii, gate_percentile=gate, weights=weights), seeds, steps=steps)
-            return heat, seeds if seeds.dim() == 1 else None  # anchor accuracy: one anchor per concept only
+            if regions:
+                heat = anchor_regions(heat, seeds, maps.grid)
+            # anchor accuracy: of the first anchor (the concept's peak)
+            return heat, seeds if seeds.dim() == 1 else seeds[:, 0]
         out[name] = fn
 
     paper = lambda: a.mean(0).argmax(1)  # noqa: E731
@@ -106,7 +115,11 @@ def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict
         anchordiff(CONSENSUS, lambda: anchor_map(maps, False, "consensus")[0].argmax(1))
         anchordiff(CONSENSUS_AUTO, lambda: anchor_map(maps, False, "consensus")[0].argmax(1), **auto)
         anchordiff(SMOOTHED, lambda: anchor_map(maps, False, "consensus_smoothed")[0].argmax(1))
-        anchordiff(DEFAULT, lambda: anchor_map(maps, False, "consensus_smoothed")[0].argmax(1), **auto)
+        anchordiff(SMOOTHED_AUTO, lambda: anchor_map(maps, False, "consensus_smoothed")[0].argmax(1), **auto)
+        anchordiff(REGIONS, lambda: anchor_map(maps, False, "consensus_smoothed")[0].argmax(1), **auto, regions=True)
+        anchordiff(DEFAULT, lambda: select_anchors(anchor_map(maps, False, "consensus_smoothed")[0], REGION_MAX_ANCHORS,
+                                                   auto_min_distance(maps.grid), REGION_MIN_RELATIVE_SCORE, maps.grid),
+                   **auto, regions=True)
     centre = lambda: torch.tensor([central_token(t, maps.grid) for t in truths])  # noqa: E731
     anchordiff(TRUE_CENTRE, centre)
     anchordiff(variant("true-centre anchor, auto gate and steps"), centre, **auto)

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..anchordiff_core import pipeline
 from ..anchordiff_core import auto
-from ..anchordiff_core.anchors import ANCHOR_SMOOTH_SHARE, PIXELS_PER_TOKEN
+from ..anchordiff_core.anchors import ANCHOR_SMOOTH_SHARE, PIXELS_PER_TOKEN, REGION_MAX_ANCHORS, REGION_MIN_RELATIVE_SCORE
 from ..anchordiff_core.masks import EDGE_RADIUS
 from . import preview
 from .common import (
@@ -42,6 +42,9 @@ ANCHOR_FROM = {
 # "Consensus anchor", "Default" and "Smoothed"); the paper's argmax is one click away, and workflows saved with
 # the unsmoothed consensus keep it.
 DEFAULT_ANCHOR_FROM = "consensus, smoothed (region peak)"
+# Multi-anchor with Propagate keeping only the mask's regions that hold an anchor (anchors.REGION_*, auto.py's
+# auto_min_distance; docs/DESIGN.md, "Anchor regions"). -1 is min_distance's "auto" on the float widget.
+DEFAULT_MAX_ANCHORS, DEFAULT_MIN_RELATIVE_SCORE, AUTO_MIN_DISTANCE = REGION_MAX_ANCHORS, REGION_MIN_RELATIVE_SCORE, -1.0
 
 
 class AnchorDiffAnchorSelect(io.ComfyNode):
@@ -60,9 +63,21 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
             ),
             inputs=[
                 Maps.Input("maps", tooltip=MAPS_TIP),
-                io.Int.Input("max_anchors", default=1, min=1, max=16, tooltip="1 = the paper's single argmax. More = several separated peaks per concept (several instances)."),
-                io.Float.Input("min_distance", default=8.0, min=0.0, max=256.0, step=0.5, tooltip="Multi-anchor: minimum distance between anchors, in tokens (16 px each)."),
-                io.Float.Input("min_relative_score", default=0.5, min=0.0, max=1.0, step=0.01, tooltip="Multi-anchor: a further anchor must score at least this fraction of the concept's peak."),
+                io.Int.Input(
+                    "max_anchors", default=DEFAULT_MAX_ANCHORS, min=1, max=16,
+                    tooltip="Up to this many separated peaks per concept (several instances); the first is always the peak. "
+                    "1 = the paper's single argmax. The default 3 with Propagate's 'regions holding an anchor' reaches a phrase's "
+                    "other instances without spreading onto look-alikes (docs/DESIGN.md, 'Anchor regions').",
+                ),
+                io.Float.Input(
+                    "min_distance", default=AUTO_MIN_DISTANCE, min=AUTO_MIN_DISTANCE, max=256.0, step=0.5,
+                    tooltip=f"Multi-anchor: minimum distance between anchors, in tokens (16 px each). -1 = auto: "
+                    f"{auto.ANCHOR_SEPARATION_SHARE:g} of the token grid's side (8 tokens at 1024 px, 4 at 512, 2 at 256).",
+                ),
+                io.Float.Input(
+                    "min_relative_score", default=DEFAULT_MIN_RELATIVE_SCORE, min=0.0, max=1.0, step=0.01,
+                    tooltip="Multi-anchor: a further anchor must score at least this fraction of the concept's peak.",
+                ),
                 io.String.Input("manual_anchors", default="", multiline=True, tooltip=MANUAL_TIP),
                 io.Boolean.Input("exclude_last_block", default=False, tooltip="Average concept attention without the last (pre_only) block, whose text queries are never trained."),
                 io.Image.Input("image", optional=True, tooltip="Optional: the image, shown under the preview."),
@@ -84,10 +99,13 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
     def execute(cls, maps, max_anchors, min_distance, min_relative_score, manual_anchors, exclude_last_block, image=None,
                 anchor_from=DEFAULT_ANCHOR_FROM) -> io.NodeOutput:
         finite_inputs(cls, min_distance=min_distance, min_relative_score=min_relative_score)
+        if min_distance < 0 and min_distance != AUTO_MIN_DISTANCE:
+            raise AnchorDiffError(f"min_distance must be -1 (auto) or a distance in tokens >= 0; got {min_distance:g}.")
+        distance = auto.AUTO if min_distance == AUTO_MIN_DISTANCE else min_distance
         source = ANCHOR_FROM.get(anchor_from)
         if source is None:
             raise AnchorDiffError(f"anchor_from must be one of {', '.join(ANCHOR_FROM)}; got '{anchor_from}'.")
-        anchors = user_errors(pipeline.pick_anchors, maps, max_anchors, min_distance, min_relative_score, manual_anchors,
+        anchors = user_errors(pipeline.pick_anchors, maps, max_anchors, distance, min_relative_score, manual_anchors,
                               exclude_last_block, source)
         if source in ("consensus", "consensus_smoothed"):
             looked_at = user_errors(pipeline.consensus_heat, maps, source)
@@ -105,6 +123,8 @@ PAPER_GATE, PAPER_STEPS = f"{auto.PAPER_GATE_PERCENTILE:g}", f"{auto.PAPER_STEPS
 CUSTOM = "custom"  # the choice that uses the node's own value widget
 GATE_SETTINGS = {"auto": auto.AUTO, f"paper ({PAPER_GATE}th percentile)": auto.PAPER, CUSTOM: None}
 STEPS_SETTINGS = {"auto": auto.AUTO, f"paper ({PAPER_STEPS} steps)": auto.PAPER, CUSTOM: None}
+KEEP = {"regions holding an anchor": "anchor_regions", "everywhere (paper)": "everywhere"}
+DEFAULT_KEEP = "regions holding an anchor"
 AUTO_TIP = "(measured on the toy world at 128-1024 px: README, 'Gate and steps at other image sizes')"
 
 
@@ -176,15 +196,22 @@ class AnchorDiffPropagate(io.ComfyNode):
                     tooltip=f"Propagation steps. auto = {auto.STEPS_PER_SIDE:g} per token-grid side: {PAPER_STEPS} at 1024 x 1024 px, 40 at 256 px (the masks "
                     "settle within 10-20 steps at every size) " + AUTO_TIP + f". paper = {PAPER_STEPS} at every size. custom = the steps value.",
                 ),
+                io.Combo.Input(
+                    "keep", options=list(KEEP), default=DEFAULT_KEEP, optional=True,
+                    tooltip="regions holding an anchor (default): the heat stays only on the parts of each concept's mask that "
+                    "contain one of its anchors, so heat the graph carried onto a separate look-alike object is dropped "
+                    "(docs/DESIGN.md, 'Anchor regions'). everywhere (paper): the propagated heat as it is.",
+                ),
             ],
             outputs=[Heat.Output("heat", display_name="heat", tooltip="Heat maps for 'Mask'.")],
         )
 
     @classmethod
-    def execute(cls, graph, anchors, steps, steps_setting="auto") -> io.NodeOutput:
+    def execute(cls, graph, anchors, steps, steps_setting="auto", keep=None) -> io.NodeOutput:
         steps = user_errors(auto.steps_for, _setting(steps_setting, steps, STEPS_SETTINGS, "steps_setting"), graph.maps.grid)
         total = graph.maps.batch_size * max(steps, 1)
-        heat = user_errors(pipeline.propagate_anchors, graph, anchors, steps, progress_callback(total))
+        where = _setting(DEFAULT_KEEP if keep is None else keep, None, KEEP, "keep")
+        heat = user_errors(pipeline.propagate_anchors, graph, anchors, steps, progress_callback(total), where)
         soft = pipeline.heat_masks(heat, soft=True)
         ui = heat_preview(cls, soft, heat.concepts, heat.image_size, None, _anchor_points(anchors), anchors.manual)
         return io.NodeOutput(heat, ui=ui)

@@ -70,3 +70,37 @@ def test_bad_choices_are_clear_errors(looked):
     scene = make_scene(SEED, 256)
     with pytest.raises(Exception, match="anchor_maps must be one of"):
         toy.look(scene.image, scene.caption, list(plain.concepts), 0.85, anchor_maps="everything")
+
+
+def test_the_nodes_default_chain_is_the_pure_functions(looked):
+    """Anchor Select and Propagate at their defaults (issue 17, "Anchor regions"): up to 3 peaks of the smoothed
+    consensus (>= 0.7 of the peak, 1/8 of the grid side apart), propagated with auto steps, kept only on the mask's
+    regions that hold an anchor; 'everywhere (paper)' is the plain propagation of the same anchors."""
+    from anchordiff_core import anchor_regions, build_gated_graph, propagate, select_anchors
+    from anchordiff_core.anchors import anchor_smooth_sigma, smooth_on_grid
+    from anchordiff_core.auto import auto_gate_percentile, auto_steps
+    from toyworld import make_scene
+    toy = looked[0]
+    scene = make_scene(1_000_009, 256)  # a validation look-alike scene where the graph carries heat onto the look-alike
+    full = toy.look(scene.image, scene.caption, [c.name for c in scene.concepts], 0.85)
+    schema = toy.N["AnchorDiffAnchorSelect"].define_schema()
+    defaults = {i.id: getattr(i, "default", None) for i in schema.inputs}
+    anchors = toy.run("AnchorDiffAnchorSelect", full, defaults["max_anchors"], defaults["min_distance"],
+                      defaults["min_relative_score"], "", False)[0]
+    smoothed = smooth_on_grid(consensus_map(full.a_ci[0, :-1], full.ic[0, :-1], 2.0), full.grid, anchor_smooth_sigma(full.grid))
+    want_anchors = select_anchors(smoothed, 3, full.grid[0] / 8, 0.7, full.grid)
+    assert torch.equal(anchors.indices[0][:, : want_anchors.shape[1]], want_anchors)
+    assert (want_anchors >= 0).sum() > len(full.concepts)  # some concept has a second anchor on this scene
+    graph = toy.run("AnchorDiffBuildGatedGraph", full, 98.0, "", True)[0]
+    heat = toy.run("AnchorDiffPropagate", graph, anchors, 160)[0]  # steps_setting and keep at their defaults
+    a_ii, o_ii = full.graph_inputs(0)
+    plain = propagate(build_gated_graph(a_ii, o_ii, gate_percentile=auto_gate_percentile(full.grid)), anchors.indices[0], auto_steps(full.grid))
+    want = anchor_regions(plain, anchors.indices[0], full.grid)
+    torch.testing.assert_close(heat.values[0], want, rtol=0, atol=1e-6)
+    assert (heat.values[0] == 0).sum() > (plain == 0).sum()  # regions were cut on this scene
+    everywhere = toy.run("AnchorDiffPropagate", graph, anchors, 160, "auto", "everywhere (paper)")[0]
+    torch.testing.assert_close(everywhere.values[0], plain, rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match="keep must be one of"):
+        toy.run("AnchorDiffPropagate", graph, anchors, 160, "auto", "nearby")
+    with pytest.raises(Exception, match=r"min_distance must be -1 \(auto\) or a distance in tokens >= 0"):
+        toy.run("AnchorDiffAnchorSelect", full, 3, -0.5, 0.7, "", False)
