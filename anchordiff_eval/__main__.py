@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AnchorDiff's anchor: the paper's A_CI argmax, the consensus anchor (every block, both directions; "
                    "records every block's image-to-concept map too), or that anchor map smoothed over the token grid "
                    "(consensus-smoothed: Anchor Select's default)")
+    g.add_argument("--anchor-regions", action="store_true",
+                   help="the nodes' default multi-anchor and Propagate setting: up to 3 separated peaks of the anchor map "
+                   "(at least 0.7 of the peak, 1/8 of the token grid's side apart), the heat kept only on the mask's regions "
+                   "that hold an anchor (docs/DESIGN.md 'Anchor regions'); default: the paper's single anchor, heat everywhere")
     g.add_argument("--methods", default=",".join(ALL_METHODS), help=f"comma-separated subset of {', '.join(ALL_METHODS)}")
     g.add_argument("--refine-edges", action="store_true", help="also score every method with the Mask node's refine_edges")
     g.add_argument("--edge-radius", type=int, default=EDGE_RADIUS)
@@ -152,11 +156,12 @@ def main(argv=None) -> int:
         pack = load_comfyui(args.comfyui, args.cpu)
         models = load_models(args.checkpoint, args.unet, args.text_encoders, args.vae, args.clip_from, args.vae_from)
         options = RecordOptions(args.record_at, args.seed, args.graph_layers, args.seg4diff_layer, args.gate_percentile,
-                                args.steps, args.exclude_last_block, args.anchor_from)
+                                args.steps, args.exclude_last_block, args.anchor_from, args.anchor_regions)
         recorder = NodeRecorder(pack, models, options)
         settings = Settings(f"{recorder.variant}: {models.description}", args.size, args.prompt_template, methods,
                             {k: getattr(options, k) for k in options.__dataclass_fields__
-                             if not (k == "anchor_from" and options.anchor_from == "paper")})  # earlier caches stay valid
+                             if not (k == "anchor_from" and options.anchor_from == "paper")
+                             and not (k == "anchor_regions" and not options.anchor_regions)})  # earlier caches stay valid
         out = Path(args.out)
         check_settings(out, settings, args.restart)
         results = {}

@@ -15,7 +15,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from anchordiff_core.auto import PAPER_GATE_PERCENTILE, PAPER_STEPS, Setting
+from anchordiff_core.anchors import REGION_MAX_ANCHORS, REGION_MIN_RELATIVE_SCORE
+from anchordiff_core.auto import AUTO, PAPER_GATE_PERCENTILE, PAPER_STEPS, Setting
 from anchordiff_core.methods import ANCHORDIFF, METHODS as REGISTRY
 
 PACK_ROOT = Path(__file__).resolve().parents[1]  # this repository = the ComfyUI node pack
@@ -170,6 +171,8 @@ class RecordOptions:
     exclude_last_block: bool = False
     anchor_from: str = "paper"  # ANCHOR_FROM: "paper" (A_CI argmax), "consensus" or "consensus-smoothed" (the nodes'
     # default; docs/DESIGN.md "Consensus anchor")
+    anchor_regions: bool = False  # the nodes' default: up to anchors.REGION_MAX_ANCHORS separated peaks (auto distance,
+    # REGION_MIN_RELATIVE_SCORE), Propagate keeping the regions that hold an anchor (docs/DESIGN.md "Anchor regions")
 
 
 ANCHOR_FROM = {"paper": ("concept_to_image", "concept→image (paper)"),
@@ -219,9 +222,12 @@ class NodeRecorder:
         heats, anchor_tokens = {}, None
         for method in methods:
             if method == ANCHORDIFF:
-                anchors = pl.pick_anchors(maps, exclude_last_block=o.exclude_last_block, source=source)
+                multi = dict(max_anchors=REGION_MAX_ANCHORS, min_distance=AUTO, min_relative_score=REGION_MIN_RELATIVE_SCORE)
+                anchors = pl.pick_anchors(maps, exclude_last_block=o.exclude_last_block, source=source,
+                                          **(multi if o.anchor_regions else {}))
                 graphs = pl.build_graphs(maps, o.gate_percentile, (), self.device)
-                heats[method] = pl.propagate_anchors(graphs, anchors, o.steps).values[0]
+                keep = "anchor_regions" if o.anchor_regions else "everywhere"
+                heats[method] = pl.propagate_anchors(graphs, anchors, o.steps, keep=keep).values[0]
                 anchor_tokens = anchors.indices[0]
             else:
                 heats[method] = pl.baseline_heat(maps, method).values[0]

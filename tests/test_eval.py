@@ -275,11 +275,13 @@ def test_command_end_to_end_resumable(data, tmp_path, capsys):
     assert json.loads((out / "results.json").read_text())["datasets"]["folder-confusion"]["n_recorded"] == 2
 
 
-@pytest.mark.parametrize("anchor_from", ["paper", "consensus", "consensus-smoothed"])
-def test_cached_heat_is_what_the_nodes_give(data, tmp_path, anchor_from):
+@pytest.mark.parametrize("anchor_from, regions", [("paper", False), ("consensus", False), ("consensus-smoothed", False),
+                                                  ("consensus-smoothed", True)])
+def test_cached_heat_is_what_the_nodes_give(data, tmp_path, anchor_from, regions):
     """The heat the command scores is the nodes' own: the same image through Concepts, CLIP Text
     Encode, VAE Encode, Look At Image, Anchor Select, Build Gated Graph and Propagate (with
-    --anchor-from consensus: Look At Image's anchor_maps and Anchor Select's consensus option)."""
+    --anchor-from consensus: Look At Image's anchor_maps and Anchor Select's consensus option; with
+    --anchor-regions: Anchor Select's multi-anchor defaults and Propagate's default keep)."""
     from anchordiff_eval.__main__ import main
     from anchordiff_eval.run import resize_square
     from toyworld.comfy_clip import make_fixture_clip
@@ -288,14 +290,15 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path, anchor_from):
     import nodes
 
     out = tmp_path / "out"
+    size = 128 if regions else 64  # 8 x 8 tokens: the random model's masks have regions without an anchor to cut
     assert main(base_args(data, out, "--folder", str(data["folder"]), "--no-progress", "--no-overlays", "--methods", "anchordiff",
-                          "--anchor-from", anchor_from)) == 0
+                          "--anchor-from", anchor_from, "--size", str(size), *(["--anchor-regions"] if regions else []))) == 0
     sample = list(ds.folder_dataset(data["folder"]))[1]
     N = nodes.NODE_CLASS_MAPPINGS
     clip = make_fixture_clip()
     model = comfy.sd.load_diffusion_model(str(data["unet"]))
     vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(data["vae"])))
-    pixels = torch.from_numpy(np.array(resize_square(sample.image, 64), dtype=np.float32)).div(255)[None]
+    pixels = torch.from_numpy(np.array(resize_square(sample.image, size), dtype=np.float32)).div(255)[None]
     latent = N["VAEEncode"]().encode(vae, pixels)[0]
     concepts = N["AnchorDiffConcepts"].execute(clip, "red box, orange box").args[0]
     positive = N["CLIPTextEncode"]().encode(clip, "a red box and an orange box")[0]
@@ -307,12 +310,17 @@ def test_cached_heat_is_what_the_nodes_give(data, tmp_path, anchor_from):
         maps = N["AnchorDiffLookAtImage"].execute(model, concepts, positive, latent, 0, 0.5, "", -1,
                                                   "all blocks, both directions (consensus)").args[0]
         choice = {"consensus": "consensus (blocks agree, both directions)", "consensus-smoothed": "consensus, smoothed (region peak)"}
-        anchors = N["AnchorDiffAnchorSelect"].execute(maps, 1, 8.0, 0.5, "", False, None, choice[anchor_from]).args[0]
+        multi = (3, -1.0, 0.7) if regions else (1, 8.0, 0.5)  # the node's defaults with --anchor-regions
+        anchors = N["AnchorDiffAnchorSelect"].execute(maps, *multi, "", False, None, choice[anchor_from]).args[0]
         assert maps.ic is not None
     graph = N["AnchorDiffBuildGatedGraph"].execute(maps, 98.0, "", True, "custom").args[0]
-    heat = N["AnchorDiffPropagate"].execute(graph, anchors, 20, "custom").args[0]
+    keep = "regions holding an anchor" if regions else "everywhere (paper)"
+    heat = N["AnchorDiffPropagate"].execute(graph, anchors, 20, "custom", keep).args[0]
     with np.load(out / "folder-confusion" / "cache" / f"{sample.id}.npz") as f:
         np.testing.assert_allclose(f["heat_anchordiff"], heat.values[0].numpy(), atol=1e-6)
+    if regions:  # the regions cut something here, so the comparison above can tell the two settings apart
+        everywhere = N["AnchorDiffPropagate"].execute(graph, anchors, 20, "custom", "everywhere (paper)").args[0]
+        assert (everywhere.values[0] - heat.values[0]).abs().max() > 0.01
 
 
 def test_checkpoint_route_and_edges(data, tmp_path):
