@@ -48,12 +48,12 @@ def propagate(
     return minmax_rows(state[None] if single else state.T)
 
 
-def anchor_regions(heat: torch.Tensor, anchors: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+def anchor_regions(heat: torch.Tensor, anchors: torch.Tensor, grid: tuple[int, int], connectivity: int = 8) -> torch.Tensor:
     """Keep each concept's heat only on the regions of its mask that hold one of its anchors.
 
     heat [K, N] (a propagation's output), anchors [K] or [K, M] token indices (-1 = none), grid (h, w).
     A concept's mask is its heat above the heat's mean (the paper's binary mask; the same tokens after
-    min-max); its regions are the mask's 8-connected components on the token grid. The heat outside the
+    min-max); its regions are the mask's 8-connected (or 4-connected) components on the token grid. The heat outside the
     regions that hold an anchor is set to 0, so a mask thresholded at the mean is exactly those regions.
     A concept none of whose anchors lies in its mask (a constant heat, say) is returned unchanged.
 
@@ -61,6 +61,8 @@ def anchor_regions(heat: torch.Tensor, anchors: torch.Tensor, grid: tuple[int, i
     object forms a region of its own, holding no anchor. Computed as a flood fill from the anchors
     (one 3 x 3 max-pool per step, all concepts at once; steps = the longest path inside a region)."""
     h, w = check_grid(heat.shape[-1], grid)
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8; got {connectivity!r}")
     if heat.dim() != 2:
         raise ValueError(f"heat must be [K, N]; got {tuple(heat.shape)}")
     idx = anchors.reshape(heat.shape[0], -1).to(heat.device)
@@ -75,8 +77,10 @@ def anchor_regions(heat: torch.Tensor, anchors: torch.Tensor, grid: tuple[int, i
     held = reach.any(dim=1)
     mask_grid = mask.view(-1, 1, h, w)
     grown = reach.view(-1, 1, h, w).to(heat.dtype if heat.is_floating_point() else torch.float32)
+    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], dtype=grown.dtype, device=grown.device).view(1, 1, 3, 3)
     while True:
-        nxt = (F.max_pool2d(grown, 3, stride=1, padding=1) > 0) & mask_grid
+        near = F.max_pool2d(grown, 3, stride=1, padding=1) if connectivity == 8 else F.conv2d(grown, cross, padding=1)
+        nxt = (near > 0) & mask_grid
         nxt = nxt.to(grown.dtype)
         if torch.equal(nxt, grown):
             break

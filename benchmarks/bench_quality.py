@@ -131,6 +131,61 @@ def methods(maps, truths, gate=PAPER_GATE_PERCENTILE, steps=PAPER_STEPS) -> dict
     return out
 
 
+def pair_groups(scene) -> list[tuple[str, str, str]]:
+    """(group, target phrase, confuser phrase): both ways round for a look-alike pair, and for each object
+    the first object of another shape and colour (an unrelated pair)."""
+    objs, groups = scene.objects, []
+    if scene.kind == "lookalike" and scene.lookalike:
+        a_i, b_i = scene.lookalike
+        groups.append(("look-alike pairs", objs[a_i].phrase, objs[b_i].phrase))
+        groups.append(("look-alike pairs", objs[b_i].phrase, objs[a_i].phrase))
+    for i in range(len(objs)):
+        for j in range(len(objs)):
+            if i != j and objs[i].shape != objs[j].shape and objs[i].colour != objs[j].colour:
+                groups.append(("unrelated pairs", objs[i].phrase, objs[j].phrase))
+                break
+    return groups
+
+
+def score_scene(scene, heats: dict, pairs, binary, multi, reached) -> None:
+    """Add one scene's image-resolution heats {method: [K, H, W]} to the meters: eq. 14 per pair group,
+    the binary protocol on single-object images, and the multi-instance phrases (mIoU, instances reached)."""
+    truths = [c.mask for c in scene.concepts]
+    phrase = {c.name: k for k, c in enumerate(scene.concepts) if c.level == "phrase"}
+    groups = pair_groups(scene)
+    for method, hm in heats.items():
+        for group, target, other in groups:
+            k, o = phrase[target], phrase[other]
+            m = confusion_pair_metrics(hm[k], truths[k], truths[o])
+            if m is not None:
+                for key in ("miou_fg", "map_fg", "acc_fg", "nar"):
+                    pairs[(group, method)][key].append(m[key])
+        if len(scene.objects) == 1:
+            k = phrase[scene.objects[0].phrase]
+            binary[method].update(hm[k], truths[k])
+        for k, concept in enumerate(scene.concepts):
+            if concept.level == "phrase" and len(concept.objects) >= 2:
+                multi[method].update(hm[k], truths[k])
+                mask = mean_threshold(hm[k])
+                for i in concept.objects:
+                    visible = scene.object_masks[i]
+                    reached[method].append(float(mask[visible].mean() >= 0.25) if visible.any() else 1.0)
+
+
+def summarise(pairs, binary, multi, reached) -> dict:
+    """method -> {group: mean metrics and n, "single object": binary meter, "multi-instance": meter + reached}."""
+    table = {}
+    for (group, method), vals in pairs.items():
+        table.setdefault(method, {})[group] = {k: float(np.mean(v)) for k, v in vals.items()} | {"n": len(vals["nar"])}
+    for method, meter in binary.items():
+        if meter.n_images:
+            table.setdefault(method, {})["single object"] = meter.compute()
+    for method, meter in multi.items():
+        if meter.n_images:
+            table.setdefault(method, {})["multi-instance"] = meter.compute() | {"instances reached": float(np.mean(reached[method]))}
+    return table
+
+
 def timed(fn):
     w0, c0 = time.perf_counter(), time.process_time()
     value = fn()
@@ -200,48 +255,14 @@ def run(toy, toyd, seeds, size: int, record_at: float, log=print, with_figure: b
                 edges[(method, False)].update(heats[method][k], truths[k])
                 edges[(method, True)].update(refined[k], truths[k])
         objs = scene.objects
-        groups = []
-        if scene.kind == "lookalike" and scene.lookalike:
-            a_i, b_i = scene.lookalike
-            groups.append(("look-alike pairs", objs[a_i].phrase, objs[b_i].phrase))
-            groups.append(("look-alike pairs", objs[b_i].phrase, objs[a_i].phrase))
-        for i in range(len(objs)):
-            for j in range(len(objs)):
-                if i != j and objs[i].shape != objs[j].shape and objs[i].colour != objs[j].colour:
-                    groups.append(("unrelated pairs", objs[i].phrase, objs[j].phrase))
-                    break
-        for method, hm in heats.items():
-            for group, target, other in groups:
-                k, o = phrase[target], phrase[other]
-                m = confusion_pair_metrics(hm[k], truths[k], truths[o])
-                if m is not None:
-                    for key in ("miou_fg", "map_fg", "acc_fg", "nar"):
-                        pairs[(group, method)][key].append(m[key])
-            if len(objs) == 1:
-                k = phrase[objs[0].phrase]
-                binary[method].update(hm[k], truths[k])
-            for k, concept in enumerate(scene.concepts):
-                if concept.level == "phrase" and len(concept.objects) >= 2:
-                    multi[method].update(hm[k], truths[k])
-                    mask = mean_threshold(hm[k])
-                    for i in concept.objects:
-                        visible = scene.object_masks[i]
-                        reached[method].append(float(mask[visible].mean() >= 0.25) if visible.any() else 1.0)
+        score_scene(scene, heats, pairs, binary, multi, reached)
         if with_figure and len(figure_rows) < 3 and scene.kind == "lookalike":
             k = phrase[objs[scene.lookalike[0]].phrase]
             figure_rows.append((scene, k, {m: h[k] for m, h in heats.items()}))
         n += 1
         if log and n % 10 == 0:
             log(f"bench_quality: {n} scenes")
-    table = {}
-    for (group, method), vals in pairs.items():
-        table.setdefault(method, {})[group] = {k: float(np.mean(v)) for k, v in vals.items()} | {"n": len(vals["nar"])}
-    for method, meter in binary.items():
-        if meter.n_images:
-            table.setdefault(method, {})["single object"] = meter.compute()
-    for method, meter in multi.items():
-        if meter.n_images:
-            table.setdefault(method, {})["multi-instance"] = meter.compute() | {"instances reached": float(np.mean(reached[method]))}
+    table = summarise(pairs, binary, multi, reached)
     for method, hits in anchor_hits.items():
         table.setdefault(method, {})["anchor accuracy"] = float(np.mean(hits))
     for method, (wall, cpu) in times.items():

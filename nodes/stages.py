@@ -57,9 +57,9 @@ class AnchorDiffAnchorSelect(io.ComfyNode):
             **search_aliases("Anchor Select", "anchor point", "click anchor"),
             category=CATEGORY,
             description=(
-                "Pick each concept's anchor: the peak of the blocks' agreed attention in both directions, smoothed over the "
-                "image (consensus, the default), of concept-to-image attention (the paper), several separated peaks (multi-anchor), or points you "
-                "place by clicking the preview."
+                "Pick each concept's anchors: the peaks of the blocks' agreed attention in both directions, smoothed over the "
+                "image (consensus, the default; up to 3 separated peaks, for several instances), of concept-to-image attention "
+                "(the paper: anchor_from 'concept→image (paper)', max_anchors 1), or points you place by clicking the preview."
             ),
             inputs=[
                 Maps.Input("maps", tooltip=MAPS_TIP),

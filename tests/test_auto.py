@@ -116,8 +116,9 @@ def test_nodes_default_to_auto_with_paper_and_custom_choices(nodes, monkeypatch)
     node_pipeline = prop.execute.__func__.__globals__["pipeline"]   # the pack's own import of the pipeline
     real, used = node_pipeline.propagate_anchors, []
     monkeypatch.setattr(node_pipeline, "propagate_anchors", lambda g, a, steps, *rest: used.append(steps) or real(g, a, steps, *rest))
-    heat = prop.execute(old_saved, anchors, 7).args[0].values[0]
-    assert torch.equal(heat, ad.propagate(old_saved.graphs[0], anchors.indices[0], auto.auto_steps((16, 16))))
+    heat = prop.execute(old_saved, anchors, 7).args[0].values[0]   # keep: regions holding an anchor (the default)
+    plain = ad.propagate(old_saved.graphs[0], anchors.indices[0], auto.auto_steps((16, 16)))
+    assert torch.equal(heat, ad.anchor_regions(plain, anchors.indices[0], (16, 16)))
     prop.execute(old_saved, anchors, 7, "paper (160 steps)")
     prop.execute(old_saved, anchors, 7, "custom")
     assert used == [auto.auto_steps((16, 16)), 160, 7]

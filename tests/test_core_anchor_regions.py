@@ -40,9 +40,10 @@ def test_matches_connected_components_on_random_and_structured_heat():
             _blobs(grid, [(grid[0] // 2, grid[1] // 2, 1.0)], 3.0),                # one region
         ]).astype(np.float32)
         for anchors in (np.array([0, 5, n // 2]), np.array([[2 * grid[1] + 2, -1], [7, n - 1], [n // 2, 0]])):
-            want = reference_regions(heat, anchors, grid)
-            got = ad.anchor_regions(torch.from_numpy(heat), torch.from_numpy(anchors), grid)
-            np.testing.assert_array_equal(got.numpy(), want)
+            for connectivity in (8, 4):
+                want = reference_regions(heat, anchors, grid, connectivity)
+                got = ad.anchor_regions(torch.from_numpy(heat), torch.from_numpy(anchors), grid, connectivity)
+                np.testing.assert_array_equal(got.numpy(), want)
 
 
 def test_a_separate_look_alike_is_cut_and_a_second_anchor_keeps_its_instance():
@@ -63,8 +64,10 @@ def test_diagonal_neighbours_are_one_region():
         heat[0, i * 6 + i] = 1.0
     got = ad.anchor_regions(heat, torch.tensor([0]), grid)
     assert torch.equal(got, heat)
-    four = reference_regions(heat.numpy(), np.array([0]), grid, connectivity=4)
-    assert not np.array_equal(four, heat.numpy())  # the planted variant differs on this input
+    four = ad.anchor_regions(heat, torch.tensor([0]), grid, connectivity=4)  # the default planted as 4
+    assert torch.equal(four, torch.where(torch.arange(36) == 0, heat, torch.zeros_like(heat)))
+    with pytest.raises(ValueError, match="connectivity must be 4 or 8"):
+        ad.anchor_regions(heat, torch.tensor([0]), grid, connectivity=6)
 
 
 def test_no_anchor_in_the_mask_leaves_the_heat_and_bad_anchors_are_refused():
