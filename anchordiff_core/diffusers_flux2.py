@@ -6,7 +6,7 @@ double-stream blocks, the single blocks' fused `to_qkv_mlp_proj` / `to_out`, `Fl
 modulation vectors split inside the blocks). Block order as the adapter's: the double-stream blocks
 (`transformer_blocks`), then the single-stream blocks (`single_transformer_blocks`).
 
-    recorder = DiffusersFlux2Recorder(pipe.transformer, concepts, graph_layers=(21, 42))
+    recorder = DiffusersFlux2Recorder(pipe.transformer, concepts, graph_layers=(22, 43))
     maps = recorder.record(latents, img_ids, txt_ids, sigma, prompt_embeds, guidance, grid=(h, w))
 
 `concepts` is a ConceptSet of the model's text-encoder features with their text positions

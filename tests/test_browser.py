@@ -774,10 +774,14 @@ def test_example_workflow_nodes_do_not_overlap_after_a_run(ui, server, path):
     (LiteGraph's boxes) and in Nodes 2.0 (the nodes' boxes on the page, whose heights follow their
     content). In the classic canvas the run changes no node's box: the files hold the sizes a run gives
     the preview nodes. A screenshot of each (test-artifacts/). The SAM3 workflows (06, 07) cannot run
-    here (no SAM3 weights) and are not checked."""
-    from fixtures.substitute import substituted
+    here (no SAM3 weights) and are not checked. Where this ComfyUI cannot build a workflow's fixtures
+    (Flux.2 dev on 0.3.75), the boxes are checked before the run and the run is skipped, saying why."""
+    from fixtures.substitute import substituted, unavailable_fixtures
 
     workflow = json.loads(path.read_text())
+    api = json.loads((REPO / "workflows" / "api" / path.name).read_text())
+    cannot_run = unavailable_fixtures(substituted(api, size=(256, 256), max_steps=4, input_image=BROWSER_PHOTO),
+                                      http_json(ui.url + "/object_info"))
     missing, shown = load_workflow(ui, workflow, path.stem, scan_assets=False)
     assert missing == [] and shown == [], (missing, shown)
     key = "dom" if ui.mode == "nodes2" else "litegraph"
@@ -792,6 +796,10 @@ def test_example_workflow_nodes_do_not_overlap_after_a_run(ui, server, path):
     before = ui.js(NODE_RECTS, ui.mode)
     if ui.mode == "nodes2":
         assert all(r.get("dom") for r in before.values()), [r["title"] or r["type"] for r in before.values() if not r.get("dom")]
+    if cannot_run:
+        screenshot(ui, f"layout_{path.stem}.png")
+        assert overlapping(before, key) == [], f"{path.stem}, {ui.mode}, before the run"
+        pytest.skip(f"no run of {path.stem} here (its boxes before a run do not overlap): {cannot_run}")
 
     def to_fixtures(route):
         body = json.loads(route.request.post_data)

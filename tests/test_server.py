@@ -507,6 +507,9 @@ def test_example_workflow_returns_masks(server, tmp_path, path):
     if any(n["class_type"].startswith("SAM3") for n in workflow.values()):
         pytest.skip(f"{path.name} needs SAM3's weights (not here): tests/test_sam3_workflows.py has the real server validate it")
     prompt = substitute.substituted(workflow, size=WORKFLOW_SIZE, max_steps=3, input_image=WORKFLOW_PHOTO)
+    missing = substitute.unavailable_fixtures(prompt, get_json(server.url + "/object_info"))
+    if missing:  # Flux.2 dev on ComfyUI 0.3.75: no taef2, and its Mistral tokenizer does not load here
+        pytest.skip(f"{path.name} cannot run on this ComfyUI's fixtures: {missing}")
     savers = add_mask_savers(prompt)
     assert savers, f"{path.name} has no AnchorDiff Mask node"
     result = server.run(prompt, f"workflow {path.stem}", tmp_path, timeout=300)
@@ -517,7 +520,7 @@ def test_example_workflow_returns_masks(server, tmp_path, path):
         count = len(masks) if inputs.get("concept", "") else concepts_in(prompt)
         check_concept_masks(masks, WORKFLOW_SIZE[::-1], count)
         by_heat.setdefault(tuple(inputs["heat"]), []).append((inputs.get("concept", ""), masks[0] if len(masks) == 1 else None))
-    # On the random tiny Flux.1, Chroma and Qwen-Image both concepts' heat spreads over (nearly) the same
+    # On the random tiny Flux.1, Chroma, Flux.2 dev and Qwen-Image both concepts' heat spreads over (nearly) the same
     # region at this size (see tests/test_workflows.py; Chroma's two masks differ in 0.96% of the pixels,
     # under this check's 1%): the smoke check below is for the SD3 fixtures only.
     one_region = any(n["class_type"] == "AnchorDiffTestFamilyModel" for n in prompt.values())

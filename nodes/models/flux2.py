@@ -73,7 +73,7 @@ def _stream(tokens) -> str:
 
 class Flux2Adapter(ModulationSlices, FluxAdapter):
     """Flux.1's recording with global modulation slices and text RoPE positions. Default layers:
-    RelativeDepthDefaults (Flux.2 dev's 56 blocks: graph 21, 42; Seg4Diff 21). Unmeasured on real weights."""
+    RelativeDepthDefaults (Flux.2 dev's 56 blocks: graph 22, 43; Seg4Diff 22). Unmeasured on real weights."""
 
     family = "Flux.2 (dev, Klein)"
     pixels_per_latent = PIXELS_PER_TOKEN  # Flux.2 latents: the VAE's 8x, 2x2 patches folded into 128 channels
