@@ -49,11 +49,13 @@ RECORD_AT = 0.85    # the toy's best recording point on the validation split (th
                     # too noisy for so small a model: toyworld/README.md)
 STEPS = 24
 HELD_OUT = 8        # look-alike scenes after the demo's, for the printed mean IoU
-# The paper's argmax anchor, one click away from the default smoothed consensus anchor (docs/DESIGN.md "Consensus
-# anchor"): the same workflow with two widgets changed, run beside the defaults
-PAPER = {"AnchorDiffAnchorSelect": ("anchor_from", "concept→image (paper)"),
-         "AnchorDiffLookAtImage": ("anchor_maps", "concept→image (paper)"),
-         "AnchorDiffRecordAttention": ("anchor_maps", "concept→image (paper)")}
+# The paper's argmax anchor and propagation (docs/DESIGN.md "Consensus anchor", "Anchor regions"): the same
+# workflow with Anchor Select's anchor_from and max_anchors, Propagate's keep and the recorders' anchor_maps
+# changed, run beside the defaults
+PAPER = {"AnchorDiffAnchorSelect": {"anchor_from": "concept→image (paper)", "max_anchors": 1},
+         "AnchorDiffPropagate": {"keep": "everywhere (paper)"},
+         "AnchorDiffLookAtImage": {"anchor_maps": "concept→image (paper)"},
+         "AnchorDiffRecordAttention": {"anchor_maps": "concept→image (paper)"}}
 COLOURS = [(255, 60, 60), (60, 200, 255)]
 
 
@@ -77,8 +79,7 @@ def configure(prompt: dict, scene, pair: list[str], inpaint_prompt: str, folder:
     prompt = substituted(prompt, TOY_MODELS, size=(SIZE, SIZE), max_steps=STEPS)
     for node in prompt.values():
         if paper and node["class_type"] in PAPER:
-            name, value = PAPER[node["class_type"]]
-            node["inputs"][name] = value
+            node["inputs"].update(PAPER[node["class_type"]])
     sets = []
     for title in ("Prompt", "Describe the image"):
         if _has(prompt, title):
@@ -229,7 +230,7 @@ def main() -> int:
         print(f"demo: world scene, the paper's anchor, mask '{c}': IoU {v:.2f}")
     if held:
         print(f"demo: mean IoU over {len(held_out)} held-out look-alike scenes ({len(held)} masks, seeds "
-              f"{held_out[0]}..{held_out[-1]}): default pipeline (smoothed consensus anchor) {np.mean(held):.2f} (median "
+              f"{held_out[0]}..{held_out[-1]}): the nodes' defaults (smoothed consensus, up to 3 anchors, anchor regions) {np.mean(held):.2f} (median "
               f"{np.median(held):.2f}), the paper's anchor {np.mean(held_p):.2f} (median {np.median(held_p):.2f})")
     truth_img = scene.image.copy()
     for t, col in zip(truth, COLOURS):
@@ -240,11 +241,11 @@ def main() -> int:
     bottom = panel([(scene.image, "held-out world scene"), (truth_img, "true masks"),
                     (overlay(scene.image, m2[0], COLOURS[0]), f"{pair[0]}: IoU {ious[0]:.2f}"),
                     (overlay(scene.image, m2[1], COLOURS[1]), f"{pair[1]}: IoU {ious[1]:.2f}"),
-                    (load(o2["inpainted"]), f"inpainted: {swap}")], "2. an existing image (Look At Image), the nodes' defaults (smoothed consensus anchor)")
+                    (load(o2["inpainted"]), f"inpainted: {swap}")], "2. an existing image (Look At Image), the nodes' defaults (smoothed consensus, up to 3 anchors, anchor regions)")
     third = panel([(scene.image, "held-out world scene"), (truth_img, "true masks"),
                    (overlay(scene.image, m3[0], COLOURS[0]), f"{pair[0]}: IoU {ious3[0]:.2f}"),
                    (overlay(scene.image, m3[1], COLOURS[1]), f"{pair[1]}: IoU {ious3[1]:.2f}")],
-                  "3. the same with the paper's argmax anchor (Anchor Select's anchor_from, one click away)")
+                  "3. the same with the paper's argmax anchor (Anchor Select's anchor_from and max_anchors, Propagate's keep)")
     rows = [top, bottom, third]
     sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), (24, 24, 28))
     y = 0
